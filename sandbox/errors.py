@@ -48,7 +48,7 @@ class PolicyViolation(SandboxError):
                  plugin: str | None = None, policy: str | None = None):
         super().__init__(message)
         self.syscall = syscall
-        self.args = tuple(args) if args is not None else None
+        self.arguments = tuple(args) if args is not None else None
         self.plugin = plugin
         self.policy = policy
 

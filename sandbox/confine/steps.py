@@ -1,0 +1,151 @@
+"""The child's set-up, one small named step each, in the order the kernel needs.
+
+Each step takes (plan, state): `plan` is plain data prepared by the host before fork,
+`state` carries what one step hands to the next. Any exception stops the worker before the
+plugin's first line runs; the runtime reports which step failed.
+"""
+import os
+import resource
+import signal
+import socket
+
+import prctl
+
+from .. import _sys
+from . import landlock, seccomp
+
+# Fixed descriptor numbers inside the worker.
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+STDIN, STDOUT, STDERR, FROM_HOST, TO_HOST, HANDOFF = 0, 1, 2, 3, 4, 5
+
+
+def arrange_fds(plan, state):
+    """Keep only the worker's own fds at fixed numbers; close everything else the zygote had."""
+    src = state.pop("fds")  # [from_host_r, to_host_w, handoff, log_w]
+    high = [os.dup(fd) if fd >= 100 else _dup_high(fd) for fd in src]
+    devnull = os.open("/dev/null", os.O_RDONLY)
+    os.dup2(devnull, STDIN)
+    for target, fd in ((FROM_HOST, high[0]), (TO_HOST, high[1]), (HANDOFF, high[2]),
+                       (STDOUT, high[3]), (STDERR, high[3])):
+        os.dup2(fd, target)  # dup2 clears CLOEXEC on the target
+    _sys.close_range(HANDOFF + 1)
+
+
+def _dup_high(fd):
+    import fcntl
+    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100)
+
+
+def new_session(plan, state):
+    """No controlling terminal (TIOCSTI needs one) and out of the host's process group."""
+    os.setsid()
+    os.chdir(plan.get("cwd") or "/")
+
+
+def clear_environment(plan, state):
+    os.environ.clear()
+    os.environ.update(plan["env"])
+
+
+def set_rlimits(plan, state):
+    for name, value in plan["rlimits"].items():
+        res = getattr(resource, "RLIMIT_" + name.upper())
+        if value is None:
+            continue
+        soft, hard = resource.getrlimit(res)
+        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
+        resource.setrlimit(res, (value, value))
+
+
+def restrict_filesystem(plan, state):
+    ll = plan.get("landlock")
+    if ll is None:
+        return
+    abi = landlock.abi_version()
+    if abi < 1:
+        raise OSError("Landlock is not available in this kernel (the policy's filesystem rules need it)")
+    landlock.restrict(ll["read"], ll["write"], abi=abi, deny_tcp=not ll["network"],
+                      scope_abstract_unix=not ll["abstract_unix"])
+    state["landlock_abi"] = abi
+
+
+def drop_privileges(plan, state):
+    """Root: a uid/gid unique to this worker, no groups, no capabilities, locked securebits."""
+    uid, gid = plan.get("uid"), plan.get("gid")
+    if uid is not None:
+        if uid == 0 or gid == 0:
+            raise OSError("refusing to run a worker as uid/gid 0")
+        prctl.securebits.noroot = True
+        prctl.securebits.noroot_locked = True
+        prctl.securebits.no_setuid_fixup_locked = True
+        prctl.securebits.keep_caps_locked = True
+        _drop_bounding_set()
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    elif prctl.cap_effective.setpcap:
+        _drop_bounding_set()  # unprivileged, but holding caps in a user namespace
+    prctl.cap_inheritable.limit()
+    prctl.cap_effective.limit()
+    prctl.cap_permitted.limit()
+    _sys.check(_sys.libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "clear ambient caps")
+    _prove_no_root()
+
+
+def _drop_bounding_set():
+    prctl.capbset.limit()
+
+
+def _prove_no_root():
+    try:
+        os.setuid(0)
+    except PermissionError:
+        pass
+    else:
+        if os.getuid() == 0 and os.geteuid() == 0 and _is_real_root():
+            raise OSError("privilege drop failed: setuid(0) still succeeds")
+    if os.geteuid() == 0 and _is_real_root():
+        raise OSError("privilege drop failed: still euid 0")
+
+
+def _is_real_root():
+    try:
+        with open("/proc/self/uid_map") as f:
+            return f.read().split()[:3] == ["0", "0", "4294967295"]
+    except OSError:
+        return True
+
+
+def die_with_parent(plan, state):
+    """After the credential change, which clears PDEATHSIG and resets dumpable."""
+    prctl.set_pdeathsig(signal.SIGKILL)
+    if os.getppid() != plan["zygote_pid"]:
+        os._exit(1)  # the zygote died before PDEATHSIG was armed
+    prctl.set_dumpable(False)
+
+
+def no_new_privs(plan, state):
+    seccomp.set_no_new_privs()
+
+
+def preload_modules(plan, state):
+    import importlib
+    for name in plan.get("preload", ()):
+        importlib.import_module(name)
+
+
+def install_seccomp(plan, state):
+    """Last step: the policy's BPF; the listener fd goes to the host and never stays here."""
+    bpf = plan.get("bpf")
+    if not bpf:
+        raise OSError("no seccomp program in the plan: refusing to run unconfined")
+    hand = socket.socket(fileno=HANDOFF)  # built before the filter: construction makes syscalls
+    listener = seccomp.install_filter(bpf, listener=plan.get("notify", False))
+    if listener is not None:
+        try:
+            socket.send_fds(hand, [b"L"], [listener])
+        finally:
+            os.close(listener)
+            pass
+    hand.detach()
+    os.close(HANDOFF)

@@ -1,0 +1,79 @@
+"""One background thread per host process that watches idle workers.
+
+While a call is in flight the calling thread does its own I/O (no thread hop on the hot path);
+the hub only looks after what happens between calls: messages a plugin posts, its log lines,
+a death or a forbidden syscall. Worker fds are armed EPOLLONESHOT so the hub never spins on a
+descriptor that a calling thread currently owns.
+"""
+import os
+import select
+import threading
+
+ONESHOT = select.EPOLLIN | select.EPOLLONESHOT
+
+
+class Hub:
+    def __init__(self):
+        self._ep = select.epoll()
+        self._handlers: dict[int, callable] = {}
+        self._lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._ep.register(self._wake_r, select.EPOLLIN)
+        self._thread = threading.Thread(target=self._run, name="sandbox-hub", daemon=True)
+        self._thread.start()
+
+    def watch(self, fd: int, handler, oneshot: bool = True) -> None:
+        with self._lock:
+            self._handlers[fd] = handler
+            self._ep.register(fd, ONESHOT if oneshot else select.EPOLLIN)
+
+    def arm(self, fd: int) -> None:
+        try:
+            self._ep.modify(fd, ONESHOT)
+        except (OSError, ValueError):
+            pass  # unwatched meanwhile (the worker ended)
+
+    def disarm(self, fd: int) -> None:
+        try:
+            self._ep.modify(fd, 0)
+        except (OSError, ValueError):
+            pass
+
+    def unwatch(self, fd: int) -> None:
+        with self._lock:
+            if self._handlers.pop(fd, None) is not None:
+                try:
+                    self._ep.unregister(fd)
+                except (OSError, ValueError):
+                    pass
+
+    def _run(self):
+        while True:
+            try:
+                events = self._ep.poll()
+            except InterruptedError:
+                continue
+            for fd, _ in events:
+                if fd == self._wake_r:
+                    continue
+                with self._lock:
+                    handler = self._handlers.get(fd)
+                if handler is not None:
+                    try:
+                        handler(fd)
+                    except Exception:  # a bug in one worker's handling must not stop the others'
+                        import logging
+                        logging.getLogger("sandbox").exception("hub handler failed for fd %d", fd)
+
+
+_hub = None
+_hub_lock = threading.Lock()
+
+
+def get() -> Hub:
+    global _hub
+    if _hub is None:
+        with _hub_lock:
+            if _hub is None:
+                _hub = Hub()
+    return _hub

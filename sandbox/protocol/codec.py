@@ -1,0 +1,79 @@
+"""Plain-data payloads in msgpack, decoded under explicit budgets.
+
+msgpack's defaults would let a 5-byte array header preallocate ~800 MB; every max_*_len is
+therefore set from the frame size and an item budget, and the decoded tree is walked once to
+enforce the nesting depth. Nothing here ever builds an object the peer chose: no pickle, no ext types.
+"""
+from dataclasses import dataclass
+
+import msgpack
+
+from ..errors import ProtocolViolation
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_bytes: int = 16 * 1024 * 1024
+    max_items: int = 1_000_000   # elements of any one array or map
+    max_depth: int = 64
+
+
+DEFAULT_LIMITS = Limits()
+PLAIN_TYPES = (type(None), bool, int, float, str, bytes, list, dict)
+
+
+class NotPlainData(TypeError):
+    pass
+
+
+def _refuse(obj):
+    raise NotPlainData(f"{type(obj).__name__} is not plain data (None, bool, int, float, str, bytes, list, dict)")
+
+
+def dumps(obj) -> bytes:
+    """Encode plain data; anything else raises NotPlainData (tuples travel as lists)."""
+    try:
+        return msgpack.packb(obj, use_bin_type=True, default=_refuse, strict_types=False)
+    except NotPlainData:
+        raise
+    except (TypeError, ValueError, OverflowError) as e:
+        raise NotPlainData(str(e)) from None
+
+
+def loads(data: bytes, limits: Limits = DEFAULT_LIMITS):
+    """Decode one payload; any problem is a ProtocolViolation."""
+    if len(data) > limits.max_bytes:
+        raise ProtocolViolation(f"payload of {len(data)} bytes exceeds the {limits.max_bytes}-byte cap")
+    size = len(data)
+    try:
+        obj = msgpack.unpackb(
+            data, raw=False, strict_map_key=True, use_list=True, timestamp=0,
+            max_str_len=size, max_bin_len=size,
+            max_array_len=min(size, limits.max_items), max_map_len=min(size // 2, limits.max_items),
+            max_ext_len=0, ext_hook=_no_ext,
+        )
+    except ProtocolViolation:
+        raise
+    except Exception as e:  # msgpack raises many types (ValueError, StackError, ExtraData, ...)
+        raise ProtocolViolation(f"undecodable payload: {type(e).__name__}: {e}") from None
+    check_depth(obj, limits.max_depth)
+    return obj
+
+
+def _no_ext(code, data):
+    raise ProtocolViolation(f"msgpack extension type {code} is not allowed")
+
+
+def check_depth(obj, max_depth: int) -> None:
+    """Iterative walk (no recursion a hostile tree could exhaust)."""
+    stack = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, list):
+            if depth > max_depth:
+                raise ProtocolViolation(f"payload nested deeper than {max_depth} levels")
+            stack.extend((x, depth + 1) for x in node if isinstance(x, (list, dict)))
+        elif isinstance(node, dict):
+            if depth > max_depth:
+                raise ProtocolViolation(f"payload nested deeper than {max_depth} levels")
+            stack.extend((x, depth + 1) for x in node.values() if isinstance(x, (list, dict)))

@@ -1,0 +1,165 @@
+"""Inside the worker: confine, load worker.py by path, then answer frames until the host hangs up.
+
+Everything here runs in the forked child. Imports are done in the zygote, before fork, so that
+nothing is imported after the filter is on except what the plugin itself asks for.
+"""
+import os
+import sys
+import traceback
+import types
+
+from . import confine, protocol
+from .confine.steps import FROM_HOST, TO_HOST
+from .protocol import framing
+
+MAX_SOURCE = 8 * 1024 * 1024
+MAX_TEXT = 64 * 1024  # error message and traceback, each
+_writer = None
+
+
+def _cap(text: str) -> str:
+    return text if len(text) <= MAX_TEXT else text[:MAX_TEXT] + f"... [{len(text) - MAX_TEXT} characters cut]"
+
+
+def _describe(exc: BaseException) -> dict:
+    try:
+        message = str(exc)
+    except Exception:
+        message = "<unprintable exception>"
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return {"type": type(exc).__name__, "message": _cap(message), "traceback": _cap(tb)}
+
+
+class Writer:
+    """Blocking frame writer on the child->host pipe (the host always drains it)."""
+
+    def __init__(self, fd: int, max_frame: int):
+        self.fd = fd
+        self.max_frame = max_frame
+
+    def send(self, ftype: int, call_id: int, obj) -> None:
+        try:
+            payload = protocol.dumps(obj)
+        except protocol.NotPlainData as e:
+            if ftype not in (framing.RESULT, framing.EVENT):
+                raise
+            ftype, payload = framing.ERROR, protocol.dumps(
+                {"type": "TypeError", "message": f"value is not plain data: {e}", "traceback": ""})
+        if len(payload) > self.max_frame:
+            if ftype not in (framing.RESULT, framing.EVENT):
+                raise ValueError("frame too large")
+            ftype, payload = framing.ERROR, protocol.dumps(
+                {"type": "ValueError", "traceback": "",
+                 "message": f"value of {len(payload)} bytes exceeds max_message_bytes ({self.max_frame})"})
+        view = memoryview(framing.encode_header(ftype, call_id, len(payload)) + payload)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+
+
+def child_main(plan: dict, fds: list) -> None:
+    """Entry from the zygote's fork; never returns."""
+    global _writer
+    code = 70
+    try:
+        state = {"fds": fds}
+        source = _read_source(plan["plugin"])
+        confine.apply(plan, state)
+        _writer = Writer(TO_HOST, plan["max_frame"])
+        module = _load(plan, source)
+        if module is None:
+            os._exit(71)
+        _writer.send(framing.READY, 0, {"pid": os.getpid()})
+        _serve(module, plan["max_frame"])
+        code = 0
+    except confine.StepFailed as e:
+        _report_early(framing.LOADERR, {"type": "ConfinementError", "message": str(e), "traceback": "",
+                                        "layer": e.step})
+    except BaseException as e:  # noqa: BLE001 - the child must never fall back into zygote code
+        _report_early(framing.LOADERR, _describe(e))
+    os._exit(code)
+
+
+def _read_source(path: str) -> bytes:
+    # Read while still privileged: the plugin's folder need not be readable by the worker's uid.
+    with open(path, "rb") as f:
+        data = f.read(MAX_SOURCE + 1)
+    if len(data) > MAX_SOURCE:
+        raise ValueError(f"{path} is larger than {MAX_SOURCE} bytes")
+    return data
+
+
+def _report_early(ftype, obj):
+    try:
+        w = _writer or Writer(TO_HOST, 1 << 20)
+        w.send(ftype, 0, obj)
+    except Exception:
+        pass
+
+
+def _load(plan, source):
+    """Run worker.py as a module named after the plugin, never via sys.path."""
+    name = plan["module_name"]
+    module = types.ModuleType(name)
+    module.__file__ = plan["plugin"]
+    sys.modules[name] = module
+    try:
+        code = compile(source, plan["plugin"], "exec")
+        exec(code, module.__dict__)
+    except BaseException as e:  # noqa: BLE001
+        _writer.send(framing.LOADERR, 0, _describe(e))
+        return None
+    return module
+
+
+def _public_function(module, name):
+    if not isinstance(name, str) or name.startswith("_"):
+        return None
+    fn = module.__dict__.get(name)
+    if not callable(fn) or isinstance(fn, type):
+        return None
+    return fn
+
+
+def _serve(module, max_frame: int) -> None:
+    decoder = framing.FrameDecoder(max_frame, allowed_types=framing.HOST_TYPES)
+    limits = protocol.Limits(max_bytes=max_frame)
+    while True:
+        data = os.read(FROM_HOST, 1 << 20)
+        if not data:
+            return
+        for frame in decoder.feed(data):
+            obj = protocol.loads(frame.payload, limits)
+            if frame.type == framing.CALL:
+                _answer_call(module, frame.call_id, obj)
+            elif frame.type == framing.POST:
+                _deliver(module, obj)
+
+
+def _answer_call(module, call_id, obj):
+    try:
+        name, args, kwargs = obj
+        fn = _public_function(module, name)
+        if fn is None:
+            raise AttributeError(f"plugin has no public function {name!r}")
+        result = fn(*args, **kwargs)
+    except BaseException as e:  # noqa: BLE001 - SystemExit and friends are reported, not obeyed
+        _writer.send(framing.ERROR, call_id, _describe(e))
+        return
+    _writer.send(framing.RESULT, call_id, result)
+
+
+def _deliver(module, obj):
+    handler = module.__dict__.get("on_message")
+    if not callable(handler):
+        return
+    try:
+        handler(obj)
+    except Exception:
+        traceback.print_exc()
+
+
+def post(obj) -> None:
+    if _writer is None:
+        raise RuntimeError("sandbox.plugin.post() works only inside a sandboxed worker")
+    _writer.send(framing.EVENT, 0, obj)

@@ -1,0 +1,115 @@
+"""One worker's protocol state, without I/O: shared by the sync Worker and the AsyncWorker.
+
+Bytes from the child go in; typed events come out. Every rule a hostile child could break
+(frame caps, reply ids, frame order) is enforced here and ends in ProtocolViolation.
+"""
+import os
+import signal
+
+from . import protocol
+from .errors import (LoadError, ConfinementError, PluginCrashed, PluginError, PluginMemoryError,
+                     PluginTimeout, PolicyViolation, ProtocolViolation, SandboxError)
+from .protocol import framing
+
+# What feed() returns, one tuple per event.
+READY, RESULT, FAILURE, MESSAGE, LOAD_FAILED = "ready", "result", "failure", "message", "load-failed"
+
+
+def _strings(obj, keys=("type", "message", "traceback")) -> dict:
+    if not isinstance(obj, dict):
+        raise ProtocolViolation("error frame is not a map")
+    out = {}
+    for k in keys:
+        v = obj.get(k, "")
+        if not isinstance(v, str):
+            raise ProtocolViolation(f"error frame field {k!r} is not a string")
+        out[k] = v
+    return out
+
+
+class Session:
+    def __init__(self, max_frame: int):
+        self.decoder = framing.FrameDecoder(max_frame, framing.CHILD_TYPES)
+        self.limits = protocol.Limits(max_bytes=max_frame)
+        self.ready = False
+        self.pending_id = None  # the one call in flight
+        self._next_id = 0
+
+    def encode_call(self, name: str, args, kwargs) -> bytes:
+        if self.pending_id is not None:
+            raise RuntimeError("a call is already in flight")
+        self._next_id += 1
+        self.pending_id = self._next_id
+        return framing.encode_frame(framing.CALL, self._next_id, protocol.dumps([name, list(args), kwargs]))
+
+    def call_done(self):
+        self.pending_id = None
+
+    @staticmethod
+    def encode_post(obj) -> bytes:
+        return framing.encode_frame(framing.POST, 0, protocol.dumps(obj))
+
+    def feed(self, data: bytes) -> list[tuple]:
+        out = []
+        for frame in self.decoder.feed(data):
+            out.append(self._on_frame(frame))
+        return out
+
+    def _on_frame(self, frame):
+        obj = protocol.loads(frame.payload, self.limits)
+        t = frame.type
+        if t == framing.READY:
+            if self.ready:
+                raise ProtocolViolation("second READY frame")
+            self.ready = True
+            return (READY, obj)
+        if t == framing.LOADERR:
+            if self.ready:
+                raise ProtocolViolation("load error after the plugin was ready")
+            return (LOAD_FAILED, _strings(obj, ("type", "message", "traceback", "layer"))
+                    if isinstance(obj, dict) and "layer" in obj else _strings(obj))
+        if t == framing.EVENT:
+            return (MESSAGE, obj)
+        # RESULT or ERROR: must answer the one call in flight, by its id.
+        if self.pending_id is None:
+            raise ProtocolViolation(f"unsolicited reply (call id {frame.call_id})")
+        if frame.call_id != self.pending_id:
+            raise ProtocolViolation(f"reply for call {frame.call_id} while call {self.pending_id} is in flight")
+        self.pending_id = None
+        if t == framing.RESULT:
+            return (RESULT, obj)
+        return (FAILURE, plugin_error(_strings(obj)))
+
+
+def plugin_error(d: dict) -> SandboxError:
+    if d["type"] == "MemoryError":
+        e = PluginMemoryError(f"the plugin ran out of memory: {d['message'] or 'MemoryError'}")
+        e.traceback = d["traceback"]
+        return e
+    return PluginError(d["type"], d["message"], d["traceback"])
+
+
+def load_error(d: dict, plugin: str) -> SandboxError:
+    if d["type"] == "ConfinementError":
+        return ConfinementError(d["message"], layer=d.get("layer"))
+    return LoadError(d["type"], f"could not load {plugin}: {d['message']}", d["traceback"])
+
+
+def classify_death(status: int | None, reason: SandboxError | None, plugin: str) -> SandboxError:
+    """Turn what we know about a death into the one error that explains it."""
+    if reason is not None:
+        return reason
+    if status is None:
+        return PluginCrashed(f"plugin {plugin} died (status unknown)")
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        if sig == signal.SIGSYS:
+            return PolicyViolation(f"plugin {plugin} was killed by the seccomp filter (a forbidden syscall)")
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+        return PluginCrashed(f"plugin {plugin} was killed by signal {name}", signal=sig)
+    code = os.waitstatus_to_exitcode(status)
+    return PluginCrashed(f"plugin {plugin} exited with code {code}", exit_code=code)
+
+
+def timeout_error(plugin: str, timeout: float) -> PluginTimeout:
+    return PluginTimeout(f"plugin {plugin} did not answer within {timeout:g} s; the worker was killed", timeout)

@@ -1,0 +1,510 @@
+"""The host's handle on one sandboxed worker: `Worker(path, policy=...)`.
+
+    with Worker("plugins/resize/worker.py", policy="policies/resize.toml") as w:
+        w.on("message", print)
+        w.call("resize", data, width=64)
+
+A call does its own I/O in the calling thread (poll with a deadline: the host never blocks
+forever); between calls the hub thread watches the worker. Either way, whatever the child
+does ends in one of the errors of `sandbox.errors`, and the worker is gone when it should be.
+"""
+import collections
+import fcntl
+import logging
+import os
+import select
+import shutil
+import signal
+import socket
+import struct
+import tempfile
+import threading
+import time
+
+from . import hub as _hub, notify, plans, session as S, uids
+from .errors import (ConfinementError, LoadError, PolicyViolation, ProtocolViolation, SandboxError,
+                     WorkerClosed)
+from .zygote import client as zygote
+
+log = logging.getLogger("sandbox")
+F_SETPIPE_SZ = 1031
+PIPE_SIZE = 1 << 20
+STATUS = struct.Struct("<ii")
+LOG_LINE_MAX = 4096
+LOG_BUDGET = 1 << 20  # bytes of plugin output forwarded per worker; the rest is counted, not kept
+DEATH_WAIT = 5.0
+
+
+def _load_policy(policy):
+    from .policy import Policy
+    if policy is None:
+        return Policy.default()
+    if isinstance(policy, (str, os.PathLike)):
+        return Policy.load(os.fspath(policy))
+    return policy
+
+
+def plugin_name(path: str) -> str:
+    base = os.path.basename(path)
+    stem = os.path.splitext(base)[0]
+    if stem == "worker":
+        stem = os.path.basename(os.path.dirname(path)) or "worker"
+    return "".join(c if c.isalnum() or c == "_" else "_" for c in stem) or "plugin"
+
+
+def _pipe():
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(w, F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass  # over /proc/sys/fs/pipe-max-size for this user: the default size works, only slower
+    return r, w
+
+
+class Worker:
+    def __init__(self, worker_py, policy=None, *, name: str | None = None, start_timeout: float | None = None):
+        self.plugin = os.path.abspath(os.fspath(worker_py))
+        self.name = name or plugin_name(self.plugin)
+        self.policy = _load_policy(policy)
+        self.pid = None
+        self.exit_status = None  # raw wait status, once reaped
+        self.death: SandboxError | None = None  # why it ended (None while alive or after a clean close)
+        self.logs = collections.deque(maxlen=200)
+        self.log_dropped = 0
+        self._log_bytes = 0
+        self._log_partial = b""
+        self._callbacks = {"message": [], "exit": [], "log": []}
+        self._io = threading.Lock()      # whoever holds it reads the child's fds
+        self._calls = threading.Lock()   # one call in flight
+        self._final = threading.Lock()
+        self._reason: SandboxError | None = None
+        self._closing = False
+        self._finalized = False
+        self._hub_missed = False
+        self._listener = None
+        self._inbox = []
+        self._uid = None
+        self._scratch = None
+        self._fds = {}
+        self._session = S.Session(self.policy.limits.max_message_bytes)
+        self._timeout = self.policy.limits.timeout
+        if not os.path.isfile(self.plugin):
+            raise LoadError("FileNotFoundError", f"plugin file not found: {self.plugin}")
+        self._start(start_timeout if start_timeout is not None else max(10.0, self._timeout or 0))
+
+    # ---- public API -------------------------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        return self.pid is not None and not self._finalized and self._reason is None
+
+    def on(self, event: str, callback) -> "Worker":
+        if event not in self._callbacks:
+            raise ValueError(f"unknown event {event!r} (message, exit, log)")
+        self._callbacks[event].append(callback)
+        return self
+
+    def call(self, name: str, *args, timeout: float | None = None, **kwargs):
+        timeout = self._timeout if timeout is None else timeout
+        with self._calls:
+            self._check_alive()
+            deadline = time.monotonic() + timeout
+            with self._io:
+                _hub.get().disarm(self._fds["from"])
+                try:
+                    frame = self._session.encode_call(name, args, kwargs)
+                    kind, value = self._pump(frame, deadline, timeout, want=(S.RESULT, S.FAILURE))
+                finally:
+                    self._session.call_done()
+                    self._rearm()
+            self._dispatch()
+            if kind == S.RESULT:
+                return value
+            raise value
+
+    def post(self, obj) -> None:
+        """Deliver obj to the plugin's on_message (plain data only)."""
+        frame = S.Session.encode_post(obj)
+        self._check_alive()
+        with self._io:
+            _hub.get().disarm(self._fds["from"])
+            try:
+                self._pump(frame, time.monotonic() + (self._timeout or 10.0), self._timeout, want=())
+            finally:
+                self._rearm()
+        self._dispatch()
+
+    def terminate(self) -> None:
+        """Kill the worker now (SIGKILL) and wait, bounded, until it is reaped."""
+        if self._finalized or self.pid is None:
+            return
+        self._closing = True
+        self._kill(None)
+        self._await_death()
+
+    def close(self, grace: float = 1.0) -> None:
+        """Ask the worker to exit (EOF on its input), then kill it if it hasn't within `grace`."""
+        if self._finalized or self.pid is None:
+            return
+        self._closing = True
+        fd = self._fds.pop("to", None)
+        if fd is not None:
+            os.close(fd)
+        self._await_death(grace)
+        if not self._finalized:
+            self.terminate()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        state = "alive" if self.alive else "ended"
+        return f"<Worker {self.name} pid={self.pid} {state}>"
+
+    # ---- start ------------------------------------------------------------------------------
+    def _start(self, start_timeout):
+        policy = self.policy
+        if os.geteuid() == 0:
+            self._uid = uids.allocate(*policy.uid_range)
+        if policy.filesystem.scratch:
+            self._scratch = tempfile.mkdtemp(prefix=f"sandbox-{self.name}-")
+            if self._uid is not None:
+                os.chown(self._scratch, self._uid, self._uid)
+        child = []
+        try:
+            to_r, to_w = _pipe()
+            from_r, from_w = _pipe()
+            log_r, log_w = os.pipe2(os.O_CLOEXEC)
+            st_r, st_w = os.pipe2(os.O_CLOEXEC)
+            h_host, h_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            child = [to_r, from_w, h_child.fileno(), log_w, st_w]
+            self._fds = {"to": to_w, "from": from_r, "log": log_r, "status": st_r}
+            self._handoff = h_host
+            for fd in (to_w, from_r, log_r, st_r):
+                os.set_blocking(fd, False)
+            plan = plans.build(policy, self.plugin, self.name, self._uid, self._scratch)
+            self.pid, self._pidfd = zygote.get(bool(policy.network.allow)).spawn(plan, child)
+        except BaseException:
+            self._release()
+            raise
+        finally:
+            for fd in child[:2] + child[3:]:
+                _close(fd)
+            if child:
+                h_child.close()
+        _hub.get().watch(self._fds["log"], self._on_log, oneshot=False)
+        with self._io:
+            try:
+                kind, info = self._pump(None, time.monotonic() + start_timeout, start_timeout,
+                                        want=(S.READY,), starting=True)
+            except BaseException:
+                self._handoff.close()
+                raise
+            self._take_listener(plan["notify"])
+            hub = _hub.get()
+            hub.watch(self._fds["from"], self._on_hub_event)
+            hub.watch(self._fds["status"], self._on_hub_event)
+        self._dispatch()
+
+    def _take_listener(self, required: bool):
+        try:
+            self._handoff.setblocking(False)
+            _, fds, _, _ = socket.recv_fds(self._handoff, 16, 2)
+        except (BlockingIOError, OSError):
+            fds = []
+        finally:
+            self._handoff.close()
+        if len(fds) > 1:
+            for fd in fds:
+                _close(fd)
+            fds = []
+        if required and not fds:
+            self._kill(ConfinementError("the worker did not hand over its seccomp listener", layer="seccomp"))
+            self._await_death()
+            raise self.death
+        if fds:
+            self._listener = fds[0]
+            os.set_blocking(self._listener, False)
+            self._fds["listener"] = self._listener
+            _hub.get().watch(self._listener, self._on_hub_event)
+
+    # ---- the pump: the one place that reads the child ----------------------------------------
+    def _pump(self, out: bytes | None, deadline: float, timeout, want, starting=False):
+        """Write `out`, then read until an event in `want` arrives (returned) or the worker ends."""
+        view = memoryview(out) if out else None
+        fds = self._fds
+        poller = select.poll()
+        poller.register(fds["from"], select.POLLIN)
+        poller.register(fds["status"], select.POLLIN)
+        if self._listener is not None:
+            poller.register(self._listener, select.POLLIN)
+        to_fd = fds.get("to")
+        if view is not None:
+            if to_fd is None:
+                raise WorkerClosed(f"worker {self.name} is closing")
+            view = self._write_some(to_fd, view)
+            if view is not None:
+                poller.register(to_fd, select.POLLOUT)
+        if view is None and not want:
+            return (None, None)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._kill(S.timeout_error(self.name, timeout) if not starting else
+                           LoadError("TimeoutError", f"plugin {self.name} did not start within {timeout:g} s"))
+                raise self._reason
+            events = poller.poll(remaining * 1000)
+            for fd, ev in events:
+                if fd == fds["from"]:
+                    result = self._read_frames(want)
+                    if result is not None:
+                        return result
+                elif fd == to_fd and view is not None:
+                    view = self._write_some(to_fd, view)
+                    if view is None:
+                        poller.unregister(to_fd)
+                        if not want:
+                            return (None, None)
+                elif fd == self._listener:
+                    self._on_violation()
+                elif fd == fds["status"]:
+                    self._read_frames(())  # what it wrote before dying still counts
+                    self._on_status()
+                    raise self.death
+
+    def _write_some(self, fd, view):
+        try:
+            while view:
+                view = view[os.write(fd, view):]
+        except BlockingIOError:
+            return view
+        except (BrokenPipeError, OSError):
+            return None  # the child is gone; its death arrives on the status pipe
+        return None
+
+    def _read_frames(self, want):
+        found = None
+        while True:
+            try:
+                data = os.read(self._fds["from"], PIPE_SIZE)
+            except BlockingIOError:
+                return found
+            if not data:
+                # EOF: the child closed its pipe or died; wait for the status pipe to say which.
+                self._await_status()
+                raise self.death
+            try:
+                events = self._session.feed(data)
+            except ProtocolViolation as e:
+                self._kill(ProtocolViolation(f"plugin {self.name} broke the protocol: {e}"))
+                self._await_status()
+                raise self.death from None
+            for kind, value in events:
+                if kind == S.MESSAGE:
+                    self._inbox.append(value)
+                elif kind == S.LOAD_FAILED:
+                    self._kill(S.load_error(value, self.plugin))
+                    self._await_status()
+                    raise self.death
+                elif kind in want and found is None:
+                    found = (kind, value)
+                elif kind == S.READY:
+                    continue
+                else:
+                    # a reply nobody waits for: Session already checked ids, so this is a late reply
+                    self._kill(ProtocolViolation(f"plugin {self.name} sent an unexpected {kind} frame"))
+                    self._await_status()
+                    raise self.death
+            if found is not None and self._session.decoder.at_boundary():
+                return found
+
+    # ---- death ------------------------------------------------------------------------------
+    def _kill(self, reason: SandboxError | None):
+        if self._reason is None and reason is not None:
+            self._reason = reason
+        try:
+            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        except (ProcessLookupError, OSError):
+            pass
+
+    def _on_violation(self):
+        got = notify.receive(self._listener)
+        if got is None:
+            return
+        pid, nr, args = got
+        name = notify.syscall_name(nr)
+        shown = ", ".join(hex(a) if a > 0xFFFF else str(a) for a in args)
+        where = f"policy {self.policy.path or self.policy.name}"
+        err = PolicyViolation(f"plugin {self.name} made a forbidden syscall: {name}({shown}) [{where}]",
+                              syscall=name, args=args, plugin=self.name, policy=self.policy.path)
+        log.warning("%s", err)
+        self._kill(err)
+
+    def _await_status(self, limit: float = DEATH_WAIT):
+        fd = self._fds.get("status")
+        if fd is None:
+            return
+        p = select.poll()
+        p.register(fd, select.POLLIN)
+        if self._listener is not None:
+            p.register(self._listener, select.POLLIN)
+        end = time.monotonic() + limit
+        while not self._finalized:
+            left = end - time.monotonic()
+            if left <= 0:
+                self._kill(None)
+                end = time.monotonic() + limit
+                left = limit
+            for f, _ in p.poll(left * 1000):
+                if f == self._listener:
+                    self._on_violation()
+                else:
+                    self._on_status()
+                    return
+
+    def _on_status(self):
+        try:
+            data = os.read(self._fds["status"], STATUS.size)
+        except (BlockingIOError, KeyError):
+            return
+        status = STATUS.unpack(data)[1] if len(data) == STATUS.size else None
+        self._finalize(status)
+
+    def _await_death(self, limit: float = DEATH_WAIT):
+        with self._io:
+            self._await_status(limit)
+
+    def _finalize(self, status):
+        with self._final:
+            if self._finalized:
+                return
+            self._finalized = True
+        self.exit_status = status
+        clean = self._closing and self._reason is None
+        self.death = None if clean else S.classify_death(status, self._reason, self.name)
+        if self._reason is None and not clean:
+            self._reason = self.death
+        if self.death is not None and not isinstance(self.death, WorkerClosed):
+            log.info("worker %s (pid %s) ended: %s", self.name, self.pid, self.death)
+        self._release()
+        for cb in list(self._callbacks["exit"]):
+            try:
+                cb(self.death)
+            except Exception:
+                log.exception("exit callback of worker %s failed", self.name)
+
+    def _release(self):
+        hub = _hub.get() if self._fds else None
+        for key, fd in list(self._fds.items()):
+            if key == "log":
+                self._drain_log()
+            if hub is not None:
+                hub.unwatch(fd)
+            _close(fd)
+        self._fds = {}
+        if getattr(self, "_pidfd", None) is not None:
+            _close(self._pidfd)
+            self._pidfd = None
+        uids.release(self._uid)
+        self._uid = None
+        if self._scratch:
+            # rmtree works on fds and never follows a symlink the worker left behind
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
+
+    def _check_alive(self):
+        if self._finalized or self._reason is not None:
+            if self.death is not None and not self._closing:
+                raise WorkerClosed(f"worker {self.name} has ended: {self.death}")
+            raise WorkerClosed(f"worker {self.name} is closed")
+
+    # ---- between calls (hub thread) -----------------------------------------------------------
+    def _on_hub_event(self, fd):
+        if not self._io.acquire(blocking=False):
+            self._hub_missed = True  # a caller owns the fds; it re-arms when done
+            return
+        try:
+            if self._finalized:
+                return
+            if fd == self._listener:
+                self._on_violation()
+                self._await_status()
+            elif fd == self._fds.get("status"):
+                self._read_frames(())
+                self._on_status()
+            else:
+                self._read_frames(())
+        except SandboxError:
+            pass  # recorded as self.death; exit callbacks already ran
+        finally:
+            self._io.release()
+            self._rearm()
+        self._dispatch()
+
+    def _rearm(self):
+        if self._finalized:
+            return
+        hub = _hub.get()
+        hub.arm(self._fds.get("from", -1))
+        if self._hub_missed:
+            self._hub_missed = False
+            hub.arm(self._fds.get("status", -1))
+            if self._listener is not None:
+                hub.arm(self._listener)
+
+    def _dispatch(self):
+        while self._inbox:
+            msg = self._inbox.pop(0)
+            for cb in list(self._callbacks["message"]):
+                try:
+                    cb(msg)
+                except Exception:
+                    log.exception("message callback of worker %s failed", self.name)
+
+    # ---- plugin output ----------------------------------------------------------------------
+    def _on_log(self, fd):
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        if not data:
+            _hub.get().unwatch(fd)
+            return
+        self._take_log(data)
+
+    def _drain_log(self):
+        fd = self._fds.get("log")
+        try:
+            while fd is not None:
+                data = os.read(fd, 65536)
+                if not data:
+                    break
+                self._take_log(data)
+        except OSError:
+            pass
+
+    def _take_log(self, data: bytes):
+        if self._log_bytes >= LOG_BUDGET:
+            self.log_dropped += len(data)
+            return
+        self._log_bytes += len(data)
+        lines = (self._log_partial + data).split(b"\n")
+        self._log_partial = lines.pop()[:LOG_LINE_MAX]
+        for raw in lines:
+            line = raw[:LOG_LINE_MAX].decode("utf-8", "replace")
+            self.logs.append(line)
+            log.debug("[%s] %s", self.name, line)
+            for cb in list(self._callbacks["log"]):
+                try:
+                    cb(line)
+                except Exception:
+                    log.exception("log callback of worker %s failed", self.name)
+
+
+def _close(fd):
+    try:
+        os.close(fd)
+    except (OSError, TypeError):
+        pass

@@ -1,0 +1,137 @@
+"""Host side of the zygote: start it once (lazily), ask it for workers, restart it if it died.
+
+One zygote per namespace profile: workers without network come from a zygote living in an
+empty network namespace; a policy that grants network gets a zygote without one.
+"""
+import os
+import socket
+import subprocess
+import sys
+import threading
+
+import msgpack
+
+from ..errors import ConfinementError, SandboxError
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_PKG_ROOT = os.path.dirname(os.path.dirname(_HERE))
+REPLY_TIMEOUT = 10.0
+
+
+def runtime_paths() -> list[str]:
+    """What every worker must be able to read: the interpreter, its stdlib, site-packages, us."""
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, _PKG_ROOT,
+             os.path.dirname(os.path.realpath(sys.executable))}
+    import sysconfig
+    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        p = sysconfig.get_paths().get(key)
+        if p:
+            paths.add(p)
+    for mod in ("msgpack", "prctl"):
+        m = sys.modules.get(mod) or __import__(mod)
+        f = getattr(m, "__file__", None)
+        if f:
+            paths.add(os.path.dirname(os.path.realpath(f)))
+    return sorted(os.path.realpath(p) for p in paths)
+
+
+class Zygote:
+    def __init__(self, namespaces: tuple[str, ...]):
+        self.namespaces = namespaces
+        self._lock = threading.Lock()
+        self._proc = None
+        self._ctl = None
+        self.report: dict = {}
+
+    def _start(self):
+        host_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        args = [sys.executable, "-I", "-B", os.path.join(_HERE, "__main__.py"),
+                str(child_end.fileno()), *self.namespaces, *(f"expose:{p}" for p in runtime_paths())]
+        try:
+            self._proc = subprocess.Popen(args, env={}, pass_fds=[child_end.fileno()], close_fds=True,
+                                          stdin=subprocess.DEVNULL, cwd="/")
+        finally:
+            child_end.close()
+        host_end.settimeout(REPLY_TIMEOUT)
+        try:
+            hello = msgpack.unpackb(host_end.recv(65536), raw=False)
+        except (OSError, ValueError) as e:
+            self._proc.kill()
+            self._proc.wait()
+            raise ConfinementError(f"the zygote did not start: {e}", layer="zygote") from None
+        if "ready" not in hello:
+            raise ConfinementError(f"the zygote did not start: {hello}", layer="zygote")
+        self._ctl = host_end
+        self.report = hello
+
+    @property
+    def pid(self):
+        return self._proc.pid if self._proc else None
+
+    def spawn(self, plan: dict, fds: list[int]) -> tuple[int, int]:
+        """Fork a worker; returns (pid, pidfd). The zygote never sees anything but the plan."""
+        payload = msgpack.packb(plan, use_bin_type=True)
+        with self._lock:
+            for attempt in (0, 1):
+                if self._ctl is None or self._proc.poll() is not None:
+                    self._restart()
+                try:
+                    socket.send_fds(self._ctl, [payload], fds)
+                    msg, got, _, _ = socket.recv_fds(self._ctl, 65536, 1)
+                except (BrokenPipeError, ConnectionResetError, socket.timeout) as e:
+                    self._kill()
+                    if attempt:
+                        raise SandboxError(f"zygote failed: {e}") from None
+                    continue
+                if not msg:
+                    self._kill()
+                    continue
+                reply = msgpack.unpackb(msg, raw=False)
+                if "pid" not in reply or len(got) != 1:
+                    for fd in got:
+                        os.close(fd)
+                    raise SandboxError(f"zygote refused the spawn: {reply.get('error', reply)}")
+                return reply["pid"], got[0]
+            raise SandboxError("zygote died twice while spawning")
+
+    def _restart(self):
+        self._kill()
+        self._start()
+
+    def _kill(self):
+        if self._ctl is not None:
+            self._ctl.close()
+            self._ctl = None
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+    def close(self):
+        with self._lock:
+            self._kill()
+
+    def ensure_started(self):
+        with self._lock:
+            if self._ctl is None or self._proc.poll() is not None:
+                self._restart()
+        return self.report
+
+
+_zygotes: dict[tuple, Zygote] = {}
+_zlock = threading.Lock()
+
+
+def get(network: bool) -> Zygote:
+    ns = ("ipc", "uts") if network else ("net", "ipc", "uts")
+    with _zlock:
+        z = _zygotes.get(ns)
+        if z is None:
+            z = _zygotes[ns] = Zygote(ns)
+        return z
+
+
+def shutdown_all():
+    with _zlock:
+        for z in _zygotes.values():
+            z.close()
+        _zygotes.clear()

@@ -1,0 +1,142 @@
+"""The zygote: a fresh, single-threaded interpreter that forks one child per worker.
+
+Started once by the host as `python -I <this file> <ctl-fd> <package-root>` with an empty
+environment, it never holds the host's memory, so a forked worker can't find the host's secrets.
+Its loop: wait for a spawn request or a child's death; fork; reap; report.
+"""
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+
+import msgpack
+import prctl
+
+from .. import runtime, _sys  # noqa: F401 - imported here so children never import after fork
+
+MAX_REQUEST = 1 << 20
+SPAWN_FDS = 5  # from_host_r, to_host_w, handoff, log_w, status_w
+STATUS = struct.Struct("<ii")  # pid, raw wait status
+
+
+def serve(ctl: socket.socket) -> None:
+    prctl.set_pdeathsig(signal.SIGKILL)  # the host died: so do we (and, through ours, every worker)
+    host = os.getppid()
+    if host == 1:
+        os._exit(0)
+    _raise_nofile()
+    rd, wr = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wr)
+    signal.signal(signal.SIGCHLD, lambda *a: None)
+    status_fds: dict[int, int] = {}
+    poller = select.poll()
+    poller.register(ctl.fileno(), select.POLLIN)
+    poller.register(rd, select.POLLIN)
+    while True:
+        try:
+            events = poller.poll()
+        except InterruptedError:
+            continue
+        for fd, ev in events:
+            if fd == rd:
+                _drain(rd)
+                _reap(status_fds)
+            elif not _handle_request(ctl, status_fds, (rd, wr)):
+                _shutdown(status_fds)
+
+
+def _raise_nofile():
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _drain(fd):
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def _reap(status_fds):
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)  # only our own workers are our children
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        fd = status_fds.pop(pid, None)
+        if fd is not None:
+            try:
+                os.write(fd, STATUS.pack(pid, status))
+            except OSError:
+                pass
+            os.close(fd)
+
+
+def _handle_request(ctl, status_fds, wake_fds) -> bool:
+    try:
+        msg, fds, flags, _ = socket.recv_fds(ctl, MAX_REQUEST, SPAWN_FDS)
+    except InterruptedError:
+        return True
+    if not msg:
+        return False  # host closed the control socket
+    if len(fds) != SPAWN_FDS:
+        for fd in fds:
+            os.close(fd)
+        _reply(ctl, {"error": "bad spawn request"})
+        return True
+    plan = msgpack.unpackb(msg, raw=False)
+    plan["zygote_pid"] = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        _in_child(ctl, status_fds, wake_fds, plan, fds)
+    try:
+        pidfd = os.pidfd_open(pid)
+        socket.send_fds(ctl, [msgpack.packb({"pid": pid})], [pidfd])
+        os.close(pidfd)
+    except OSError:
+        os.kill(pid, signal.SIGKILL)
+    for fd in fds[:4]:
+        os.close(fd)
+    status_fds[pid] = fds[4]
+    return True
+
+
+def _reply(ctl, obj):
+    ctl.send(msgpack.packb(obj))
+
+
+def _in_child(ctl, status_fds, wake_fds, plan, fds):
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    os.close(fds[4])  # the status pipe is the zygote's to write
+    # The remaining zygote fds (ctl, wake pipe, other workers' status pipes) are closed by the
+    # first confinement step, which keeps only the worker's own descriptors.
+    runtime.child_main(plan, fds[:4])
+
+
+def _shutdown(status_fds):
+    # The host is gone or done: take every worker with us.
+    for pid in list(status_fds):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    os._exit(0)
+
+
+def main(argv):
+    ctl = socket.socket(fileno=int(argv[1]))
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
+        sys.stderr.reconfigure(line_buffering=True)
+    from . import view
+    report = view.prepare(argv[2:])
+    _reply(ctl, {"ready": os.getpid(), **report})
+    serve(ctl)
