@@ -3,6 +3,7 @@
 Everything here runs in the forked child. Imports are done in the zygote, before fork, so that
 nothing is imported after the filter is on except what the plugin itself asks for.
 """
+import gc
 import os
 import sys
 import traceback
@@ -66,6 +67,7 @@ def child_main(plan: dict, fds: list) -> None:
         source = _read_source(plan["plugin"])
         confine.apply(plan, state)
         _writer = Writer(TO_HOST, plan["max_frame"])
+        gc.enable()
         module = _load(plan, source)
         if module is None:
             os._exit(71)
@@ -125,7 +127,7 @@ def _serve(module, max_frame: int) -> None:
     decoder = framing.FrameDecoder(max_frame, allowed_types=framing.HOST_TYPES)
     limits = protocol.Limits(max_bytes=max_frame)
     while True:
-        data = os.read(FROM_HOST, 1 << 20)
+        data = os.read(FROM_HOST, decoder.read_size())
         if not data:
             return
         for frame in decoder.feed(data):

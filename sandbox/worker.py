@@ -268,7 +268,10 @@ class Worker:
                         if not want:
                             return (None, None)
                 elif fd == self._listener:
-                    self._on_violation()
+                    if ev & select.POLLIN:
+                        self._on_violation()
+                    else:
+                        poller.unregister(fd)  # every task under the filter is gone
                 elif fd == fds["status"]:
                     self._read_frames(())  # what it wrote before dying still counts
                     self._on_status()
@@ -288,7 +291,7 @@ class Worker:
         found = None
         while True:
             try:
-                data = os.read(self._fds["from"], PIPE_SIZE)
+                data = os.read(self._fds["from"], self._session.decoder.read_size())
             except BlockingIOError:
                 return found
             if not data:
@@ -357,9 +360,12 @@ class Worker:
                 self._kill(None)
                 end = time.monotonic() + limit
                 left = limit
-            for f, _ in p.poll(left * 1000):
+            for f, ev in p.poll(left * 1000):
                 if f == self._listener:
-                    self._on_violation()
+                    if ev & select.POLLIN:
+                        self._on_violation()
+                    else:
+                        p.unregister(f)
                 else:
                     self._on_status()
                     return

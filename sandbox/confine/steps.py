@@ -4,6 +4,8 @@ Each step takes (plan, state): `plan` is plain data prepared by the host before 
 `state` carries what one step hands to the next. Any exception stops the worker before the
 plugin's first line runs; the runtime reports which step failed.
 """
+import ctypes
+import fcntl
 import os
 import resource
 import signal
@@ -16,6 +18,15 @@ from . import landlock, seccomp
 
 # Fixed descriptor numbers inside the worker.
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+PR_CAPBSET_DROP, PR_SET_SECUREBITS = 24, 28
+# NOROOT (+lock), NO_CAP_AMBIENT_RAISE (+lock), and KEEP_CAPS / NO_SETUID_FIXUP locked *off*, so
+# the setuid away from root clears every capability and nothing can turn that off again.
+SECUREBITS_LOCKED_DOWN = 0x01 | 0x02 | 0x08 | 0x20 | 0x40 | 0x80
+try:
+    with open("/proc/sys/kernel/cap_last_cap") as _f:
+        _LAST_CAP = int(_f.read())
+except OSError:
+    _LAST_CAP = 40
 STDIN, STDOUT, STDERR, FROM_HOST, TO_HOST, HANDOFF = 0, 1, 2, 3, 4, 5
 
 
@@ -32,7 +43,6 @@ def arrange_fds(plan, state):
 
 
 def _dup_high(fd):
-    import fcntl
     return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100)
 
 
@@ -43,8 +53,10 @@ def new_session(plan, state):
 
 
 def clear_environment(plan, state):
-    os.environ.clear()
-    os.environ.update(plan["env"])
+    if os.environ:
+        os.environ.clear()
+    for key, value in plan["env"].items():
+        os.environ[key] = value
 
 
 def set_rlimits(plan, state):
@@ -75,25 +87,37 @@ def drop_privileges(plan, state):
     if uid is not None:
         if uid == 0 or gid == 0:
             raise OSError("refusing to run a worker as uid/gid 0")
-        prctl.securebits.noroot = True
-        prctl.securebits.noroot_locked = True
-        prctl.securebits.no_setuid_fixup_locked = True
-        prctl.securebits.keep_caps_locked = True
+        # No way back to root through exec or uid tricks, and the bits can't be unset.
+        _prctl(PR_SET_SECUREBITS, SECUREBITS_LOCKED_DOWN, "lock securebits")
         _drop_bounding_set()
         os.setgroups([])
         os.setresgid(gid, gid, gid)
         os.setresuid(uid, uid, uid)
     elif prctl.cap_effective.setpcap:
         _drop_bounding_set()  # unprivileged, but holding caps in a user namespace
-    prctl.cap_inheritable.limit()
-    prctl.cap_effective.limit()
-    prctl.cap_permitted.limit()
+    _clear_capabilities()
     _sys.check(_sys.libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "clear ambient caps")
     _prove_no_root()
 
 
+def _prctl(option, arg, what):
+    _sys.check(_sys.libc.prctl(option, arg, 0, 0, 0), what)
+
+
 def _drop_bounding_set():
-    prctl.capbset.limit()
+    for cap in range(_LAST_CAP + 1):
+        _prctl(PR_CAPBSET_DROP, cap, f"drop capability {cap} from the bounding set")
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+def _clear_capabilities():
+    """Effective, permitted and inheritable all empty, in one capset()."""
+    header = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
+    data = (ctypes.c_uint32 * 6)()
+    _sys.check(_sys.libc.capset(ctypes.byref(header), data), "capset")
 
 
 def _prove_no_root():

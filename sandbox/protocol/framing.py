@@ -95,6 +95,14 @@ class FrameDecoder:
             raise ProtocolViolation(f"frame of {length} bytes exceeds the {self._max}-byte cap")
         return ftype, length, call_id
 
+    def read_size(self, floor: int = 65536, ceiling: int = 1 << 20) -> int:
+        """How much to ask the next read for: enough for the frame being collected, within bounds.
+
+        Asking os.read for a megabyte every time costs an mmap per read; asking for a little
+        costs many reads for a big frame."""
+        missing = self._need - len(self._buf)
+        return min(max(missing, floor), ceiling)
+
     def at_boundary(self) -> bool:
         """True when no partial frame is buffered (EOF here is clean; elsewhere it is truncation)."""
         return self._head is None and not self._buf

@@ -4,6 +4,7 @@ Started once by the host as `python -I <this file> <ctl-fd> <package-root>` with
 environment, it never holds the host's memory, so a forked worker can't find the host's secrets.
 Its loop: wait for a spawn request or a child's death; fork; reap; report.
 """
+import gc
 import os
 import select
 import signal
@@ -31,6 +32,10 @@ def serve(ctl: socket.socket) -> None:
     signal.set_wakeup_fd(wr)
     signal.signal(signal.SIGCHLD, lambda *a: None)
     status_fds: dict[int, int] = {}
+    # Everything imported so far is shared with every worker: keep the collector off those pages
+    # so that children don't pay a copy-on-write fault for each object a collection would touch.
+    gc.disable()
+    gc.freeze()
     poller = select.poll()
     poller.register(ctl.fileno(), select.POLLIN)
     poller.register(rd, select.POLLIN)
