@@ -9,27 +9,19 @@ forever); between calls the hub thread watches the worker. Either way, whatever 
 does ends in one of the errors of `sandbox.errors`, and the worker is gone when it should be.
 """
 import collections
-import fcntl
 import logging
 import os
 import select
-import shutil
 import signal
-import socket
-import struct
-import tempfile
 import threading
 import time
 
-from . import hub as _hub, notify, plans, session as S, uids
+from . import hub as _hub, notify, session as S
+from .spawn import STATUS, Spawned
 from .errors import (ConfinementError, LoadError, PolicyViolation, ProtocolViolation, SandboxError,
                      WorkerClosed)
-from .zygote import client as zygote
 
 log = logging.getLogger("sandbox")
-F_SETPIPE_SZ = 1031
-PIPE_SIZE = 1 << 20
-STATUS = struct.Struct("<ii")
 LOG_LINE_MAX = 4096
 LOG_BUDGET = 1 << 20  # bytes of plugin output forwarded per worker; the rest is counted, not kept
 DEATH_WAIT = 5.0
@@ -50,15 +42,6 @@ def plugin_name(path: str) -> str:
     if stem == "worker":
         stem = os.path.basename(os.path.dirname(path)) or "worker"
     return "".join(c if c.isalnum() or c == "_" else "_" for c in stem) or "plugin"
-
-
-def _pipe():
-    r, w = os.pipe2(os.O_CLOEXEC)
-    try:
-        fcntl.fcntl(w, F_SETPIPE_SZ, PIPE_SIZE)
-    except OSError:
-        pass  # over /proc/sys/fs/pipe-max-size for this user: the default size works, only slower
-    return r, w
 
 
 class Worker:
@@ -83,8 +66,7 @@ class Worker:
         self._hub_missed = False
         self._listener = None
         self._inbox = []
-        self._uid = None
-        self._scratch = None
+        self._sp = None
         self._fds = {}
         self._session = S.Session(self.policy.limits.max_message_bytes)
         self._timeout = self.policy.limits.timeout
@@ -165,70 +147,25 @@ class Worker:
 
     # ---- start ------------------------------------------------------------------------------
     def _start(self, start_timeout):
-        policy = self.policy
-        if os.geteuid() == 0:
-            self._uid = uids.allocate(*policy.uid_range)
-        if policy.filesystem.scratch:
-            self._scratch = tempfile.mkdtemp(prefix=f"sandbox-{self.name}-")
-            if self._uid is not None:
-                os.chown(self._scratch, self._uid, self._uid)
-        child = []
-        try:
-            to_r, to_w = _pipe()
-            from_r, from_w = _pipe()
-            log_r, log_w = os.pipe2(os.O_CLOEXEC)
-            st_r, st_w = os.pipe2(os.O_CLOEXEC)
-            h_host, h_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            child = [to_r, from_w, h_child.fileno(), log_w, st_w]
-            self._fds = {"to": to_w, "from": from_r, "log": log_r, "status": st_r}
-            self._handoff = h_host
-            for fd in (to_w, from_r, log_r, st_r):
-                os.set_blocking(fd, False)
-            plan = plans.build(policy, self.plugin, self.name, self._uid, self._scratch)
-            self.pid, self._pidfd = zygote.get(bool(policy.network.allow)).spawn(plan, child)
-        except BaseException:
-            self._release()
-            raise
-        finally:
-            for fd in child[:2] + child[3:]:
-                _close(fd)
-            if child:
-                h_child.close()
-        _hub.get().watch(self._fds["log"], self._on_log, oneshot=False)
+        self._sp = sp = Spawned(self.policy, self.plugin, self.name)
+        self.pid, self._pidfd, self._fds = sp.pid, sp.pidfd, sp.fds
+        hub = _hub.get()
+        hub.watch(self._fds["log"], self._on_log, oneshot=False)
         with self._io:
             try:
-                kind, info = self._pump(None, time.monotonic() + start_timeout, start_timeout,
-                                        want=(S.READY,), starting=True)
-            except BaseException:
-                self._handoff.close()
-                raise
-            self._take_listener(plan["notify"])
-            hub = _hub.get()
+                self._pump(None, time.monotonic() + start_timeout, start_timeout,
+                           want=(S.READY,), starting=True)
+            finally:
+                self._listener = sp.take_listener()
+            if sp.plan["notify"] and self._listener is None:
+                self._kill(ConfinementError("the worker did not hand over its seccomp listener", layer="seccomp"))
+                self._await_status()
+                raise self.death
             hub.watch(self._fds["from"], self._on_hub_event)
             hub.watch(self._fds["status"], self._on_hub_event)
+            if self._listener is not None:
+                hub.watch(self._listener, self._on_hub_event)
         self._dispatch()
-
-    def _take_listener(self, required: bool):
-        try:
-            self._handoff.setblocking(False)
-            _, fds, _, _ = socket.recv_fds(self._handoff, 16, 2)
-        except (BlockingIOError, OSError):
-            fds = []
-        finally:
-            self._handoff.close()
-        if len(fds) > 1:
-            for fd in fds:
-                _close(fd)
-            fds = []
-        if required and not fds:
-            self._kill(ConfinementError("the worker did not hand over its seccomp listener", layer="seccomp"))
-            self._await_death()
-            raise self.death
-        if fds:
-            self._listener = fds[0]
-            os.set_blocking(self._listener, False)
-            self._fds["listener"] = self._listener
-            _hub.get().watch(self._listener, self._on_hub_event)
 
     # ---- the pump: the one place that reads the child ----------------------------------------
     def _pump(self, out: bytes | None, deadline: float, timeout, want, starting=False):
@@ -402,23 +339,15 @@ class Worker:
                 log.exception("exit callback of worker %s failed", self.name)
 
     def _release(self):
-        hub = _hub.get() if self._fds else None
-        for key, fd in list(self._fds.items()):
-            if key == "log":
-                self._drain_log()
-            if hub is not None:
-                hub.unwatch(fd)
-            _close(fd)
+        if "log" in self._fds:
+            self._drain_log()
+        hub = _hub.get()
+        for fd in self._fds.values():
+            hub.unwatch(fd)
+        if self._sp is not None:
+            self._sp.release()
         self._fds = {}
-        if getattr(self, "_pidfd", None) is not None:
-            _close(self._pidfd)
-            self._pidfd = None
-        uids.release(self._uid)
-        self._uid = None
-        if self._scratch:
-            # rmtree works on fds and never follows a symlink the worker left behind
-            shutil.rmtree(self._scratch, ignore_errors=True)
-            self._scratch = None
+        self._pidfd = None
 
     def _check_alive(self):
         if self._finalized or self._reason is not None:
@@ -509,8 +438,3 @@ class Worker:
                     log.exception("log callback of worker %s failed", self.name)
 
 
-def _close(fd):
-    try:
-        os.close(fd)
-    except (OSError, TypeError):
-        pass

@@ -2,3 +2,7 @@
 from .codec import DEFAULT_LIMITS, Limits, NotPlainData, dumps, loads
 from .framing import (CALL, CHILD_TYPES, DEFAULT_MAX_FRAME, ERROR, EVENT, HEADER_SIZE, HOST_TYPES,
                       LOADERR, POST, READY, RESULT, Frame, FrameDecoder, encode_frame, encode_header)
+
+__all__ = ["DEFAULT_LIMITS", "Limits", "NotPlainData", "dumps", "loads", "CALL", "CHILD_TYPES",
+           "DEFAULT_MAX_FRAME", "ERROR", "EVENT", "HEADER_SIZE", "HOST_TYPES", "LOADERR", "POST",
+           "READY", "RESULT", "Frame", "FrameDecoder", "encode_frame", "encode_header"]

@@ -1,0 +1,111 @@
+"""Everything a worker owns on the host side, acquired and released in one place.
+
+Shared by the sync Worker and the AsyncWorker: a uid of its own (root mode), an optional
+scratch dir, five descriptors, the zygote's fork, and later the seccomp listener.
+"""
+import fcntl
+import os
+import shutil
+import socket
+import struct
+import tempfile
+
+from . import plans, uids
+from .zygote import client as zygote
+
+F_SETPIPE_SZ = 1031
+PIPE_SIZE = 1 << 20
+STATUS = struct.Struct("<ii")  # (pid, raw wait status) written by the zygote when it reaps
+
+
+def _pipe():
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(w, F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass  # over /proc/sys/fs/pipe-max-size for this user: the default size works, only slower
+    return r, w
+
+
+def close_fd(fd):
+    try:
+        os.close(fd)
+    except (OSError, TypeError):
+        pass
+
+
+class Spawned:
+    """The host's side of one forked worker. `fds`: to, from, log, status (+ listener later)."""
+
+    def __init__(self, policy, plugin: str, name: str):
+        self.policy = policy
+        self.uid = uids.allocate(*policy.uid_range) if os.geteuid() == 0 else None
+        self.scratch = None
+        self.fds: dict[str, int] = {}
+        self.pid = self.pidfd = None
+        self.handoff = None
+        child = []
+        try:
+            if policy.filesystem.scratch:
+                self.scratch = tempfile.mkdtemp(prefix=f"sandbox-{name}-")
+                if self.uid is not None:
+                    os.chown(self.scratch, self.uid, self.uid)
+            to_r, to_w = _pipe()
+            child.append(to_r)
+            self.fds["to"] = to_w
+            from_r, from_w = _pipe()
+            child.append(from_w)
+            self.fds["from"] = from_r
+            self.handoff, h_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            child.append(h_child.detach())
+            log_r, log_w = os.pipe2(os.O_CLOEXEC)
+            child.append(log_w)
+            self.fds["log"] = log_r
+            st_r, st_w = os.pipe2(os.O_CLOEXEC)
+            child.append(st_w)
+            self.fds["status"] = st_r
+            for fd in self.fds.values():
+                os.set_blocking(fd, False)
+            self.plan = plans.build(policy, plugin, name, self.uid, self.scratch)
+            self.pid, self.pidfd = zygote.get(bool(policy.network.allow)).spawn(self.plan, child)
+        except BaseException:
+            self.release()
+            raise
+        finally:
+            for fd in child:
+                close_fd(fd)
+
+    def take_listener(self) -> int | None:
+        """The seccomp listener fd the child sent before READY (None if it sent none)."""
+        try:
+            self.handoff.setblocking(False)
+            _, fds, _, _ = socket.recv_fds(self.handoff, 16, 2)
+        except OSError:
+            fds = []
+        finally:
+            self.handoff.close()
+            self.handoff = None
+        if len(fds) != 1:
+            for fd in fds:
+                close_fd(fd)
+            return None
+        os.set_blocking(fds[0], False)
+        self.fds["listener"] = fds[0]
+        return fds[0]
+
+    def release(self):
+        for fd in self.fds.values():
+            close_fd(fd)
+        self.fds = {}
+        if self.handoff is not None:
+            self.handoff.close()
+            self.handoff = None
+        if self.pidfd is not None:
+            close_fd(self.pidfd)
+            self.pidfd = None
+        uids.release(self.uid)
+        self.uid = None
+        if self.scratch:
+            # rmtree works on fds and never follows a symlink the worker left behind
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch = None
