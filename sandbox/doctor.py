@@ -1,0 +1,95 @@
+"""`sandbox doctor`: which protection layers this machine and user support, each proven.
+
+A layer is reported "ok" only after a canary worker tried to get past it and failed in the
+expected way; detection alone (a feature flag, a kernel version) is never taken as proof.
+"""
+import json
+import os
+
+from . import errors
+
+CANARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_canary.py")
+
+
+def _canary_policy():
+    from .policy import Policy
+    base = Policy.default()
+    # The canary may read its own /proc/self/status (resolved inside the worker: its own pid).
+    return base.with_extra_read_only(["/proc/self"]) if hasattr(base, "with_extra_read_only") else base
+
+
+def _check(name, fn):
+    from .worker import Worker
+    try:
+        with Worker(CANARY, policy=_canary_policy(), name="canary") as w:
+            ok, detail = fn(w)
+    except errors.SandboxError as e:
+        ok, detail = False, f"{type(e).__name__}: {e}"
+    return {"layer": name, "ok": ok, "detail": detail}
+
+
+def _expect(exc_type, fn, describe):
+    def check(w):
+        try:
+            got = fn(w)
+        except exc_type as e:
+            return True, describe(e)
+        except errors.SandboxError as e:
+            return False, f"unexpected {type(e).__name__}: {e}"
+        return False, f"not stopped: returned {got!r}"
+    return check
+
+
+def _status_check(w):
+    st = w.call("status")
+    problems = []
+    if st.get("NoNewPrivs") != "1":
+        problems.append(f"NoNewPrivs={st.get('NoNewPrivs')}")
+    if st.get("Seccomp") != "2":
+        problems.append(f"Seccomp={st.get('Seccomp')}")
+    if int(st.get("CapEff", "1"), 16) != 0:
+        problems.append(f"CapEff={st.get('CapEff')}")
+    if os.geteuid() == 0 and st.get("Uid", "0").split()[0] == "0":
+        problems.append("still uid 0")
+    return (not problems, "; ".join(problems) or f"uid {st.get('Uid', '?').split()[0]}, no capabilities, "
+            "no_new_privs, seccomp filter mode")
+
+
+def checks():
+    root = os.geteuid() == 0
+    results = [
+        _check("privileges", _status_check),
+        _check("setuid(0) refused", lambda w: (w.call("try_setuid_root").startswith("refused"),
+                                               w.call("try_setuid_root"))),
+        _check("seccomp (forbidden syscall killed and named)",
+               _expect(errors.PolicyViolation, lambda w: w.call("make_socket"),
+                       lambda e: f"socket() stopped, reported as {e.syscall!r}" if e.syscall == "socket"
+                       else f"stopped but named {e.syscall!r}")),
+        _check("landlock (unlisted path refused)",
+               _expect(errors.PluginError, lambda w: w.call("read_file", "/etc/hostname"),
+                       lambda e: f"/etc/hostname: {e.type}")),
+        _check("environment cleared", lambda w: (w.call("environment") == {}, "no variable inherited")),
+        _check("deadline (SIGKILL on timeout)",
+               _expect(errors.PluginTimeout, lambda w: w.call("sleep", 30, timeout=0.3),
+                       lambda e: "sleep(30) killed after 0.3 s")),
+    ]
+    from .zygote import client
+    report = client.get(network=False).ensure_started()
+    ns = report.get("namespaces", [])
+    results.append({"layer": "namespaces", "ok": "net" in ns,
+                    "detail": f"zygote namespaces: {', '.join(ns) or 'none'}"
+                    + (f"; problems: {'; '.join(report.get('errors'))}" if report.get("errors") else "")})
+    results.append({"layer": "mode", "ok": True,
+                    "detail": "root: unique uid per worker" if root else "unprivileged: user namespace, no uid change"})
+    return results
+
+
+def run(as_json: bool = False) -> int:
+    results = checks()
+    if as_json:
+        print(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            mark = "ok " if r["ok"] else "FAIL"
+            print(f"[{mark}] {r['layer']}: {r['detail']}")
+    return 0 if all(r["ok"] for r in results) else 1
