@@ -32,6 +32,8 @@ def _refuse(obj):
 
 def dumps(obj) -> bytes:
     """Encode plain data; anything else raises NotPlainData (tuples travel as lists)."""
+    if isinstance(obj, (list, tuple, dict)):
+        _check_keys(obj)
     try:
         return msgpack.packb(obj, use_bin_type=True, default=_refuse, strict_types=False)
     except NotPlainData:
@@ -60,6 +62,20 @@ def loads(data: bytes, limits: Limits = DEFAULT_LIMITS):
     return obj
 
 
+def _check_keys(obj) -> None:
+    stack = [obj]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if not isinstance(k, str):
+                    raise NotPlainData(f"map key {k!r} is not a str")
+                if isinstance(v, (list, tuple, dict)):
+                    stack.append(v)
+        else:
+            stack.extend(x for x in node if isinstance(x, (list, tuple, dict)))
+
+
 def _no_ext(code, data):
     raise ProtocolViolation(f"msgpack extension type {code} is not allowed")
 
@@ -76,4 +92,6 @@ def check_depth(obj, max_depth: int) -> None:
         elif isinstance(node, dict):
             if depth > max_depth:
                 raise ProtocolViolation(f"payload nested deeper than {max_depth} levels")
+            if not all(isinstance(k, str) for k in node):
+                raise ProtocolViolation("map keys must be strings")
             stack.extend((x, depth + 1) for x in node.values() if isinstance(x, (list, dict)))

@@ -1,0 +1,127 @@
+"""The frame and payload decoders: whatever bytes arrive, only ProtocolViolation comes out."""
+import struct
+
+import msgpack
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from sandbox.errors import ProtocolViolation
+from sandbox.protocol import (CALL, CHILD_TYPES, EVENT, HOST_TYPES, READY, RESULT, FrameDecoder, Limits,
+                              NotPlainData, dumps, encode_frame, loads)
+from sandbox.protocol.framing import HEADER
+
+pytestmark = pytest.mark.unpriv
+
+plain = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats(allow_nan=False) | st.text() | st.binary(),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5),
+    max_leaves=30,
+)
+
+
+@given(plain)
+def test_plain_data_round_trips(value):
+    assert loads(dumps(value)) == value
+
+
+@given(st.binary(max_size=4096))
+@settings(max_examples=500)
+def test_arbitrary_bytes_only_raise_protocol_violation(data):
+    d = FrameDecoder(max_frame=1 << 16)
+    try:
+        for frame in d.feed(data):
+            loads(frame.payload, Limits(max_bytes=1 << 16))
+    except ProtocolViolation:
+        pass
+
+
+@given(st.binary(max_size=2048))
+@settings(max_examples=500)
+def test_arbitrary_payload_only_raises_protocol_violation(data):
+    try:
+        loads(data)
+    except ProtocolViolation:
+        pass
+
+
+@given(st.lists(plain, max_size=5), st.integers(1, 64))
+def test_frames_survive_any_split(values, chunk):
+    stream = b"".join(encode_frame(EVENT, i, dumps(v)) for i, v in enumerate(values))
+    d = FrameDecoder()
+    got = []
+    for i in range(0, len(stream), chunk):
+        got += d.feed(stream[i:i + chunk])
+    assert [loads(f.payload) for f in got] == values
+    assert d.at_boundary()
+
+
+def test_header_announcing_4_gib_is_refused_before_allocating():
+    d = FrameDecoder(max_frame=16 << 20)
+    with pytest.raises(ProtocolViolation, match="exceeds"):
+        d.feed(HEADER.pack(b"SB", 1, RESULT, 0xFFFFFFFF, 1))
+    assert d.pending == 0  # nothing buffered towards the lie
+
+
+def test_decoder_is_poisoned_after_an_error():
+    d = FrameDecoder()
+    with pytest.raises(ProtocolViolation):
+        d.feed(b"XX" + b"\0" * 14)
+    with pytest.raises(ProtocolViolation):
+        d.feed(encode_frame(RESULT, 1, dumps(1)))
+
+
+def test_bad_magic_version_and_direction():
+    with pytest.raises(ProtocolViolation, match="magic"):
+        FrameDecoder().feed(HEADER.pack(b"ZZ", 1, RESULT, 0, 0))
+    with pytest.raises(ProtocolViolation, match="version"):
+        FrameDecoder().feed(HEADER.pack(b"SB", 9, RESULT, 0, 0))
+    with pytest.raises(ProtocolViolation, match="not allowed"):
+        FrameDecoder(allowed_types=CHILD_TYPES).feed(encode_frame(CALL, 1, dumps(1)))
+    with pytest.raises(ProtocolViolation, match="not allowed"):
+        FrameDecoder(allowed_types=HOST_TYPES).feed(encode_frame(READY, 1, dumps(1)))
+
+
+def test_five_byte_array_header_announcing_a_billion_elements():
+    with pytest.raises(ProtocolViolation):
+        loads(b"\xdd" + struct.pack(">I", 1_000_000_000))
+
+
+def test_map_with_millions_of_keys_is_capped():
+    with pytest.raises(ProtocolViolation):
+        loads(b"\xdf" + struct.pack(">I", 5_000_000), Limits(max_items=1000))
+
+
+def test_deep_nesting_is_refused():
+    with pytest.raises(ProtocolViolation):
+        loads(b"\x91" * 100_000 + b"\xc0")
+    with pytest.raises(ProtocolViolation, match="deeper"):
+        loads(dumps(_nest(100)), Limits(max_depth=64))
+    assert loads(dumps(_nest(10))) == _nest(10)
+
+
+def _nest(n):
+    v = None
+    for _ in range(n):
+        v = [v]
+    return v
+
+
+def test_extension_types_and_pickles_are_not_objects():
+    with pytest.raises(ProtocolViolation):
+        loads(msgpack.packb(msgpack.ExtType(5, b"xyz")))
+    import pickle
+    blob = pickle.dumps(object())
+    assert loads(dumps(blob)) == blob  # bytes stay bytes: nothing is ever unpickled
+
+
+def test_non_plain_values_are_refused_on_encode():
+    for bad in (object(), {1: "int key"}, {1.5}, lambda: 0):
+        with pytest.raises(NotPlainData):
+            dumps(bad)
+
+
+def test_truncated_frame_is_not_at_boundary():
+    frame = encode_frame(RESULT, 1, dumps("hello"))
+    d = FrameDecoder()
+    assert d.feed(frame[:-2]) == []
+    assert not d.at_boundary()
