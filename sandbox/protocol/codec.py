@@ -62,9 +62,12 @@ def loads(data: bytes, limits: Limits = DEFAULT_LIMITS):
     return obj
 
 
-def _check_keys(obj) -> None:
+def _check_keys(obj, budget: int = 10_000_000) -> None:
     stack = [obj]
     while stack:
+        budget -= 1
+        if budget < 0:
+            raise NotPlainData("value too large or cyclic")
         node = stack.pop()
         if isinstance(node, dict):
             for k, v in node.items():

@@ -1,0 +1,170 @@
+"""One test per confinement layer; each fails if its layer is removed."""
+import os
+
+import pytest
+
+import sandbox
+from sandbox import PolicyViolation
+from conftest import IS_ROOT
+
+pytestmark = pytest.mark.unpriv
+
+PROBE = """
+    import os, resource
+
+    def status():
+        out = {}
+        with open("/proc/self/status") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                out[k] = v.strip()
+        return out
+
+    def ids():
+        return [list(os.getresuid()), list(os.getresgid()), os.getgroups()]
+
+    def setuid_root():
+        try:
+            os.setuid(0)
+        except PermissionError:
+            return "refused"
+        return "became root"
+
+    def read(path):
+        with open(path, "rb") as f:
+            return f.read(32)
+
+    def write(path):
+        with open(path, "w") as f:
+            f.write("x")
+        return "written"
+
+    def environ():
+        return dict(os.environ)
+
+    def limits():
+        return {name: list(resource.getrlimit(getattr(resource, "RLIMIT_" + name)))
+                for name in ("CORE", "NOFILE", "FSIZE", "AS", "CPU")}
+
+    def fds():
+        return sorted(int(x) for x in os.listdir("/proc/self/fd"))
+
+    def session():
+        return [os.getsid(0), os.getpid(), os.getpgid(0)]
+
+    def net_devices():
+        with open("/proc/self/net/dev") as f:
+            return sorted(line.split(":")[0].strip() for line in f.readlines()[2:])
+
+    def make_socket():
+        import socket
+        socket.socket()
+        return "made a socket"
+
+    def cwd_write(name):
+        with open(name, "w") as f:
+            f.write("scratch")
+        return os.getcwd()
+"""
+
+PROC = '[filesystem]\nread_only = ["/proc/self"]\n'
+
+
+@pytest.fixture
+def probe(make_plugin):
+    path, policy = make_plugin(PROBE, PROC + '[environment]\nset = { GREETING = "hi" }\n'
+                               "[limits]\nopen_files = 32\nfile_size_mb = 1\nmemory_mb = 300\n")
+    with sandbox.Worker(path, policy=policy) as w:
+        yield w
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="root mode only: an unprivileged host cannot change uid")
+def test_unique_uid_per_worker_not_root(make_plugin, probe):
+    uids, gids, groups = probe.call("ids")
+    assert len(set(uids)) == 1 and uids[0] != 0 and gids[0] != 0 and groups == []
+    path, policy = make_plugin(PROBE, PROC)
+    with sandbox.Worker(path, policy=policy) as other:
+        assert other.call("ids")[0][0] != uids[0]
+
+
+def test_kernel_confirms_no_new_privs_seccomp_and_no_capabilities(probe):
+    st = probe.call("status")
+    assert st["NoNewPrivs"] == "1"
+    assert st["Seccomp"] == "2"
+    assert int(st["CapEff"], 16) == 0 and int(st["CapPrm"], 16) == 0 and int(st["CapAmb"], 16) == 0
+    assert int(st["CapBnd"], 16) == 0
+
+
+def test_setuid_root_is_refused(probe):
+    assert probe.call("setuid_root") == "refused"
+
+
+def test_landlock_refuses_unlisted_paths(probe):
+    # /etc/hostname is world-readable: only Landlock stands between the worker and it.
+    assert os.access("/etc/hostname", os.R_OK)
+    with pytest.raises(sandbox.PluginError) as ei:
+        probe.call("read", "/etc/hostname")
+    assert ei.value.type == "PermissionError"
+
+
+def test_plugin_folder_is_read_only(probe):
+    with pytest.raises(sandbox.PluginError) as ei:
+        probe.call("write", os.path.join(os.path.dirname(probe.plugin), "dropped.txt"))
+    assert ei.value.type in ("PermissionError", "OSError")
+    assert not os.path.exists(os.path.join(os.path.dirname(probe.plugin), "dropped.txt"))
+
+
+def test_forbidden_syscall_is_named(probe):
+    with pytest.raises(PolicyViolation) as ei:
+        probe.call("make_socket")
+    assert ei.value.syscall == "socket"
+    assert ei.value.plugin == probe.name
+    assert "socket" in str(ei.value)
+
+
+def test_errno_mode_returns_permission_error(make_plugin):
+    path, policy = make_plugin(PROBE, '[seccomp]\ndefault_action = "errno"\n')
+    with sandbox.Worker(path, policy=policy) as w:
+        with pytest.raises(sandbox.PluginError) as ei:
+            w.call("make_socket")
+        assert ei.value.type == "PermissionError"
+        assert w.call("setuid_root") == "refused"
+
+
+def test_environment_is_only_what_the_policy_sets(probe, monkeypatch):
+    assert probe.call("environ") == {"GREETING": "hi"}
+
+
+def test_rlimits_from_the_policy(probe):
+    lim = probe.call("limits")
+    assert lim["CORE"] == [0, 0]
+    assert lim["NOFILE"] == [32, 32]
+    assert lim["FSIZE"] == [1024 * 1024, 1024 * 1024]
+    assert lim["AS"] == [300 * 1024 * 1024, 300 * 1024 * 1024]
+
+
+def test_only_its_own_descriptors(probe):
+    # 0 /dev/null, 1+2 log pipe, 3 and 4 the protocol pipes; the listdir itself opens one more
+    assert probe.call("fds")[:5] == [0, 1, 2, 3, 4] and len(probe.call("fds")) == 6
+
+
+def test_new_session_without_terminal(probe):
+    sid, pid, pgid = probe.call("session")
+    assert sid == pid == pgid
+
+
+def test_no_network_namespace_has_only_loopback(probe):
+    with open("/proc/self/net/dev") as f:
+        host_devices = sorted(line.split(":")[0].strip() for line in f.readlines()[2:])
+    if host_devices == ["lo"]:
+        pytest.skip("this host has no interface but loopback: nothing to tell apart")
+    assert probe.call("net_devices") == ["lo"]
+
+
+def test_scratch_dir_is_private_and_removed(make_plugin):
+    path, policy = make_plugin(PROBE, "[filesystem]\nscratch = true\n[limits]\nfile_size_mb = 1\n")
+    w = sandbox.Worker(path, policy=policy)
+    scratch = w.call("cwd_write", "note.txt")
+    assert scratch != "/" and os.path.exists(os.path.join(scratch, "note.txt"))
+    w.close()
+    assert not os.path.exists(scratch)
