@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m examples.demo
+	$(PY) examples/demo.py
 
 test: test-root test-unpriv
 
@@ -35,7 +35,7 @@ test-root: $(STAMP)
 # The unprivileged mode: the same library, run by a user who is not root.
 test-unpriv: $(STAMP)
 	@if [ "$$(id -u)" = 0 ]; then \
-	  runuser -u $(UNPRIV_USER) -- env HOME=/tmp $(PY) -m pytest -p no:cacheprovider -m unpriv tests; \
+	  UNPRIV_USER=$(UNPRIV_USER) $(PY) tests/unpriv_runner.py tests; \
 	else echo "test-unpriv: already unprivileged, covered by test-root"; fi
 
 bench: $(STAMP)

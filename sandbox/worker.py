@@ -67,6 +67,7 @@ class Worker:
         self._listener = None
         self._inbox = []
         self._sp = None
+        self._poller = None
         self._fds = {}
         self._session = S.Session(self.policy.limits.max_message_bytes)
         self._timeout = self.policy.limits.timeout
@@ -157,6 +158,8 @@ class Worker:
                            want=(S.READY,), starting=True)
             finally:
                 self._listener = sp.take_listener()
+                if self._listener is not None and self._poller is not None:
+                    self._poller.register(self._listener, select.POLLIN)
             if sp.plan["notify"] and self._listener is None:
                 self._kill(ConfinementError("the worker did not hand over its seccomp listener", layer="seccomp"))
                 self._await_status()
@@ -172,11 +175,13 @@ class Worker:
         """Write `out`, then read until an event in `want` arrives (returned) or the worker ends."""
         view = memoryview(out) if out else None
         fds = self._fds
-        poller = select.poll()
-        poller.register(fds["from"], select.POLLIN)
-        poller.register(fds["status"], select.POLLIN)
-        if self._listener is not None:
-            poller.register(self._listener, select.POLLIN)
+        poller = self._poller
+        if poller is None:
+            poller = self._poller = select.poll()
+            poller.register(fds["from"], select.POLLIN)
+            poller.register(fds["status"], select.POLLIN)
+            if self._listener is not None:
+                poller.register(self._listener, select.POLLIN)
         to_fd = fds.get("to")
         if view is not None:
             if to_fd is None:
@@ -184,6 +189,17 @@ class Worker:
             view = self._write_some(to_fd, view)
             if view is not None:
                 poller.register(to_fd, select.POLLOUT)
+        try:
+            return self._pump_loop(poller, view, to_fd, deadline, timeout, want, starting)
+        finally:
+            if view is not None:
+                try:
+                    poller.unregister(to_fd)
+                except KeyError:
+                    pass
+
+    def _pump_loop(self, poller, view, to_fd, deadline, timeout, want, starting):
+        fds = self._fds
         if view is None and not want:
             return (None, None)
         while True:
@@ -201,7 +217,10 @@ class Worker:
                 elif fd == to_fd and view is not None:
                     view = self._write_some(to_fd, view)
                     if view is None:
-                        poller.unregister(to_fd)
+                        try:
+                            poller.unregister(to_fd)
+                        except KeyError:
+                            pass
                         if not want:
                             return (None, None)
                 elif fd == self._listener:

@@ -12,6 +12,12 @@ DEFAULT_POLICY = os.path.join(POLICIES, "default.toml")
 IS_ROOT = os.geteuid() == 0
 
 
+if not os.access(ROOT, os.W_OK):  # the unprivileged run can't keep hypothesis' example database
+    from hypothesis import settings
+    settings.register_profile("readonly", database=None)
+    settings.load_profile("readonly")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "unpriv: also run as an unprivileged user by `make test`")
 

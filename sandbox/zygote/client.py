@@ -45,8 +45,11 @@ class Zygote:
 
     def _start(self):
         host_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # PDEATHSIG fires when the *thread* that started the zygote ends, so it is only asked for
+        # when that thread is the main one; otherwise EOF on the control socket does the job alone.
+        pdeath = ["pdeathsig"] if threading.current_thread() is threading.main_thread() else []
         args = [sys.executable, "-I", "-B", os.path.join(_HERE, "__main__.py"),
-                str(child_end.fileno()), *self.namespaces, *(f"expose:{p}" for p in runtime_paths())]
+                str(child_end.fileno()), *pdeath, *self.namespaces, *(f"expose:{p}" for p in runtime_paths())]
         try:
             self._proc = subprocess.Popen(args, env={}, pass_fds=[child_end.fileno()], close_fds=True,
                                           stdin=subprocess.DEVNULL, cwd="/")

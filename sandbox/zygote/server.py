@@ -22,11 +22,11 @@ SPAWN_FDS = 5  # from_host_r, to_host_w, handoff, log_w, status_w
 STATUS = struct.Struct("<ii")  # pid, raw wait status
 
 
-def serve(ctl: socket.socket) -> None:
-    prctl.set_pdeathsig(signal.SIGKILL)  # the host died: so do we (and, through ours, every worker)
-    host = os.getppid()
-    if host == 1:
-        os._exit(0)
+def serve(ctl: socket.socket, pdeathsig: bool) -> None:
+    if pdeathsig:
+        prctl.set_pdeathsig(signal.SIGKILL)  # the host died: so do we (and, through ours, every worker)
+    if os.getppid() == 1:
+        os._exit(0)  # the host is already gone
     _raise_nofile()
     rd, wr = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wr)
@@ -144,4 +144,4 @@ def main(argv):
     from . import view
     report = view.prepare(argv[2:])
     _reply(ctl, {"ready": os.getpid(), **report})
-    serve(ctl)
+    serve(ctl, "pdeathsig" in argv[2:])
