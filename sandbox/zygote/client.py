@@ -7,12 +7,14 @@ import os
 import socket
 import subprocess
 import sys
+import logging
 import threading
 
 import msgpack
 
 from ..errors import ConfinementError, SandboxError
 
+log = logging.getLogger("sandbox")
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _PKG_ROOT = os.path.dirname(os.path.dirname(_HERE))
 REPLY_TIMEOUT = 10.0
@@ -66,6 +68,9 @@ class Zygote:
             raise ConfinementError(f"the zygote did not start: {hello}", layer="zygote")
         self._ctl = host_end
         self.report = hello
+        for problem in hello.get("errors", ()):
+            # Not fatal (seccomp still refuses socket() without a network grant), never silent.
+            log.warning("sandbox zygote: %s unavailable; workers run without it", problem)
 
     @property
     def pid(self):
