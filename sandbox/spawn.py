@@ -77,6 +77,8 @@ class Spawned:
 
     def take_listener(self) -> int | None:
         """The seccomp listener fd the child sent before READY (None if it sent none)."""
+        if self.handoff is None:
+            return None  # released already: the worker ended during start
         try:
             self.handoff.setblocking(False)
             _, fds, _, _ = socket.recv_fds(self.handoff, 16, 2)

@@ -95,8 +95,17 @@ def test_kernel_confirms_no_new_privs_seccomp_and_no_capabilities(probe):
     assert int(st["CapBnd"], 16) == 0
 
 
-def test_setuid_root_is_refused(probe):
-    assert probe.call("setuid_root") == "refused"
+def test_setuid_root_is_refused_by_the_kernel(make_plugin):
+    """seccomp lets setuid through here, so only the dropped uid and capabilities refuse it."""
+    path, policy = make_plugin(PROBE, '[seccomp]\nallow = ["setuid"]\nallow_dangerous = ["setuid"]\n')
+    with sandbox.Worker(path, policy=policy) as w:
+        assert w.call("setuid_root") == "refused"
+
+
+def test_setuid_is_a_violation_under_the_default_policy(probe):
+    with pytest.raises(PolicyViolation) as ei:
+        probe.call("setuid_root")
+    assert ei.value.syscall == "setuid"
 
 
 def test_landlock_refuses_unlisted_paths(probe):
@@ -107,11 +116,24 @@ def test_landlock_refuses_unlisted_paths(probe):
     assert ei.value.type == "PermissionError"
 
 
-def test_plugin_folder_is_read_only(probe):
-    with pytest.raises(sandbox.PluginError) as ei:
-        probe.call("write", os.path.join(os.path.dirname(probe.plugin), "dropped.txt"))
-    assert ei.value.type in ("PermissionError", "OSError")
-    assert not os.path.exists(os.path.join(os.path.dirname(probe.plugin), "dropped.txt"))
+def test_opening_for_write_is_a_violation_by_default(probe):
+    target = os.path.join(os.path.dirname(probe.plugin), "dropped.txt")
+    with pytest.raises(PolicyViolation) as ei:
+        probe.call("write", target)
+    assert ei.value.syscall == "openat"
+    assert not os.path.exists(target)
+
+
+def test_landlock_keeps_the_plugin_folder_read_only_even_with_file_writes(make_plugin):
+    """@file-write lets openat(O_WRONLY) past seccomp: Landlock alone refuses the path."""
+    path, policy = make_plugin(PROBE, '[seccomp]\ngroups = ["@file-write"]\n')
+    os.chmod(os.path.dirname(path), 0o777)  # DAC would allow it: only Landlock stands in the way
+    target = os.path.join(os.path.dirname(path), "dropped.txt")
+    with sandbox.Worker(path, policy=policy) as w:
+        with pytest.raises(sandbox.PluginError) as ei:
+            w.call("write", target)
+    assert ei.value.type == "PermissionError"
+    assert not os.path.exists(target)
 
 
 def test_forbidden_syscall_is_named(probe):
@@ -128,7 +150,7 @@ def test_errno_mode_returns_permission_error(make_plugin):
         with pytest.raises(sandbox.PluginError) as ei:
             w.call("make_socket")
         assert ei.value.type == "PermissionError"
-        assert w.call("setuid_root") == "refused"
+        assert w.call("setuid_root") == "refused"  # EPERM from the filter this time
 
 
 def test_environment_is_only_what_the_policy_sets(probe, monkeypatch):

@@ -1,0 +1,55 @@
+"""Read policy files: TOML, `extends` chains (cycles refused), per-file validation."""
+import os
+import tomllib
+
+from ..errors import PolicyError
+from . import schema
+
+SHIPPED_DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.toml")
+
+
+def read_file(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise PolicyError("policy file not found", path) from None
+    except IsADirectoryError:
+        raise PolicyError("is a directory, not a policy file", path) from None
+    except PermissionError as e:
+        raise PolicyError(f"cannot read: {e.strerror}", path) from None
+    except tomllib.TOMLDecodeError as e:
+        raise PolicyError(f"not valid TOML: {e}", path) from None
+    return schema.validate(data, path)
+
+
+def resolve_extends(value: str, base_dir: str, path) -> str:
+    """"default" -> a sibling default.toml, else the shipped one; anything else is a path."""
+    if "/" not in value and not value.endswith(".toml"):
+        sibling = os.path.join(base_dir, value + ".toml")
+        if os.path.exists(sibling) or value != "default":
+            return sibling
+        return SHIPPED_DEFAULT
+    return os.path.normpath(os.path.join(base_dir, value))
+
+
+def load_chain(data: dict, path: str | None, base_dir: str, seen: tuple = ()) -> tuple[dict, list]:
+    """Merge `data` over everything it extends. Returns (effective tables, chain of files)."""
+    chain = [path] if path else []
+    parent_name = data.get("extends")
+    if parent_name is None:
+        return schema.merge(schema.defaults(), data), chain
+    parent = os.path.realpath(resolve_extends(parent_name, base_dir, path))
+    if parent in seen or (path and parent == os.path.realpath(path)):
+        cycle = " -> ".join(list(seen) + [parent])
+        raise PolicyError(f"cycle in extends: {cycle}", path, "extends")
+    if not os.path.exists(parent):
+        raise PolicyError(f"extends {parent_name!r}, but {parent} does not exist", path, "extends")
+    parent_data = read_file(parent)
+    merged, parent_chain = load_chain(parent_data, parent, os.path.dirname(parent),
+                                      seen + ((os.path.realpath(path),) if path else ()) + (parent,))
+    return schema.merge(merged, data), chain + parent_chain
+
+
+def absolute_paths(paths, base_dir):
+    return [p if os.path.isabs(p) else os.path.normpath(os.path.join(base_dir, p)) for p in paths]
