@@ -16,7 +16,7 @@ def status():
 def try_setuid_root():
     try:
         os.setuid(0)
-    except PermissionError as e:
+    except OSError as e:  # EPERM, or EINVAL where uid 0 is not mapped (user namespace)
         return f"refused: {e.strerror}"
     return "SUCCEEDED"
 

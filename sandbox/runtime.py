@@ -75,7 +75,8 @@ def child_main(plan: dict, fds: list) -> None:
         _serve(module, plan["max_frame"])
         code = 0
     except confine.StepFailed as e:
-        _report_early(framing.LOADERR, {"type": "ConfinementError", "message": str(e), "traceback": "",
+        tb = "".join(traceback.format_exception(type(e.error), e.error, e.error.__traceback__))
+        _report_early(framing.LOADERR, {"type": "ConfinementError", "message": str(e), "traceback": _cap(tb),
                                         "layer": e.step})
     except BaseException as e:  # noqa: BLE001 - the child must never fall back into zygote code
         _report_early(framing.LOADERR, _describe(e))

@@ -91,7 +91,9 @@ def plugin_error(d: dict) -> SandboxError:
 
 def load_error(d: dict, plugin: str) -> SandboxError:
     if d["type"] == "ConfinementError":
-        return ConfinementError(d["message"], layer=d.get("layer"))
+        e = ConfinementError(d["message"], layer=d.get("layer"))
+        e.traceback = d["traceback"]
+        return e
     return LoadError(d["type"], f"could not load {plugin}: {d['message']}", d["traceback"])
 
 

@@ -26,7 +26,7 @@ PROBE = """
     def setuid_root():
         try:
             os.setuid(0)
-        except PermissionError:
+        except OSError:  # EPERM, or EINVAL where uid 0 is not mapped (user namespace)
             return "refused"
         return "became root"
 
