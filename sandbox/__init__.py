@@ -8,10 +8,14 @@
 Public surface: Worker, AsyncWorker, Pool, AsyncPool, Policy and the errors below. Everything
 else is private and may change.
 """
+import logging
+
 from .errors import (ConfinementError, LoadError, PluginCrashed, PluginError, PluginMemoryError,
                      PluginTimeout, PolicyError, PolicyViolation, ProtocolViolation, QueueFull,
                      RestartLimit, SandboxError, WorkerClosed)
 from .worker import Worker
+
+logging.getLogger("sandbox").addHandler(logging.NullHandler())  # a library doesn't print on its own
 
 __all__ = ["Worker", "AsyncWorker", "Pool", "AsyncPool", "Policy", "SandboxError", "PluginError",
            "LoadError", "PluginTimeout", "PolicyViolation", "PluginCrashed", "PluginMemoryError",
