@@ -1,0 +1,247 @@
+"""AsyncWorker against real forked, confined workers, on a plain asyncio loop."""
+import asyncio
+import os
+import signal
+import threading
+
+import pytest
+
+from sandbox import (AsyncWorker, LoadError, PluginCrashed, PluginError, PluginTimeout, PolicyViolation,
+                     ProtocolViolation, WorkerClosed)
+from conftest import open_fds, zombies_of
+
+pytestmark = pytest.mark.unpriv
+
+PLUGIN = """
+    import os, time
+    from sandbox.plugin import post
+
+    def echo(x):
+        return x
+
+    def add(a, b, *, scale=1):
+        return (a + b) * scale
+
+    def fail():
+        raise KeyError("no such thing")
+
+    def tell(n):
+        for i in range(n):
+            post({"i": i})
+        return "told"
+
+    def on_message(msg):
+        post({"echo": msg})
+
+    def nap(s):
+        time.sleep(s)
+        return s
+
+    def spin():
+        while True:
+            pass
+
+    def exit_with(code):
+        os._exit(code)
+
+    def sock():
+        import socket
+        socket.socket()
+
+    def garbage():
+        os.write(4, b"not a frame at all, not even close" * 4)
+        time.sleep(5)
+
+    def noisy():
+        print("hello from the plugin", flush=True)
+        return 1
+"""
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+@pytest.fixture
+def plugin(make_plugin):
+    return make_plugin(PLUGIN, "[limits]\ntimeout = 10\n")
+
+
+def test_calls_results_and_plugin_errors(plugin):
+    path, policy = plugin
+
+    async def main():
+        async with AsyncWorker(path, policy=policy) as w:
+            assert w.alive and w.pid > 0
+            assert await w.call("echo", {"a": [1, b"\x00", None, 2.5]}) == {"a": [1, b"\x00", None, 2.5]}
+            assert await w.call("add", 2, 3, scale=10) == 50
+            with pytest.raises(PluginError) as e:
+                await w.call("fail")
+            assert e.value.type == "KeyError" and "no such thing" in e.value.message
+            with pytest.raises(PluginError, match="no public function"):
+                await w.call("_private")
+            # many tasks on one worker: serialised, each gets its own answer
+            got = await asyncio.gather(*(w.call("echo", i) for i in range(100)))
+            assert got == list(range(100))
+        assert not w.alive and w.death is None  # closed cleanly
+        with pytest.raises(WorkerClosed):
+            await w.call("echo", 1)
+
+    run(main())
+
+
+def test_start_classmethod_and_load_error(make_plugin):
+    bad, policy = make_plugin("def broken(:\n    pass\n")
+
+    async def main():
+        with pytest.raises(LoadError, match="SyntaxError|invalid syntax"):
+            await AsyncWorker.start(bad, policy=policy)
+
+    run(main())
+
+
+def test_messages_by_callback_and_iterator(plugin):
+    path, policy = plugin
+
+    async def main():
+        w = await AsyncWorker.start(path, policy=policy)
+        seen, async_seen, logs = [], [], []
+
+        async def async_cb(msg):
+            async_seen.append(msg)
+
+        w.on("message", seen.append).on("message", async_cb).on("log", logs.append)
+        it = w.messages()
+        assert await w.call("tell", 3) == "told"
+        await w.post("hi")
+        got = []
+        async for msg in it:
+            got.append(msg)
+            if len(got) == 4:
+                break
+        assert got == [{"i": 0}, {"i": 1}, {"i": 2}, {"echo": "hi"}]
+        assert seen == got
+        await asyncio.sleep(0)
+        assert async_seen == got
+        assert await w.call("noisy") == 1
+        ended = []
+        w.on("exit", ended.append)
+        rest = w.messages()
+        await w.close()
+        assert [m async for m in rest] == []  # the iterator ends with the worker
+        assert ended == [None]
+        assert "hello from the plugin" in w.logs
+
+    run(main())
+
+
+def test_timeout_kills(plugin):
+    path, policy = plugin
+
+    async def main():
+        w = await AsyncWorker.start(path, policy=policy)
+        with pytest.raises(PluginTimeout):
+            await w.call("spin", timeout=0.3)
+        assert not w.alive
+        with pytest.raises(WorkerClosed):
+            await w.call("echo", 1)
+        await w.close()
+        assert isinstance(w.death, PluginTimeout)
+
+    run(main())
+
+
+def test_violation_names_the_syscall(plugin):
+    path, policy = plugin
+
+    async def main():
+        w = await AsyncWorker.start(path, policy=policy)
+        with pytest.raises(PolicyViolation) as e:
+            await w.call("sock")
+        assert e.value.syscall == "socket"
+        await w.terminate()
+        assert not w.alive
+
+    run(main())
+
+
+def test_crash_and_kill_from_outside(plugin):
+    path, policy = plugin
+
+    async def main():
+        w = await AsyncWorker.start(path, policy=policy)
+        with pytest.raises(PluginCrashed) as e:
+            await w.call("exit_with", 3)
+        assert e.value.exit_code == 3
+        w2 = await AsyncWorker.start(path, policy=policy)
+        ended = asyncio.get_running_loop().create_future()
+        w2.on("exit", ended.set_result)
+        os.kill(w2.pid, signal.SIGKILL)  # while idle: noticed by the loop's reader, no call needed
+        death = await asyncio.wait_for(ended, 5)
+        assert isinstance(death, PluginCrashed) and death.signal == signal.SIGKILL
+        assert not w2.alive
+
+    run(main())
+
+
+def test_protocol_violation_kills(plugin):
+    path, policy = plugin
+
+    async def main():
+        w = await AsyncWorker.start(path, policy=policy)
+        with pytest.raises(ProtocolViolation):
+            await w.call("garbage")
+        await w.close()
+        assert not w.alive
+
+    run(main())
+
+
+def test_cancel_kills_so_a_late_reply_never_answers_the_next_call(plugin):
+    path, policy = plugin
+
+    async def main():
+        w = await AsyncWorker.start(path, policy=policy)
+        task = asyncio.ensure_future(w.call("nap", 0.5))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not w.alive
+        with pytest.raises(WorkerClosed):
+            await w.call("echo", 1)
+        await w.close()
+        assert isinstance(w.death, WorkerClosed)
+
+        # wait_for() cancels the same way
+        w = await AsyncWorker.start(path, policy=policy)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(w.call("spin"), 0.2)
+        await w.close()
+        assert not w.alive
+
+    run(main())
+
+
+def test_no_thread_fd_or_zombie_left(plugin):
+    path, policy = plugin
+
+    async def main():
+        async with AsyncWorker(path, policy=policy) as w:  # warms the zygote
+            await w.call("echo", 0)
+        before_fds, before_threads = open_fds(), threading.active_count()
+        for i in range(30):
+            async with AsyncWorker(path, policy=policy) as w:
+                assert await w.call("echo", i) == i
+                if i % 3 == 0:
+                    assert threading.active_count() == before_threads  # no thread per worker
+            if i % 5 == 0:
+                w = await AsyncWorker.start(path, policy=policy)
+                with pytest.raises(PluginTimeout):
+                    await w.call("spin", timeout=0.05)
+                await w.close()
+        return before_fds
+
+    before_fds = run(main())
+    assert open_fds() <= before_fds | set()  # asyncio.run's own loop fds are closed with it
+    assert zombies_of(os.getpid()) == []
