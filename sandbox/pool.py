@@ -99,13 +99,11 @@ class Pool(_PoolBase):
             try:
                 result = w.call(name, *args, timeout=timeout, **kwargs)
                 error = None
-            except WorkerClosed as e:
-                if not self._core.closed:  # it ended before the call reached it: try another
-                    self._release(w, False)
-                    continue
-                error = e
             except BaseException as e:  # noqa: BLE001 - every outcome is counted, then re-raised
                 error = e
+                if _never_sent(w, e) and not self._core.closed:
+                    self._release(w, False)  # it ended before the call reached it: try another
+                    continue
             error, recycle = self._outcome(w, error)
             self._release(w, recycle, error, counted=True)
             if error is not None:
@@ -353,6 +351,12 @@ class AsyncPool(_PoolBase):
                 await asyncio.wait_for(self._wake.wait(), self._core.wake_in())
             except asyncio.TimeoutError:
                 pass
+
+
+def _never_sent(w: Worker, e: BaseException) -> bool:
+    """The sync Worker refused the call before writing it: WorkerClosed from its liveness check, or
+    the KeyError of its check-then-lock race (the hub finalised it in between; see the report)."""
+    return isinstance(e, WorkerClosed) or (isinstance(e, KeyError) and not w.alive)
 
 
 class _Cancelled(SandboxError):
