@@ -1,0 +1,36 @@
+"""Every way a call can go wrong, and ways it goes right."""
+import os
+
+
+def echo(x):
+    return x
+
+
+def greet(name, *, punctuation="!"):
+    return f"hello {name}{punctuation}"
+
+
+def blob(n):
+    return bytes(range(n))
+
+
+def length(data):
+    return len(data)
+
+
+def boom():
+    raise ValueError("the plugin says no")
+
+
+def crash():
+    os._exit(3)
+
+
+def spin():
+    while True:
+        pass
+
+
+def sock():
+    import socket
+    socket.socket()
