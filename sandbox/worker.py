@@ -68,6 +68,7 @@ class Worker:
         self._inbox = []
         self._sp = None
         self._poller = None
+        self._handoff_fd = None
         self._fds = {}
         self._session = S.Session(self.policy.limits.max_message_bytes)
         self._timeout = self.policy.limits.timeout
@@ -92,6 +93,7 @@ class Worker:
             self._check_alive()
             deadline = time.monotonic() + timeout
             with self._io:
+                self._check_alive()  # again: the hub may have seen it die while we waited for the lock
                 _hub.get().disarm(self._fds["from"])
                 try:
                     frame = self._session.encode_call(name, args, kwargs)
@@ -109,6 +111,7 @@ class Worker:
         frame = S.Session.encode_post(obj)
         self._check_alive()
         with self._io:
+            self._check_alive()
             _hub.get().disarm(self._fds["from"])
             try:
                 self._pump(frame, time.monotonic() + (self._timeout or 10.0), self._timeout, want=())
@@ -153,17 +156,20 @@ class Worker:
         hub = _hub.get()
         hub.watch(self._fds["log"], self._on_log, oneshot=False)
         with self._io:
+            # The listener arrives before the plugin loads: watch for it from the start, so that a
+            # forbidden syscall made while worker.py imports is reported as what it is.
+            self._handoff_fd = sp.handoff.fileno()
+            self._get_poller().register(self._handoff_fd, select.POLLIN)
             try:
                 self._pump(None, time.monotonic() + start_timeout, start_timeout,
                            want=(S.READY,), starting=True)
             finally:
-                self._listener = sp.take_listener()
-                if self._listener is not None and self._poller is not None:
-                    self._poller.register(self._listener, select.POLLIN)
+                if self._handoff_fd is not None:
+                    self._take_listener()
             if sp.plan["notify"] and self._listener is None:
                 self._kill(ConfinementError("the worker did not hand over its seccomp listener", layer="seccomp"))
                 self._await_status()
-                raise self.death
+                raise self._ended()
             hub.watch(self._fds["from"], self._on_hub_event)
             hub.watch(self._fds["status"], self._on_hub_event)
             if self._listener is not None:
@@ -175,13 +181,7 @@ class Worker:
         """Write `out`, then read until an event in `want` arrives (returned) or the worker ends."""
         view = memoryview(out) if out else None
         fds = self._fds
-        poller = self._poller
-        if poller is None:
-            poller = self._poller = select.poll()
-            poller.register(fds["from"], select.POLLIN)
-            poller.register(fds["status"], select.POLLIN)
-            if self._listener is not None:
-                poller.register(self._listener, select.POLLIN)
+        poller = self._get_poller()
         to_fd = fds.get("to")
         if view is not None:
             if to_fd is None:
@@ -197,6 +197,20 @@ class Worker:
                     poller.unregister(to_fd)
                 except KeyError:
                     pass
+
+    def _get_poller(self):
+        if self._poller is None:
+            self._poller = select.poll()
+            self._poller.register(self._fds["from"], select.POLLIN)
+            self._poller.register(self._fds["status"], select.POLLIN)
+        return self._poller
+
+    def _take_listener(self):
+        self._poller.unregister(self._handoff_fd)
+        self._handoff_fd = None
+        self._listener = self._sp.take_listener()
+        if self._listener is not None:
+            self._poller.register(self._listener, select.POLLIN)
 
     def _pump_loop(self, poller, view, to_fd, deadline, timeout, want, starting):
         fds = self._fds
@@ -228,10 +242,12 @@ class Worker:
                         self._on_violation()
                     else:
                         poller.unregister(fd)  # every task under the filter is gone
+                elif fd == self._handoff_fd:
+                    self._take_listener()
                 elif fd == fds["status"]:
                     self._read_frames(())  # what it wrote before dying still counts
                     self._on_status()
-                    raise self.death
+                    raise self._ended()
 
     def _write_some(self, fd, view):
         try:
@@ -253,20 +269,20 @@ class Worker:
             if not data:
                 # EOF: the child closed its pipe or died; wait for the status pipe to say which.
                 self._await_status()
-                raise self.death
+                raise self._ended()
             try:
                 events = self._session.feed(data)
             except ProtocolViolation as e:
                 self._kill(ProtocolViolation(f"plugin {self.name} broke the protocol: {e}"))
                 self._await_status()
-                raise self.death from None
+                raise self._ended() from None
             for kind, value in events:
                 if kind == S.MESSAGE:
                     self._inbox.append(value)
                 elif kind == S.LOAD_FAILED:
                     self._kill(S.load_error(value, self.plugin))
                     self._await_status()
-                    raise self.death
+                    raise self._ended()
                 elif kind in want and found is None:
                     found = (kind, value)
                 elif kind == S.READY:
@@ -275,7 +291,7 @@ class Worker:
                     # a reply nobody waits for: Session already checked ids, so this is a late reply
                     self._kill(ProtocolViolation(f"plugin {self.name} sent an unexpected {kind} frame"))
                     self._await_status()
-                    raise self.death
+                    raise self._ended()
             if found is not None and self._session.decoder.at_boundary():
                 return found
 
@@ -367,6 +383,10 @@ class Worker:
             self._sp.release()
         self._fds = {}
         self._pidfd = None
+
+    def _ended(self) -> SandboxError:
+        """The error for a caller whose worker just ended (closed on purpose, or died)."""
+        return self.death or WorkerClosed(f"worker {self.name} was closed")
 
     def _check_alive(self):
         if self._finalized or self._reason is not None:

@@ -308,3 +308,18 @@ def test_host_death_takes_zygote_and_workers_with_it(make_plugin, plugin_dir):
         time.sleep(0.05)
     alive = [p for p in family if os.path.exists(f"/proc/{p}")]
     assert alive == []
+
+
+def test_forbidden_syscall_while_loading_is_named(make_plugin):
+    path, policy = make_plugin("import socket\nsocket.socket()\n")
+    t = time.monotonic()
+    with pytest.raises(PolicyViolation) as ei:
+        sandbox.Worker(path, policy=policy)
+    assert ei.value.syscall == "socket"
+    assert time.monotonic() - t < 5  # named at once, not after the start timeout
+
+
+def test_terminate_from_another_thread_during_a_call(basic):
+    threading.Timer(0.3, basic.terminate).start()
+    with pytest.raises(WorkerClosed):
+        basic.call("spin", timeout=10)

@@ -54,7 +54,10 @@ class Zygote:
                 str(child_end.fileno()), *pdeath, *self.namespaces, *(f"expose:{p}" for p in runtime_paths())]
         try:
             self._proc = subprocess.Popen(args, env={}, pass_fds=[child_end.fileno()], close_fds=True,
-                                          stdin=subprocess.DEVNULL, cwd="/")
+                                          stdin=subprocess.DEVNULL, cwd="/",
+                                          # out of the host's process group: a terminal's Ctrl-C is
+                                          # the host's to handle, not a reason for the zygote to die
+                                          start_new_session=True)
         finally:
             child_end.close()
         host_end.settimeout(REPLY_TIMEOUT)

@@ -1,0 +1,119 @@
+"""python -m benchmarks [--quick] [--json FILE]: the sandbox beside its peers and floors, one run."""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+from . import ours, peers
+from .stats import p50, pct
+
+SIZES = [16, 1024, 65536, 1048576]
+
+
+def measure(fn, n):
+    fn()  # warm-up
+    return [fn() for _ in range(n)]
+
+
+def rtt_rows(pol, n_small, n_big):
+    out = {}
+    makers = {"sandbox": lambda: ours.Echo(pol), "raw_pipe": peers.RawPipe}
+    live = {name: make() for name, make in makers.items()}
+    try:
+        for size in SIZES:
+            payload = os.urandom(size)
+            n = n_small if size <= 65536 else n_big
+            row = {name: [] for name in live}
+            # interleave the contenders in rounds so that noise hits all of them alike
+            for _ in range(5):
+                for name, c in live.items():
+                    for _ in range(n // 5):
+                        t = time.perf_counter()
+                        back = c.roundtrip(payload)
+                        row[name].append(time.perf_counter() - t)
+                    assert back == payload, name
+            out[str(size)] = {name: round(p50(v) * 1e6, 1) for name, v in row.items()}
+    finally:
+        for c in live.values():
+            c.close()
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks")
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions (under a minute)")
+    ap.add_argument("--json", metavar="FILE", help="write the figures as JSON")
+    args = ap.parse_args(argv)
+    q = args.quick
+    pol = ours.policy()
+    pol.bpf()  # compiled once per policy, like a host would before starting workers
+    ours.start_once(pol)  # the zygote exists before we time anything
+
+    forked = peers.fork_peers(q)
+    n_start, n_slow = (200, 10) if q else (1000, 30)
+    start = {"sandbox": round(p50(measure(lambda: ours.start_once(pol), n_start)) * 1000, 3)}
+    for name, fn in peers.start_peers().items():
+        start[name] = round(p50(measure(fn, n_slow)) * 1000, 3)
+    start.update(forked["start_ms"])
+
+    rtt = rtt_rows(pol, 2000 if q else 10000, 100 if q else 400)
+    for size, row in forked["rtt_us"].items():
+        rtt[size].update(row)
+    pss = {"sandbox": ours.idle_pss(pol), **peers.idle_pss_peers()}
+    over = ours.timeout_overshoot(pol, 10 if q else 40)
+
+    result = {
+        "start_ms": start,
+        "rtt_us": rtt,
+        "idle_pss_kib": pss,
+        "timeout_overshoot_ms": {"sandbox": round(pct(over, 99), 2), "sandbox_p50": round(p50(over), 2)},
+        "ratios": {"rtt_16_vs_raw": round(rtt["16"]["sandbox"] / rtt["16"]["raw_pipe"], 2),
+                   "rtt_1048576_vs_raw": round(rtt["1048576"]["sandbox"] / rtt["1048576"]["raw_pipe"], 2)},
+        "meta": {"quick": q, "python": sys.version.split()[0], "machine": platform.machine(),
+                 "kernel": platform.release(), "cpus": os.cpu_count(), "root": os.geteuid() == 0,
+                 "policy": "policies/default.toml (fully applied)"},
+    }
+    try:
+        from . import web
+        result.update(web.run(q))
+    except ImportError:
+        pass
+    print(render(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+def render(r):
+    lines = ["## start -> first reply (p50, ms)", "", "| how | ms |", "|---|---:|"]
+    lines += [f"| {k} | {v} |" for k, v in sorted(r["start_ms"].items(), key=lambda kv: kv[1])]
+    lines += ["", "## call round trip (p50, us)", "", "| how | " + " | ".join(f"{s} B" for s in SIZES) + " |",
+              "|---|" + "---:|" * len(SIZES)]
+    for name in r["rtt_us"]["16"]:
+        lines.append(f"| {name} | " + " | ".join(str(r["rtt_us"][str(s)][name]) for s in SIZES) + " |")
+    lines += ["", f"idle PSS (KiB): {r['idle_pss_kib']}",
+              f"timeout overshoot: p99 {r['timeout_overshoot_ms']['sandbox']} ms, p50 {r['timeout_overshoot_ms']['sandbox_p50']} ms",
+              ""]
+    others = [v for k, v in r["start_ms"].items() if k not in ("sandbox", "os_fork")]
+    checks = [
+        ("rtt 16 B <= 1.6x raw pipe", r["ratios"]["rtt_16_vs_raw"] <= 1.6, r["ratios"]["rtt_16_vs_raw"]),
+        ("rtt 1 MiB <= 1.6x raw pipe", r["ratios"]["rtt_1048576_vs_raw"] <= 1.6, r["ratios"]["rtt_1048576_vs_raw"]),
+        ("start below every peer", r["start_ms"]["sandbox"] < min(others), r["start_ms"]["sandbox"]),
+        ("start <= 2 ms p50", r["start_ms"]["sandbox"] <= 2.0, r["start_ms"]["sandbox"]),
+        ("idle PSS <= 4096 KiB", (r["idle_pss_kib"]["sandbox"] or 1e9) <= 4096, r["idle_pss_kib"]["sandbox"]),
+        ("timeout overshoot p99 <= 50 ms", r["timeout_overshoot_ms"]["sandbox"] <= 50, r["timeout_overshoot_ms"]["sandbox"]),
+    ]
+    if "aio_rtt_us" in r:
+        for size, row in r["aio_rtt_us"].items():
+            ratio = round(row["sandbox_async"] / row["raw_asyncio"], 2)
+            checks.append((f"AsyncWorker rtt {size} B <= 1.8x raw asyncio", ratio <= 1.8, ratio))
+    lines += ["| target | result | figure |", "|---|---|---:|"]
+    lines += [f"| {name} | {'PASS' if ok else 'MISS'} | {fig} |" for name, ok, fig in checks]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
