@@ -8,14 +8,9 @@
 Public surface: Worker, AsyncWorker, Pool, AsyncPool, Policy and the errors below. Everything
 else is private and may change.
 """
-import logging
-
 from .errors import (ConfinementError, LoadError, PluginCrashed, PluginError, PluginMemoryError,
                      PluginTimeout, PolicyError, PolicyViolation, ProtocolViolation, QueueFull,
                      RestartLimit, SandboxError, WorkerClosed)
-from .worker import Worker
-
-logging.getLogger("sandbox").addHandler(logging.NullHandler())  # a library doesn't print on its own
 
 __all__ = ["Worker", "AsyncWorker", "Pool", "AsyncPool", "Policy", "SandboxError", "PluginError",
            "LoadError", "PluginTimeout", "PolicyViolation", "PluginCrashed", "PluginMemoryError",
@@ -24,8 +19,12 @@ __all__ = ["Worker", "AsyncWorker", "Pool", "AsyncPool", "Policy", "SandboxError
 
 
 def __getattr__(name):
-    # Imported on first use: the policy compiler pulls in libseccomp, which a plain
-    # `import sandbox` (and the zygote) should not pay for.
+    # Imported on first use. The zygote imports sandbox.runtime, hence this package: it must not
+    # pull in the host's side (threads, logging, libseccomp). `threading` alone adds ~0.3 ms to
+    # every fork through its at-fork hook.
+    if name == "Worker":
+        from .worker import Worker
+        return Worker
     if name == "Policy":
         from .policy import Policy
         return Policy

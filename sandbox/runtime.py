@@ -58,13 +58,15 @@ class Writer:
             view = view[n:]
 
 
-def child_main(plan: dict, fds: list) -> None:
+def child_main(plan: dict, fds: list, ruleset: int | None = None) -> None:
     """Entry from the zygote's fork; never returns."""
     global _writer
     code = 70
     try:
-        state = {"fds": fds}
-        source = _read_source(plan["plugin"])
+        state = {"fds": fds, "ruleset": ruleset}
+        source = plan.get("source")  # read (and cached) by the zygote before fork
+        if source is None:
+            source = _read_source(plan["plugin"])
         confine.apply(plan, state)
         _writer = Writer(TO_HOST, plan["max_frame"])
         gc.enable()

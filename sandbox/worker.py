@@ -22,6 +22,7 @@ from .errors import (ConfinementError, LoadError, PolicyViolation, ProtocolViola
                      WorkerClosed)
 
 log = logging.getLogger("sandbox")
+log.addHandler(logging.NullHandler())  # a library doesn't print on its own
 LOG_LINE_MAX = 4096
 LOG_BUDGET = 1 << 20  # bytes of plugin output forwarded per worker; the rest is counted, not kept
 DEATH_WAIT = 5.0

@@ -49,9 +49,10 @@ def handled_fs(abi: int) -> int:
     return FS_BY_ABI.get(abi, FS_BY_ABI[5])
 
 
-def restrict(read_paths, write_paths, *, abi: int, deny_tcp: bool, scope_abstract_unix: bool,
-             scope_signals: bool = True) -> None:
-    """Build a ruleset, add the path rules and restrict the calling thread (and its future children)."""
+def build_ruleset(read_paths, write_paths, *, abi: int, deny_tcp: bool, scope_abstract_unix: bool,
+                  scope_signals: bool = True) -> int:
+    """A ruleset fd holding the path rules. Built once per distinct plan by the zygote and
+    reused by every worker (restricting oneself with it does not change it)."""
     fs = handled_fs(abi)
     attr = _RulesetAttr(fs, 0, 0)
     size = 8
@@ -66,7 +67,20 @@ def restrict(read_paths, write_paths, *, abi: int, deny_tcp: bool, scope_abstrac
         for paths, rights in ((read_paths, READ_RIGHTS), (write_paths, fs)):
             for path in paths:
                 _add_path(ruleset, path, rights & fs)
-        check(libc.syscall(SYS_restrict_self, ruleset, 0), "landlock_restrict_self")
+    except BaseException:
+        os.close(ruleset)
+        raise
+    return ruleset
+
+
+def restrict_self(ruleset: int) -> None:
+    check(libc.syscall(SYS_restrict_self, ruleset, 0), "landlock_restrict_self")
+
+
+def restrict(read_paths, write_paths, **kw) -> None:
+    ruleset = build_ruleset(read_paths, write_paths, **kw)
+    try:
+        restrict_self(ruleset)
     finally:
         os.close(ruleset)
 

@@ -28,18 +28,25 @@ try:
 except OSError:
     _LAST_CAP = 40
 STDIN, STDOUT, STDERR, FROM_HOST, TO_HOST, HANDOFF = 0, 1, 2, 3, 4, 5
+RULESET = 6  # a Landlock ruleset prepared by the zygote, closed as soon as it is applied
 
 
 def arrange_fds(plan, state):
     """Keep only the worker's own fds at fixed numbers; close everything else the zygote had."""
     src = state.pop("fds")  # [from_host_r, to_host_w, handoff, log_w]
-    high = [os.dup(fd) if fd >= 100 else _dup_high(fd) for fd in src]
+    ruleset = state.pop("ruleset", None)
+    if ruleset is not None:
+        src = src + [ruleset]
+    high = [_dup_high(fd) for fd in src]
     devnull = os.open("/dev/null", os.O_RDONLY)
     os.dup2(devnull, STDIN)
     for target, fd in ((FROM_HOST, high[0]), (TO_HOST, high[1]), (HANDOFF, high[2]),
                        (STDOUT, high[3]), (STDERR, high[3])):
         os.dup2(fd, target)  # dup2 clears CLOEXEC on the target
-    _sys.close_range(HANDOFF + 1)
+    if ruleset is not None:
+        os.dup2(high[4], RULESET)
+        state["ruleset"] = RULESET
+    _sys.close_range(RULESET + 1 if ruleset is not None else HANDOFF + 1)
 
 
 def _dup_high(fd):
@@ -73,12 +80,38 @@ def restrict_filesystem(plan, state):
     ll = plan.get("landlock")
     if ll is None:
         return
+    ruleset = state.pop("ruleset", None)
+    if ruleset is not None:
+        try:
+            landlock.restrict_self(ruleset)
+        finally:
+            os.close(ruleset)
+        return
     abi = landlock.abi_version()
     if abi < 1:
         raise OSError("Landlock is not available in this kernel (the policy's filesystem rules need it)")
     landlock.restrict(ll["read"], ll["write"], abi=abi, deny_tcp=not ll["network"],
                       scope_abstract_unix=not ll["abstract_unix"])
-    state["landlock_abi"] = abi
+
+
+def shared_ruleset(ll: dict, cache: dict):
+    """The zygote's cached ruleset for this plan, or None when the child must build its own
+    (paths under /proc/self mean the worker's own /proc entry, which only it can resolve)."""
+    if ll is None or any(p == "/proc/self" or p.startswith("/proc/self/") for p in ll["read"] + ll["write"]):
+        return None
+    key = (tuple(ll["read"]), tuple(ll["write"]), ll["network"], ll["abstract_unix"])
+    fd = cache.get(key)
+    if fd is None:
+        abi = landlock.abi_version()
+        if abi < 1:
+            return None  # the child will fail closed with the reason
+        if len(cache) > 64:
+            for old in cache.values():
+                os.close(old)
+            cache.clear()
+        fd = cache[key] = landlock.build_ruleset(ll["read"], ll["write"], abi=abi, deny_tcp=not ll["network"],
+                                                 scope_abstract_unix=not ll["abstract_unix"])
+    return fd
 
 
 def drop_privileges(plan, state):
@@ -89,11 +122,12 @@ def drop_privileges(plan, state):
             raise OSError("refusing to run a worker as uid/gid 0")
         # No way back to root through exec or uid tricks, and the bits can't be unset.
         _prctl(PR_SET_SECUREBITS, SECUREBITS_LOCKED_DOWN, "lock securebits")
-        _drop_bounding_set()
+        if not _bounding_dropped:
+            _drop_bounding_set()
         os.setgroups([])
         os.setresgid(gid, gid, gid)
         os.setresuid(uid, uid, uid)
-    elif prctl.cap_effective.setpcap:
+    elif prctl.cap_effective.setpcap and not _bounding_dropped:
         _drop_bounding_set()  # unprivileged, but holding caps in a user namespace
     _clear_capabilities()
     _sys.check(_sys.libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "clear ambient caps")
@@ -107,6 +141,18 @@ def _prctl(option, arg, what):
 def _drop_bounding_set():
     for cap in range(_LAST_CAP + 1):
         _prctl(PR_CAPBSET_DROP, cap, f"drop capability {cap} from the bounding set")
+
+
+_bounding_dropped = False
+
+
+def drop_bounding_set_once():
+    """Called by the zygote: workers inherit an empty bounding set (the zygote never execs, and
+    its effective capabilities, which it needs to fork workers under other uids, are untouched)."""
+    global _bounding_dropped
+    if prctl.cap_effective.setpcap:
+        _drop_bounding_set()
+        _bounding_dropped = True
 
 
 class _CapHeader(ctypes.Structure):

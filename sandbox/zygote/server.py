@@ -15,7 +15,8 @@ import sys
 import msgpack
 import prctl
 
-from .. import runtime, _sys  # noqa: F401 - imported here so children never import after fork
+from .. import runtime  # noqa: F401 - imported here so children never import after fork
+from ..confine import steps
 
 MAX_REQUEST = 1 << 20
 SPAWN_FDS = 5  # from_host_r, to_host_w, handoff, log_w, status_w
@@ -98,9 +99,14 @@ def _handle_request(ctl, status_fds, wake_fds) -> bool:
         return True
     plan = msgpack.unpackb(msg, raw=False)
     plan["zygote_pid"] = os.getpid()
+    plan["source"] = _cached_source(plan["plugin"])
+    try:
+        ruleset = steps.shared_ruleset(plan.get("landlock"), _rulesets)
+    except OSError:
+        ruleset = None  # the child builds its own and reports what fails
     pid = os.fork()
     if pid == 0:
-        _in_child(ctl, status_fds, wake_fds, plan, fds)
+        _in_child(ctl, status_fds, wake_fds, plan, fds, ruleset)
     try:
         pidfd = os.pidfd_open(pid)
         socket.send_fds(ctl, [msgpack.packb({"pid": pid})], [pidfd])
@@ -113,17 +119,44 @@ def _handle_request(ctl, status_fds, wake_fds) -> bool:
     return True
 
 
+_sources: dict[str, tuple] = {}
+_rulesets: dict[tuple, int] = {}
+
+
+def _cached_source(path):
+    """The plugin's bytes, read once per version of the file: every child would read the same."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # the child reads it itself and reports the error as a load error
+    key = (st.st_ino, st.st_size, st.st_mtime_ns)
+    hit = _sources.get(path)
+    if hit and hit[0] == key:
+        return hit[1]
+    if st.st_size > runtime.MAX_SOURCE:
+        return None
+    try:
+        with open(path, "rb") as f:
+            data = f.read(runtime.MAX_SOURCE + 1)
+    except OSError:
+        return None
+    if len(_sources) > 256:
+        _sources.clear()
+    _sources[path] = (key, data)
+    return data
+
+
 def _reply(ctl, obj):
     ctl.send(msgpack.packb(obj))
 
 
-def _in_child(ctl, status_fds, wake_fds, plan, fds):
+def _in_child(ctl, status_fds, wake_fds, plan, fds, ruleset):
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     os.close(fds[4])  # the status pipe is the zygote's to write
     # The remaining zygote fds (ctl, wake pipe, other workers' status pipes) are closed by the
     # first confinement step, which keeps only the worker's own descriptors.
-    runtime.child_main(plan, fds[:4])
+    runtime.child_main(plan, fds[:4], ruleset)
 
 
 def _shutdown(status_fds):
@@ -143,5 +176,6 @@ def main(argv):
         sys.stderr.reconfigure(line_buffering=True)
     from . import view
     report = view.prepare(argv[2:])
+    steps.drop_bounding_set_once()  # inherited by every worker: one time here, not 41 syscalls each
     _reply(ctl, {"ready": os.getpid(), **report})
     serve(ctl, "pdeathsig" in argv[2:])
