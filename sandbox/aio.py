@@ -433,10 +433,7 @@ class AsyncWorker:
             return
         self._finalized = True
         self.exit_status = status
-        clean = self._closing and self._reason is None
-        self.death = None if clean else S.classify_death(status, self._reason, self.name)
-        if self._reason is None and not clean:
-            self._reason = self.death
+        self.death, self._reason = S.settle_death(status, self._reason, self._closing, self.name)
         if self.death is not None and not isinstance(self.death, WorkerClosed):
             log.info("worker %s (pid %s) ended: %s", self.name, self.pid, self.death)
         self._release()

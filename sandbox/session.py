@@ -113,5 +113,14 @@ def classify_death(status: int | None, reason: SandboxError | None, plugin: str)
     return PluginCrashed(f"plugin {plugin} exited with code {code}", exit_code=code)
 
 
+def settle_death(status, reason, closing: bool, plugin: str):
+    """Once a worker is reaped: (death, reason). death is None after a close we asked for,
+    else the one error that explains the end; reason keeps the first cause recorded."""
+    if closing and reason is None:
+        return None, None
+    death = classify_death(status, reason, plugin)
+    return death, reason if reason is not None else death
+
+
 def timeout_error(plugin: str, timeout: float) -> PluginTimeout:
     return PluginTimeout(f"plugin {plugin} did not answer within {timeout:g} s; the worker was killed", timeout)
