@@ -6,6 +6,7 @@ plugin's first line runs; the runtime reports which step failed.
 """
 import ctypes
 import fcntl
+import importlib
 import os
 import resource
 import signal
@@ -199,7 +200,6 @@ def no_new_privs(plan, state):
 
 
 def preload_modules(plan, state):
-    import importlib
     for name in plan.get("preload", ()):
         importlib.import_module(name)
 
@@ -209,13 +209,13 @@ def install_seccomp(plan, state):
     bpf = plan.get("bpf")
     if not bpf:
         raise OSError("no seccomp program in the plan: refusing to run unconfined")
-    hand = socket.socket(fileno=HANDOFF)  # built before the filter: construction makes syscalls
+    # built before the filter (construction makes syscalls); family and type given: no probing
+    hand = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=HANDOFF)
     listener = seccomp.install_filter(bpf, listener=plan.get("notify", False))
     if listener is not None:
         try:
             socket.send_fds(hand, [b"L"], [listener])
         finally:
             os.close(listener)
-            pass
     hand.detach()
     os.close(HANDOFF)

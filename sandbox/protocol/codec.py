@@ -4,18 +4,20 @@ msgpack's defaults would let a 5-byte array header preallocate ~800 MB; every ma
 therefore set from the frame size and an item budget, and the decoded tree is walked once to
 enforce the nesting depth. Nothing here ever builds an object the peer chose: no pickle, no ext types.
 """
-from dataclasses import dataclass
-
 import msgpack
 
 from ..errors import ProtocolViolation
 
 
-@dataclass(frozen=True)
 class Limits:
-    max_bytes: int = 16 * 1024 * 1024
-    max_items: int = 1_000_000   # elements of any one array or map
-    max_depth: int = 64
+    """Decoding budgets. (A plain class: dataclasses would pull inspect into the zygote.)"""
+
+    __slots__ = ("max_bytes", "max_items", "max_depth")
+
+    def __init__(self, max_bytes: int = 16 * 1024 * 1024, max_items: int = 1_000_000, max_depth: int = 64):
+        self.max_bytes = max_bytes
+        self.max_items = max_items  # elements of any one array or map
+        self.max_depth = max_depth
 
 
 DEFAULT_LIMITS = Limits()

@@ -4,7 +4,7 @@ Pure functions and a push-style decoder; no I/O. The header is checked against t
 before a single payload byte is buffered, so a 5-byte lie can't make the host allocate.
 """
 import struct
-from dataclasses import dataclass
+from collections import namedtuple
 
 from ..errors import ProtocolViolation
 
@@ -22,11 +22,7 @@ CHILD_TYPES = frozenset({READY, RESULT, ERROR, EVENT, LOADERR})
 HOST_TYPES = frozenset({CALL, POST})
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
-    type: int
-    call_id: int
-    payload: bytes
+Frame = namedtuple("Frame", "type call_id payload")
 
 
 def encode_header(ftype: int, call_id: int, length: int) -> bytes:
