@@ -97,6 +97,15 @@ def render(r):
     lines += ["", f"idle PSS (KiB): {r['idle_pss_kib']}",
               f"timeout overshoot: p99 {r['timeout_overshoot_ms']['sandbox']} ms, p50 {r['timeout_overshoot_ms']['sandbox_p50']} ms",
               ""]
+    if "aio_rtt_us" in r:
+        lines += ["| AsyncWorker round trip (p50, us) | " + " | ".join(f"{k} B" for k in r["aio_rtt_us"]) + " |",
+                  "|---|" + "---:|" * len(r["aio_rtt_us"])]
+        for name in ("sandbox_async", "raw_asyncio"):
+            lines.append(f"| {name} | " + " | ".join(str(row[name]) for row in r["aio_rtt_us"].values()) + " |")
+        lines.append("")
+    if "http_rps" in r:
+        lines += ["| HTTP requests/s, trivial function, 16 concurrent clients | req/s |", "|---|---:|"]
+        lines += [f"| {k} | {v} |" for k, v in r["http_rps"].items()] + [""]
     others = [v for k, v in r["start_ms"].items() if k not in ("sandbox", "os_fork")]
     checks = [
         ("rtt 16 B <= 1.6x raw pipe", r["ratios"]["rtt_16_vs_raw"] <= 1.6, r["ratios"]["rtt_16_vs_raw"]),
