@@ -130,10 +130,19 @@ def _serve(module, max_frame: int) -> None:
     decoder = framing.FrameDecoder(max_frame, allowed_types=framing.HOST_TYPES)
     limits = protocol.Limits(max_bytes=max_frame)
     while True:
-        data = os.read(FROM_HOST, decoder.read_size())
-        if not data:
-            return
-        for frame in decoder.feed(data):
+        view = decoder.payload_view()
+        if view is not None:  # a large payload: read straight into its buffer
+            n = os.readv(FROM_HOST, [view])
+            del view
+            if not n:
+                return
+            frames = decoder.advance(n)
+        else:
+            data = os.read(FROM_HOST, decoder.read_size())
+            if not data:
+                return
+            frames = decoder.feed(data)
+        for frame in frames:
             obj = protocol.loads(frame.payload, limits)
             if frame.type == framing.CALL:
                 _answer_call(module, frame.call_id, obj)

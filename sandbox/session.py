@@ -50,10 +50,11 @@ class Session:
         return framing.encode_frame(framing.POST, 0, protocol.dumps(obj))
 
     def feed(self, data: bytes) -> list[tuple]:
-        out = []
-        for frame in self.decoder.feed(data):
-            out.append(self._on_frame(frame))
-        return out
+        return [self._on_frame(frame) for frame in self.decoder.feed(data)]
+
+    def advance(self, n: int) -> list[tuple]:
+        """`n` bytes were read straight into decoder.payload_view()."""
+        return [self._on_frame(frame) for frame in self.decoder.advance(n)]
 
     def _on_frame(self, frame):
         obj = protocol.loads(frame.payload, self.limits)

@@ -14,7 +14,7 @@ GROUPS = {
     "@sandbox-runtime": {
         "why": "the worker's own serve loop after the filter is on: read frames, write frames, hand "
                "the seccomp listener to the host on fd 5 (closed before the plugin loads), exit",
-        "allow": ["read", "write", "close", "exit", "exit_group", "rt_sigreturn"],
+        "allow": ["read", "readv", "write", "close", "exit", "exit_group", "rt_sigreturn"],
         "rules": [("sendmsg", ["arg0 == 5"])],
     },
     "@memory": {

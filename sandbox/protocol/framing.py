@@ -34,50 +34,90 @@ def encode_frame(ftype: int, call_id: int, payload: bytes) -> bytes:
 
 
 class FrameDecoder:
-    """Feed bytes, get whole frames. Any breach raises ProtocolViolation and poisons the decoder."""
+    """Feed bytes, get whole frames. Any breach raises ProtocolViolation and poisons the decoder.
 
-    __slots__ = ("_max", "_allowed", "_buf", "_need", "_head", "_broken")
+    A payload is collected in one buffer of exactly the announced size (allocated only after the
+    header passed the cap), and large ones can be read straight into it (`payload_view`/`advance`),
+    so a 1 MiB frame costs one copy, not three.
+    """
+
+    __slots__ = ("_max", "_allowed", "_hbuf", "_head", "_payload", "_filled", "_broken")
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, allowed_types=CHILD_TYPES):
         self._max = max_frame
         self._allowed = allowed_types
-        self._buf = bytearray()
-        self._head = None  # parsed header of the frame being collected
-        self._need = HEADER_SIZE
+        self._hbuf = bytearray()
+        self._head = None  # (type, length, call_id) of the frame being collected
+        self._payload = None
+        self._filled = 0
         self._broken = False
 
     @property
     def pending(self) -> int:
         """Bytes buffered towards an incomplete frame (0 between frames)."""
-        return len(self._buf)
+        return len(self._hbuf) + self._filled
 
-    def feed(self, data: bytes) -> list[Frame]:
-        if self._broken:
-            raise ProtocolViolation("decoder already failed; the stream can't be trusted")
+    def feed(self, data) -> list[Frame]:
+        self._check()
         try:
-            return self._feed(data)
+            return self._feed(memoryview(data))
         except ProtocolViolation:
-            self._broken = True
-            self._buf = bytearray()
+            self._poison()
             raise
 
-    def _feed(self, data: bytes) -> list[Frame]:
+    def payload_view(self, at_least: int = 65536):
+        """Where the rest of a large payload goes (for os.readv straight into it), else None."""
+        if self._head is None or self._head[1] - self._filled < at_least:
+            return None
+        return memoryview(self._payload)[self._filled:]
+
+    def advance(self, n: int) -> list[Frame]:
+        """`n` bytes were written into payload_view()."""
+        self._check()
+        self._filled += n
+        return [self._finish()] if self._filled == self._head[1] else []
+
+    def _check(self):
+        if self._broken:
+            raise ProtocolViolation("decoder already failed; the stream can't be trusted")
+
+    def _poison(self):
+        self._broken = True
+        self._hbuf = bytearray()
+        self._payload = None
+
+    def _feed(self, mv) -> list[Frame]:
         frames = []
-        self._buf += data
-        while len(self._buf) >= self._need:
+        while mv:
             if self._head is None:
-                self._head = self._parse_header(bytes(self._buf[:HEADER_SIZE]))
-                del self._buf[:HEADER_SIZE]
-                self._need = self._head[1]
-                if self._need:
-                    continue
-            ftype, length, call_id = self._head
-            payload = bytes(self._buf[:length])
-            del self._buf[:length]
-            frames.append(Frame(ftype, call_id, payload))
-            self._head = None
-            self._need = HEADER_SIZE
+                take = mv[:HEADER_SIZE - len(self._hbuf)]
+                self._hbuf += take
+                mv = mv[len(take):]
+                if len(self._hbuf) < HEADER_SIZE:
+                    break
+                self._head = self._parse_header(bytes(self._hbuf))
+                self._hbuf.clear()
+                self._payload = bytearray(self._head[1])
+                self._filled = 0
+                if self._head[1] == 0:
+                    frames.append(self._finish())
+                continue
+            length = self._head[1]
+            take = min(len(mv), length - self._filled)
+            self._payload[self._filled:self._filled + take] = mv[:take]
+            self._filled += take
+            mv = mv[take:]
+            if self._filled == length:
+                frames.append(self._finish())
         return frames
+
+    def _finish(self) -> Frame:
+        ftype, _, call_id = self._head
+        frame = Frame(ftype, call_id, self._payload)
+        self._head = None
+        self._payload = None
+        self._filled = 0
+        return frame
 
     def _parse_header(self, raw: bytes):
         magic, version, ftype, length, call_id = HEADER.unpack(raw)
@@ -96,9 +136,9 @@ class FrameDecoder:
 
         Asking os.read for a megabyte every time costs an mmap per read; asking for a little
         costs many reads for a big frame."""
-        missing = self._need - len(self._buf)
+        missing = self._head[1] - self._filled if self._head is not None else HEADER_SIZE
         return min(max(missing, floor), ceiling)
 
     def at_boundary(self) -> bool:
         """True when no partial frame is buffered (EOF here is clean; elsewhere it is truncation)."""
-        return self._head is None and not self._buf
+        return self._head is None and not self._hbuf
