@@ -234,23 +234,21 @@ class AsyncWorker:
         while fd is not None and budget and not self._finalized:
             budget -= 1
             try:
-                data = os.read(fd, self._session.decoder.read_size())
+                events = self._session.read_from(fd)
             except BlockingIOError:
                 return
+            except ProtocolViolation as e:
+                self._kill(ProtocolViolation(f"plugin {self.name} broke the protocol: {e}"))
+                self._loop.remove_reader(fd)
+                return
             except OSError:
-                data = b""
-            if not data:
+                events = None
+            if events is None:
                 # EOF: the child closed its pipe or died; the status pipe says which (bounded wait).
                 self._loop.remove_reader(fd)
                 self._fds.pop("from", None)  # the same dict as Spawned.fds: closed here, once
                 os.close(fd)
                 self._arm_death_timer()
-                return
-            try:
-                events = self._session.feed(data)
-            except ProtocolViolation as e:
-                self._kill(ProtocolViolation(f"plugin {self.name} broke the protocol: {e}"))
-                self._loop.remove_reader(fd)
                 return
             for kind, value in events:
                 self._on_event(kind, value)

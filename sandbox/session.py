@@ -52,6 +52,21 @@ class Session:
     def feed(self, data: bytes) -> list[tuple]:
         return [self._on_frame(frame) for frame in self.decoder.feed(data)]
 
+    def read_from(self, fd: int):
+        """One read of the child's pipe into the decoder: the events, or None at EOF.
+
+        The one place that touches an fd here (BlockingIOError passes through); large payloads are
+        read straight into their buffer instead of through a temporary bytes object."""
+        view = self.decoder.payload_view()
+        if view is not None:
+            try:
+                n = os.readv(fd, [view])
+            finally:
+                view.release()
+            return self.advance(n) if n else None
+        data = os.read(fd, self.decoder.read_size())
+        return self.feed(data) if data else None
+
     def advance(self, n: int) -> list[tuple]:
         """`n` bytes were read straight into decoder.payload_view()."""
         return [self._on_frame(frame) for frame in self.decoder.advance(n)]

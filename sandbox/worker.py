@@ -263,27 +263,18 @@ class Worker:
     def _read_frames(self, want):
         found = None
         while True:
-            view = self._session.decoder.payload_view()
             try:
-                if view is not None:  # a large payload: read straight into its buffer
-                    data, n = None, os.readv(self._fds["from"], [view])
-                else:
-                    data = os.read(self._fds["from"], self._session.decoder.read_size())
-                    n = len(data)
+                events = self._session.read_from(self._fds["from"])
             except BlockingIOError:
                 return found
-            finally:
-                del view
-            if not n:
-                # EOF: the child closed its pipe or died; wait for the status pipe to say which.
-                self._await_status()
-                raise self._ended()
-            try:
-                events = self._session.feed(data) if data is not None else self._session.advance(n)
             except ProtocolViolation as e:
                 self._kill(ProtocolViolation(f"plugin {self.name} broke the protocol: {e}"))
                 self._await_status()
                 raise self._ended() from None
+            if events is None:
+                # EOF: the child closed its pipe or died; wait for the status pipe to say which.
+                self._await_status()
+                raise self._ended()
             for kind, value in events:
                 if kind == S.MESSAGE:
                     self._inbox.append(value)
