@@ -22,10 +22,10 @@ class Hub:
         self._thread = threading.Thread(target=self._run, name="sandbox-hub", daemon=True)
         self._thread.start()
 
-    def watch(self, fd: int, handler, oneshot: bool = True) -> None:
+    def watch(self, fd: int, handler, oneshot: bool = True, armed: bool = True) -> None:
         with self._lock:
             self._handlers[fd] = handler
-            self._ep.register(fd, ONESHOT if oneshot else select.EPOLLIN)
+            self._ep.register(fd, (ONESHOT if oneshot else select.EPOLLIN) if armed else 0)
 
     def arm(self, fd: int) -> None:
         try:

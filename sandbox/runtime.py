@@ -52,10 +52,12 @@ class Writer:
             ftype, payload = framing.ERROR, protocol.dumps(
                 {"type": "ValueError", "traceback": "",
                  "message": f"value of {len(payload)} bytes exceeds max_message_bytes ({self.max_frame})"})
-        view = memoryview(framing.encode_header(ftype, call_id, len(payload)) + payload)
-        while view:
-            n = os.write(self.fd, view)
-            view = view[n:]
+        data = framing.encode_header(ftype, call_id, len(payload)) + payload
+        n = os.write(self.fd, data)
+        if n < len(data):  # a large frame: the host drains the pipe as we go
+            view = memoryview(data)[n:]
+            while view:
+                view = view[os.write(self.fd, view):]
 
 
 def child_main(plan: dict, fds: list, ruleset: int | None = None) -> None:

@@ -65,6 +65,7 @@ class Worker:
         self._closing = False
         self._finalized = False
         self._hub_missed = False
+        self._hub_reads = False  # the hub reads the child's pipe between calls only for "message" listeners
         self._listener = None
         self._inbox = []
         self._sp = None
@@ -86,6 +87,12 @@ class Worker:
         if event not in self._callbacks:
             raise ValueError(f"unknown event {event!r} (message, exit, log)")
         self._callbacks[event].append(callback)
+        if event == "message" and not self._hub_reads:
+            # Someone listens now: let the hub read what the plugin posts between calls. Until
+            # then the pipe simply holds it (the plugin blocks when it is full) till the next call.
+            self._hub_reads = True
+            if not self._finalized and "from" in self._fds:
+                _hub.get().arm(self._fds["from"])
         return self
 
     def call(self, name: str, *args, timeout: float | None = None, **kwargs):
@@ -95,7 +102,8 @@ class Worker:
             deadline = time.monotonic() + timeout
             with self._io:
                 self._check_alive()  # again: the hub may have seen it die while we waited for the lock
-                _hub.get().disarm(self._fds["from"])
+                if self._hub_reads:
+                    _hub.get().disarm(self._fds["from"])
                 try:
                     frame = self._session.encode_call(name, args, kwargs)
                     kind, value = self._pump(frame, deadline, timeout, want=(S.RESULT, S.FAILURE))
@@ -113,7 +121,8 @@ class Worker:
         self._check_alive()
         with self._io:
             self._check_alive()
-            _hub.get().disarm(self._fds["from"])
+            if self._hub_reads:
+                _hub.get().disarm(self._fds["from"])
             try:
                 self._pump(frame, time.monotonic() + (self._timeout or 10.0), self._timeout, want=())
             finally:
@@ -171,7 +180,7 @@ class Worker:
                 self._kill(ConfinementError("the worker did not hand over its seccomp listener", layer="seccomp"))
                 self._await_status()
                 raise self._ended()
-            hub.watch(self._fds["from"], self._on_hub_event)
+            hub.watch(self._fds["from"], self._on_hub_event, armed=self._hub_reads)
             hub.watch(self._fds["status"], self._on_hub_event)
             if self._listener is not None:
                 hub.watch(self._listener, self._on_hub_event)
@@ -417,7 +426,8 @@ class Worker:
         if self._finalized:
             return
         hub = _hub.get()
-        hub.arm(self._fds.get("from", -1))
+        if self._hub_reads:
+            hub.arm(self._fds.get("from", -1))
         if self._hub_missed:
             self._hub_missed = False
             hub.arm(self._fds.get("status", -1))

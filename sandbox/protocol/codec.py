@@ -66,19 +66,20 @@ def loads(data: bytes, limits: Limits = DEFAULT_LIMITS):
 
 def _check_keys(obj, budget: int = 10_000_000) -> None:
     stack = [obj]
+    pop, push = stack.pop, stack.append
     while stack:
         budget -= 1
         if budget < 0:
             raise NotPlainData("value too large or cyclic")
-        node = stack.pop()
-        if isinstance(node, dict):
-            for k, v in node.items():
-                if not isinstance(k, str):
+        node = pop()
+        if type(node) is dict:
+            for k in node:
+                if type(k) is not str:
                     raise NotPlainData(f"map key {k!r} is not a str")
-                if isinstance(v, (list, tuple, dict)):
-                    stack.append(v)
-        else:
-            stack.extend(x for x in node if isinstance(x, (list, tuple, dict)))
+            node = node.values()
+        for x in node:
+            if isinstance(x, (list, tuple, dict)):
+                push(x)
 
 
 def _no_ext(code, data):
@@ -86,17 +87,20 @@ def _no_ext(code, data):
 
 
 def check_depth(obj, max_depth: int) -> None:
-    """Iterative walk (no recursion a hostile tree could exhaust)."""
+    """Iterative walk (no recursion a hostile tree could exhaust): depth, and str map keys."""
+    if type(obj) is not list and type(obj) is not dict:
+        return
     stack = [(obj, 1)]
+    pop, push = stack.pop, stack.append
     while stack:
-        node, depth = stack.pop()
-        if isinstance(node, list):
-            if depth > max_depth:
-                raise ProtocolViolation(f"payload nested deeper than {max_depth} levels")
-            stack.extend((x, depth + 1) for x in node if isinstance(x, (list, dict)))
-        elif isinstance(node, dict):
-            if depth > max_depth:
-                raise ProtocolViolation(f"payload nested deeper than {max_depth} levels")
-            if not all(isinstance(k, str) for k in node):
-                raise ProtocolViolation("map keys must be strings")
-            stack.extend((x, depth + 1) for x in node.values() if isinstance(x, (list, dict)))
+        node, depth = pop()
+        if depth > max_depth:
+            raise ProtocolViolation(f"payload nested deeper than {max_depth} levels")
+        if type(node) is dict:
+            for k in node:
+                if type(k) is not str:
+                    raise ProtocolViolation("map keys must be strings")
+            node = node.values()
+        for x in node:
+            if type(x) is list or type(x) is dict:
+                push((x, depth + 1))

@@ -60,10 +60,26 @@ class FrameDecoder:
     def feed(self, data) -> list[Frame]:
         self._check()
         try:
+            if self._head is None and not self._hbuf:
+                return self._feed_whole(data)
             return self._feed(memoryview(data))
         except ProtocolViolation:
             self._poison()
             raise
+
+    def _feed_whole(self, data) -> list[Frame]:
+        """The common case, a read that starts on a frame boundary: slice frames out directly."""
+        frames, off, n = [], 0, len(data)
+        while n - off >= HEADER_SIZE:
+            ftype, length, call_id = self._parse_header(data, off)
+            end = off + HEADER_SIZE + length
+            if end > n:
+                break
+            frames.append(Frame(ftype, call_id, data[off + HEADER_SIZE:end]))
+            off = end
+        if off < n:
+            frames += self._feed(memoryview(data)[off:])
+        return frames
 
     def payload_view(self, at_least: int = 65536):
         """Where the rest of a large payload goes (for os.readv straight into it), else None."""
@@ -95,7 +111,7 @@ class FrameDecoder:
                 mv = mv[len(take):]
                 if len(self._hbuf) < HEADER_SIZE:
                     break
-                self._head = self._parse_header(bytes(self._hbuf))
+                self._head = self._parse_header(self._hbuf, 0)
                 self._hbuf.clear()
                 self._payload = bytearray(self._head[1])
                 self._filled = 0
@@ -119,8 +135,8 @@ class FrameDecoder:
         self._filled = 0
         return frame
 
-    def _parse_header(self, raw: bytes):
-        magic, version, ftype, length, call_id = HEADER.unpack(raw)
+    def _parse_header(self, raw, offset: int):
+        magic, version, ftype, length, call_id = HEADER.unpack_from(raw, offset)
         if magic != MAGIC:
             raise ProtocolViolation(f"bad frame magic {magic!r}")
         if version != VERSION:
