@@ -36,7 +36,8 @@ GROUPS = {
     "@file-write": {
         "why": "create and change files; Landlock still limits it to the policy's writable paths and scratch dir",
         "allow": ["openat", "mkdirat", "unlinkat", "renameat", "renameat2", "ftruncate", "fsync",
-                  "fdatasync", "fchmod", "utimensat", "symlinkat", "linkat"],
+                  "fdatasync", "fchmod", "utimensat", "symlinkat", "linkat",
+                  "mkdir", "rmdir", "unlink", "rename", "symlink", "link"],  # glibc still calls these on x86_64
     },
     "@time": {
         "why": "clocks and sleeping (most clock reads never reach the kernel, thanks to the vDSO)",

@@ -22,7 +22,8 @@ REPLY_TIMEOUT = 10.0
 
 def runtime_paths() -> list[str]:
     """What every worker must be able to read: the interpreter, its stdlib, site-packages, us."""
-    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, _PKG_ROOT,
+    # the sandbox package itself, not the folder around it (in a checkout that is the whole repository)
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, os.path.join(_PKG_ROOT, "sandbox"),
              os.path.dirname(os.path.realpath(sys.executable))}
     import sysconfig
     for key in ("stdlib", "platstdlib", "purelib", "platlib"):
