@@ -11,7 +11,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -19,7 +18,7 @@ import pytest
 
 import sandbox
 from sandbox import PluginError, PluginMemoryError, PluginTimeout, PolicyViolation, ProtocolViolation
-from conftest import DEFAULT_POLICY, IS_ROOT, ROOT, open_fds, zombies_of
+from conftest import DEFAULT_POLICY, ROOT, open_fds, zombies_of
 
 pytestmark = pytest.mark.unpriv
 PLUGIN_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "attack_plugins", "attacks.py")
