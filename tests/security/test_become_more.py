@@ -1,0 +1,43 @@
+"""ATTACKS.md items 9-14: become more than you are. Each test names the layer meant to stop the attack."""
+
+import pytest
+
+from sandbox import PolicyViolation
+
+from security.conftest import intact, violation
+
+pytestmark = pytest.mark.unpriv
+
+
+@pytest.mark.parametrize("nr,name,args", [
+    (105, "setuid", (0,)), (117, "setresuid", (0, 0, 0)), (126, "capset", (0, 0)),
+    (157, "prctl", (47, 2, 21, 0, 0)),                   # 9 PR_CAP_AMBIENT_RAISE
+    (59, "execve", (0, 0, 0)), (322, "execveat", (0, 0, 0, 0, 0)), (319, "memfd_create", (0, 0)),  # 10
+    (272, "unshare", (0x10000000,)), (308, "setns", (0, 0)),                                          # 11
+    (56, "clone", (0x10000000 | 17, 0, 0, 0, 0)),                                                     # 11
+    (425, "io_uring_setup", (1, 0)), (323, "userfaultfd", (0,)), (321, "bpf", (0, 0, 0)),           # 12
+    (298, "perf_event_open", (0, 0, -1, -1, 0)), (250, "keyctl", (0, 0)), (248, "add_key", (0, 0, 0, 0, 0)),
+    (304, "open_by_handle_at", (0, 0, 0)), (246, "kexec_load", (0, 0, 0, 0)), (175, "init_module", (0, 0, 0)),
+    (165, "mount", (0, 0, 0, 0, 0)), (155, "pivot_root", (0, 0)), (167, "swapon", (0, 0)), (103, "syslog", (0, 0, 0)),
+    (135, "personality", (0x0400000,)), (154, "modify_ldt", (0, 0, 0)),
+    (317, "seccomp", (1, 0, 0)), (157, "prctl", (22, 2, 0, 0, 0)),                                  # 14
+    (157, "prctl", (4, 1, 0, 0, 0)), (157, "prctl", (0x59616d61, -1, 0, 0, 0)),                     # 14
+])
+def test_privilege_and_kernel_surface_syscalls_are_violations(lab, nr, name, args):
+    """9-12, 14: seccomp; each named by the host from the kernel's notification."""
+    with intact(lab) as w:
+        violation(w, "sys", nr, *args, syscall=name)
+
+
+def test_clone3_gets_enosys(lab):
+    """11: clone3's flags live in memory a filter can't read: ENOSYS, so glibc falls back to clone."""
+    with intact(lab) as w:
+        assert w.call("sys", 435, 0, 0) == [-1, 38]
+
+
+@pytest.mark.parametrize("nr", [0x40000000 | 39, 0x40000000 | 57, 1000, 0xFFFF])
+def test_foreign_and_unknown_syscall_numbers_kill(lab, nr):
+    """13: x32 numbers and numbers past the table never match a rule: the worker dies by SIGSYS."""
+    with intact(lab) as w:
+        with pytest.raises(PolicyViolation):
+            w.call("sys", nr)

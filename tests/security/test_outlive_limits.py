@@ -1,0 +1,65 @@
+"""ATTACKS.md items 15-21: outlive or outgrow the limits. Each test names the layer meant to stop the attack."""
+import os
+import threading
+import time
+
+import pytest
+
+import sandbox
+from sandbox import PluginError, PluginMemoryError, PluginTimeout
+from security.conftest import intact, violation
+
+pytestmark = pytest.mark.unpriv
+
+
+@pytest.mark.parametrize("fn", ["spin", "never_read", "block_on_pipe", "stop_myself"])
+def test_deadline_always_wins(lab, fn):
+    """15, 16: the host's own clock and SIGKILL; SIGSTOP or a blocking read don't help."""
+    extra = '[seccomp]\nallow = []\n'
+    with intact(lab, extra) as w:
+        t = time.monotonic()
+        with pytest.raises(PluginTimeout):
+            w.call(fn, timeout=0.5)
+        assert time.monotonic() - t < 5
+        with pytest.raises(sandbox.WorkerClosed):
+            w.call("sys", 39)
+        w.terminate()  # reaped: nothing of it is left
+        assert not os.path.exists(f"/proc/{w.pid}")
+
+
+def test_thread_bomb_is_a_violation(lab):
+    """17, 18: no clone without a grant; with threads granted, RLIMIT_NPROC caps them per uid."""
+    with intact(lab) as w:
+        violation(w, "thread_bomb", syscall="clone")
+
+
+def test_mmap_of_a_huge_region(lab):
+    """19: RLIMIT_AS: a clear memory error, not a mystery crash."""
+    with intact(lab) as w:
+        with pytest.raises((PluginMemoryError, PluginError)) as ei:
+            w.call("mmap_huge")
+        if isinstance(ei.value, PluginError):
+            assert ei.value.type in ("OSError", "MemoryError")
+
+
+def test_many_spinning_workers_still_meet_deadlines(lab):
+    """21: each worker is its own process; the host enforces deadlines from its own thread."""
+    d, policy = lab
+    ws = [sandbox.Worker(os.path.join(d, "attacks.py"), policy=policy()) for _ in range(4)]
+    errors = []
+
+    def go(w):
+        try:
+            w.call("spin", timeout=0.5)
+        except PluginTimeout as e:
+            errors.append(e)
+
+    t = time.monotonic()
+    threads = [threading.Thread(target=go, args=(w,)) for w in ws]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert len(errors) == 4 and time.monotonic() - t < 5
+    for w in ws:
+        w.close()
