@@ -41,3 +41,10 @@ def test_foreign_and_unknown_syscall_numbers_kill(lab, nr):
     with intact(lab) as w:
         with pytest.raises(PolicyViolation):
             w.call("sys", nr)
+
+
+def test_i386_syscalls_through_int_0x80_kill(lab):
+    """13: the filter checks the architecture first: an i386 getpid via int 0x80 never reaches a rule."""
+    with intact(lab) as w:
+        with pytest.raises(PolicyViolation):
+            w.call("int80_getpid")

@@ -119,3 +119,13 @@ def write_file(path):
     with open(path, "w") as f:
         f.write("pwned")
     return "written"
+
+
+def int80_getpid():
+    """An i386 syscall from a 64-bit process: mov eax, 20 (getpid); int 0x80; ret."""
+    import mmap
+    code = b"\xb8\x14\x00\x00\x00\xcd\x80\xc3"
+    page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    page.write(code)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(page))
+    return ctypes.CFUNCTYPE(ctypes.c_int)(addr)()
