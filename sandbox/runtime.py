@@ -66,9 +66,7 @@ def child_main(plan: dict, fds: list, ruleset: int | None = None) -> None:
     code = 70
     try:
         state = {"fds": fds, "ruleset": ruleset}
-        source = plan.get("source")  # read (and cached) by the zygote before fork
-        if source is None:
-            source = _read_source(plan["plugin"])
+        source = _read_source(plan["plugin"])
         confine.apply(plan, state)
         _writer = Writer(TO_HOST, plan["max_frame"])
         gc.enable()
@@ -89,6 +87,7 @@ def child_main(plan: dict, fds: list, ruleset: int | None = None) -> None:
 
 def _read_source(path: str) -> bytes:
     # Read while still privileged: the plugin's folder need not be readable by the worker's uid.
+    # Read here, not cached in the zygote: then no worker inherits another plugin's code.
     with open(path, "rb") as f:
         data = f.read(MAX_SOURCE + 1)
     if len(data) > MAX_SOURCE:

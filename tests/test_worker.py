@@ -223,7 +223,8 @@ def test_no_fd_or_zombie_left_after_200_cycles(make_plugin):
     gc.collect()
     time.sleep(0.2)
     assert open_fds() == fds_before
-    assert set(children_of(os.getpid())) == kids_before
+    # the zygote and its one spare child (a new one after each start, so compare counts)
+    assert len(children_of(os.getpid())) == len(kids_before)
     assert not zombies_of(os.getpid())
 
 
@@ -245,14 +246,28 @@ with sandbox.Worker({plugin!r}, policy={policy!r}) as w:
 LOOKER = """
     import gc, os
 
-    def look(prefix):
+    def _strings():
+        # str and bytes are not tracked by the collector, nor are dicts and tuples holding only
+        # such atoms: start from every tracked object and walk what it refers to
+        seen, stack = set(), list(gc.get_objects())
+        while stack:
+            obj = stack.pop()
+            if id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            if isinstance(obj, (str, bytes, bytearray)):
+                yield obj
+            else:  # tracked referents are in the stack already
+                stack.extend(r for r in gc.get_referents(obj) if not gc.is_tracked(r))
+
+    def look(prefix, marker="only-in-the-host"):
         found = []
-        for obj in gc.get_objects():
-            try:
-                if isinstance(obj, str) and prefix in obj and "only-in-the-host" in obj:
-                    found.append("gc:" + obj[:40])
-            except Exception:
-                pass
+        if isinstance(marker, list):
+            marker = "-".join(marker)  # built here, so this plugin's own constants never match
+        for s in _strings():
+            text = s if isinstance(s, str) else bytes(s).decode("latin-1")
+            if prefix in text and marker in text:
+                found.append("gc:" + text[:60])
         for k, v in os.environ.items():
             if prefix in v or k == "HOST_SECRET_TOKEN":
                 found.append("env:" + k)
@@ -265,6 +280,30 @@ LOOKER = """
                 pass
         return {"found": found, "fds": fds}
 """
+
+OTHER_PLUGIN = """
+    API_KEY = "sk-live-4f1d9-belongs-to-plugin-a"
+
+    def ping():
+        return len(API_KEY)
+"""
+
+
+def test_looker_does_find_a_string_it_holds(make_plugin):
+    """The scan below can fail: a string a plugin holds in a container is found."""
+    path, policy = make_plugin(LOOKER + "\n    HELD = {'k': 'abc-' + str(12345) + '-held-here'}\n")
+    with sandbox.Worker(path, policy=policy) as w:
+        assert w.call("look", "abc-", ["held", "here"])["found"]
+
+
+def test_plugin_finds_no_trace_of_other_plugins(make_plugin):
+    """The zygote never reads a plugin's file; each worker reads its own, so none inherits another's."""
+    other, policy = make_plugin(OTHER_PLUGIN)
+    looker, _ = make_plugin(LOOKER)
+    with sandbox.Worker(other, policy=policy) as a:
+        assert a.call("ping") == 33
+        with sandbox.Worker(looker, policy=policy) as b:
+            assert b.call("look", "sk-live", ["belongs", "to", "plugin", "a"])["found"] == []
 
 
 def test_plugin_finds_no_trace_of_host_secrets(make_plugin, plugin_dir):

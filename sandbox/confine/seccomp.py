@@ -8,6 +8,7 @@ import os
 
 SYS_seccomp = 317  # x86_64; the policy compiler only emits native-arch programs
 SECCOMP_SET_MODE_FILTER = 1
+SECCOMP_GET_ACTION_AVAIL = 2
 SECCOMP_FILTER_FLAG_TSYNC = 1 << 0
 SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
 PR_SET_NO_NEW_PRIVS = 38
@@ -39,6 +40,12 @@ def install_filter(bpf: bytes, *, listener: bool = False) -> int | None:
         err = ctypes.get_errno()
         raise OSError(err, f"seccomp(SET_MODE_FILTER) failed: {os.strerror(err)}")
     return ret if listener else None
+
+
+def action_available(action: int = 0x80000000) -> bool:
+    """SECCOMP_GET_ACTION_AVAIL (default: KILL_PROCESS); a query that changes nothing."""
+    value = ctypes.c_uint32(action)
+    return _libc.syscall(SYS_seccomp, SECCOMP_GET_ACTION_AVAIL, 0, ctypes.byref(value)) == 0
 
 
 def set_no_new_privs() -> None:

@@ -219,3 +219,19 @@ def install_seccomp(plan, state):
             os.close(listener)
     hand.detach()
     os.close(HANDOFF)
+
+
+def warm_up():
+    """For a spare (see zygote/spare.py): the ctypes and prctl paths the steps take, through
+    read-only queries, so that their first-use page faults happen before a plan arrives."""
+    for res in (resource.RLIMIT_AS, resource.RLIMIT_NOFILE):
+        resource.getrlimit(res)
+    _sys.libc.prctl(27, 0, 0, 0, 0)  # PR_GET_SECUREBITS
+    _sys.libc.prctl(39, 0, 0, 0, 0)  # PR_GET_NO_NEW_PRIVS
+    _sys.libc.prctl(PR_CAP_AMBIENT, 1, 0, 0, 0)  # PR_CAP_AMBIENT_IS_SET
+    prctl.get_pdeathsig()
+    prctl.get_dumpable()
+    ctypes.get_errno()
+    os.getresuid(), os.getresgid(), os.getppid()
+    landlock.abi_version()
+    seccomp.action_available()

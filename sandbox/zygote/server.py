@@ -5,6 +5,7 @@ environment, it never holds the host's memory, so a forked worker can't find the
 Its loop: wait for a spawn request or a child's death; fork; reap; report.
 """
 import gc
+import mmap
 import os
 import select
 import signal
@@ -17,6 +18,7 @@ import prctl
 
 from .. import runtime  # noqa: F401 - imported here so children never import after fork
 from ..confine import steps
+from .spare import Spare
 
 MAX_REQUEST = 1 << 20
 SPAWN_FDS = 5  # from_host_r, to_host_w, handoff, log_w, status_w
@@ -37,6 +39,7 @@ def serve(ctl: socket.socket, pdeathsig: bool) -> None:
     # so that children don't pay a copy-on-write fault for each object a collection would touch.
     gc.disable()
     gc.freeze()
+    _spare.fork()
     poller = select.poll()
     poller.register(ctl.fileno(), select.POLLIN)
     poller.register(rd, select.POLLIN)
@@ -76,6 +79,8 @@ def _reap(status_fds):
             return
         if pid == 0:
             return
+        if _spare.reaped(pid):
+            continue  # killed before it was needed; the next request forks afresh, then a new spare
         fd = status_fds.pop(pid, None)
         if fd is not None:
             try:
@@ -87,26 +92,28 @@ def _reap(status_fds):
 
 def _handle_request(ctl, status_fds, wake_fds) -> bool:
     try:
-        msg, fds, flags, _ = socket.recv_fds(ctl, MAX_REQUEST, SPAWN_FDS)
+        msg, fds, flags = _receive(ctl)
     except InterruptedError:
         return True
-    if not msg:
+    if not msg and not fds:
         return False  # host closed the control socket
-    if len(fds) != SPAWN_FDS:
+    if len(fds) != SPAWN_FDS or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
         for fd in fds:
             os.close(fd)
-        _reply(ctl, {"error": "bad spawn request"})
+        _reply(ctl, {"error": "bad spawn request (wrong descriptors, or a plan over "
+                              f"{MAX_REQUEST} bytes)"})
         return True
     plan = msgpack.unpackb(msg, raw=False)
-    plan["zygote_pid"] = os.getpid()
-    plan["source"] = _cached_source(plan["plugin"])
     try:
         ruleset = steps.shared_ruleset(plan.get("landlock"), _rulesets)
     except OSError:
         ruleset = None  # the child builds its own and reports what fails
-    pid = os.fork()
-    if pid == 0:
-        _in_child(ctl, status_fds, wake_fds, plan, fds, ruleset)
+    pid = _spare.hand_off(msg, fds[:4], ruleset)
+    if pid is None:
+        pid = os.fork()
+        if pid == 0:
+            plan["zygote_pid"] = os.getppid()
+            _in_child(ctl, status_fds, wake_fds, plan, fds, ruleset)
     try:
         pidfd = os.pidfd_open(pid)
         socket.send_fds(ctl, [msgpack.packb({"pid": pid})], [pidfd])
@@ -116,34 +123,28 @@ def _handle_request(ctl, status_fds, wake_fds) -> bool:
     for fd in fds[:4]:
         os.close(fd)
     status_fds[pid] = fds[4]
+    _spare.fork()  # the next request's child, paid for while we would otherwise be idle
     return True
 
 
-_sources: dict[str, tuple] = {}
+# Allocated once (a fresh megabyte per request costs an mmap), untouched pages cost nothing, and
+# MAP_PRIVATE because every worker inherits it: a shared mapping would let one write the next plan.
+_request = mmap.mmap(-1, MAX_REQUEST, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+_FDS_SPACE = socket.CMSG_SPACE(SPAWN_FDS * 4)
+
+
+def _receive(ctl):
+    """One spawn request: (plan bytes, fds, flags), like socket.recv_fds but into _request."""
+    n, ancdata, flags, _ = ctl.recvmsg_into([_request], _FDS_SPACE)
+    fds = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds += list(struct.unpack(f"{len(data) // 4}i", data[:len(data) - len(data) % 4]))
+    return memoryview(_request)[:n], fds, flags
+
+
 _rulesets: dict[tuple, int] = {}
-
-
-def _cached_source(path):
-    """The plugin's bytes, read once per version of the file: every child would read the same."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None  # the child reads it itself and reports the error as a load error
-    key = (st.st_ino, st.st_size, st.st_mtime_ns)
-    hit = _sources.get(path)
-    if hit and hit[0] == key:
-        return hit[1]
-    if st.st_size > runtime.MAX_SOURCE:
-        return None
-    try:
-        with open(path, "rb") as f:
-            data = f.read(runtime.MAX_SOURCE + 1)
-    except OSError:
-        return None
-    if len(_sources) > 256:
-        _sources.clear()
-    _sources[path] = (key, data)
-    return data
+_spare = Spare()
 
 
 def _reply(ctl, obj):
@@ -161,6 +162,7 @@ def _in_child(ctl, status_fds, wake_fds, plan, fds, ruleset):
 
 def _shutdown(status_fds):
     # The host is gone or done: take every worker with us.
+    _spare.kill()
     for pid in list(status_fds):
         try:
             os.kill(pid, signal.SIGKILL)

@@ -1,0 +1,119 @@
+"""One pre-forked, unspecialised child kept ready by the zygote (Android calls these USAPs).
+
+Forking a Python process is cheap; what a new child pays for is the copy-on-write fault on
+every page it writes, and its first pass through the runtime's code touches a few hundred.
+A spare pays the fork and that warm-up while the zygote is idle. When a spawn request comes,
+the zygote hands the spare its plan and descriptors over a private socket, and the spare
+specialises exactly as a freshly forked child would: same confinement steps, same order.
+
+The spare holds nothing between its fork and its plan: every descriptor the zygote had is
+closed at once, and no plan, uid or plugin is known yet. What it knows is what any child of
+the zygote knows.
+"""
+import os
+import signal
+import socket
+
+import msgpack
+import prctl
+
+from .. import _sys, protocol, runtime
+from ..confine import steps
+from ..protocol import framing
+
+MAX_PLAN = 128 * 1024  # a bigger plan (very long path lists) goes to a fresh fork instead
+CHILD_FDS = 5  # from_host_r, to_host_w, handoff, log_w, and the Landlock ruleset if any
+
+
+class Spare:
+    """The zygote's side: at most one spare at a time."""
+
+    def __init__(self):
+        self.pid = None
+        self._sock = None
+
+    def fork(self) -> None:
+        if self.pid is not None:
+            return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        zygote = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            ours.detach()
+            _spare_main(theirs, zygote)
+        theirs.close()
+        self.pid, self._sock = pid, ours
+
+    def hand_off(self, payload, fds: list[int], ruleset: int | None) -> int | None:
+        """Give the spare this plan (the host's bytes, as received): its pid, or None when a
+        fresh fork must serve instead."""
+        if self.pid is None or len(payload) > MAX_PLAN:
+            return None
+        pid, sock = self.pid, self._sock
+        self.pid = self._sock = None
+        try:
+            socket.send_fds(sock, [payload], fds + ([ruleset] if ruleset is not None else []))
+        except OSError:
+            _kill(pid)  # it died or is wedged: either way it is not a worker
+            return None
+        finally:
+            sock.close()
+        return pid
+
+    def reaped(self, pid: int) -> bool:
+        """The zygote reaped `pid`: True if it was the (unused) spare, which is then gone."""
+        if pid != self.pid:
+            return False
+        self._sock.close()
+        self.pid = self._sock = None
+        return True
+
+    def kill(self):
+        if self.pid is not None:
+            _kill(self.pid)
+
+
+def _kill(pid):
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _spare_main(sock: socket.socket, zygote: int) -> None:
+    """In the spare: drop every zygote descriptor, warm up, wait for a plan; never returns."""
+    code = 0
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        prctl.set_pdeathsig(signal.SIGKILL)  # no zygote, no use: die with it
+        fd = sock.fileno()
+        _sys.close_range(3, fd - 1) if fd > 3 else None
+        _sys.close_range(fd + 1)
+        try:
+            _warm_up()
+        except Exception:  # noqa: BLE001 - only a speed-up: a spare that skipped it is still sound
+            pass
+        msg, fds, _, _ = socket.recv_fds(sock, MAX_PLAN, CHILD_FDS)
+        sock.close()
+        if not msg or len(fds) < 4:
+            os._exit(0)  # the zygote is closing, or sent nonsense: nothing to become
+        plan = msgpack.unpackb(msg, raw=False)
+        plan["zygote_pid"] = zygote  # if it died meanwhile, getppid() differs and die_with_parent exits
+        runtime.child_main(plan, fds[:4], fds[4] if len(fds) > 4 else None)
+    except BaseException:  # noqa: BLE001 - a spare must never fall back into zygote code
+        code = 70
+    os._exit(code)
+
+
+def _warm_up() -> None:
+    """Walk the paths every worker takes, on harmless input, so their page faults are paid now.
+
+    Only pure computation: nothing here changes the process's credentials, limits or fds."""
+    limits = protocol.Limits(max_bytes=1 << 20)
+    payload = protocol.dumps(["ping", [1, "x", b"y", 1.5, None, True], {"k": [{}]}])
+    frame = framing.encode_frame(framing.CALL, 1, payload)
+    for f in framing.FrameDecoder(1 << 20, framing.HOST_TYPES).feed(frame):
+        protocol.loads(f.payload, limits)
+    compile("def f(x):\n    return x\n", "<warm-up>", "exec")
+    steps.warm_up()

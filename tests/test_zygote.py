@@ -1,0 +1,92 @@
+"""The zygote and its spare child: what every worker inherits, and the path without a spare."""
+import os
+import signal
+import time
+
+import pytest
+
+import sandbox
+from sandbox import PolicyViolation
+from conftest import IS_ROOT, children_of
+
+pytestmark = pytest.mark.unpriv
+
+PLUGIN = """
+    import os
+
+    def add(a, b):
+        return a + b
+
+    def ids():
+        return [os.getuid(), os.getgid(), os.getppid()]
+
+    def open_socket():
+        import socket
+        socket.socket()
+"""
+
+
+def parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def spares_of(zygote: int, workers) -> list[int]:
+    return [p for p in children_of(zygote) if p not in workers]
+
+
+def wait_gone(pid: int, limit: float = 10.0) -> None:
+    end = time.monotonic() + limit
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < end:
+        time.sleep(0.01)
+    assert not os.path.exists(f"/proc/{pid}"), f"pid {pid} is still there"
+
+
+def test_zygote_shares_no_writable_memory_with_workers(make_plugin):
+    """Every worker inherits the zygote's memory: a shared writable mapping there (say, the spawn
+    request buffer) would let one worker rewrite the plan of the next."""
+    path, policy = make_plugin(PLUGIN)
+    with sandbox.Worker(path, policy=policy) as w:
+        with open(f"/proc/{parent_of(w.pid)}/maps") as f:
+            shared = [line for line in f if line.split()[1].startswith("rw") and line.split()[1][3] == "s"]
+    assert shared == []
+
+
+def test_spare_holds_no_descriptor_of_the_zygote(make_plugin):
+    """The spare waits for a plan holding only stdio and its own socket: not the host's control
+    socket, not other workers' status pipes, not the cached Landlock rulesets."""
+    path, policy = make_plugin(PLUGIN)
+    with sandbox.Worker(path, policy=policy) as w:
+        zygote = parent_of(w.pid)
+        spares = spares_of(zygote, {w.pid})
+        assert len(spares) == 1
+        fds = {int(fd): os.readlink(f"/proc/{spares[0]}/fd/{fd}") for fd in os.listdir(f"/proc/{spares[0]}/fd")}
+        zygote_fds = len(os.listdir(f"/proc/{zygote}/fd"))
+    extra = {fd: target for fd, target in fds.items() if fd > 2}
+    assert len(extra) == 1 and next(iter(extra.values())).startswith("socket:"), extra
+    assert zygote_fds > 4  # the zygote does hold more, so the check above means something
+
+
+def test_a_fresh_fork_serves_when_the_spare_is_gone(make_plugin):
+    """Kill the spare: the next worker is forked on demand and confined exactly the same way."""
+    path, policy = make_plugin(PLUGIN)
+    with sandbox.Worker(path, policy=policy) as first:
+        zygote = parent_of(first.pid)
+        ids_first = first.call("ids")
+        for spare in spares_of(zygote, {first.pid}):
+            os.kill(spare, signal.SIGKILL)
+            wait_gone(spare)  # reaped by the zygote
+        assert spares_of(zygote, {first.pid}) == []
+        with sandbox.Worker(path, policy=policy) as second:
+            assert second.call("add", 2, 3) == 5
+            uid, gid, ppid = second.call("ids")
+            assert ppid == zygote
+            if IS_ROOT:
+                assert uid != 0 and gid != 0 and uid != ids_first[0]
+            else:
+                assert uid == os.getuid()
+            with pytest.raises(PolicyViolation) as ei:
+                second.call("open_socket")
+            assert ei.value.syscall == "socket"
+        # and the zygote made a new spare after serving that request
+        assert len(spares_of(zygote, {first.pid})) == 1
