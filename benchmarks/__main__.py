@@ -6,7 +6,7 @@ import platform
 import sys
 import time
 
-from . import ours, peers
+from . import ours, peers, placement
 from .stats import p50, pct
 
 SIZES = [16, 1024, 65536, 1048576]
@@ -18,23 +18,28 @@ def measure(fn, n):
 
 
 def rtt_rows(pol, n_small, n_big):
+    """{placement: {size: {contender: p50 us}}}, each placement measured in full (placement.py)."""
     out = {}
     makers = {"sandbox": lambda: ours.Echo(pol), "raw_pipe": peers.RawPipe}
     live = {name: make() for name, make in makers.items()}
     try:
-        for size in SIZES:
-            payload = os.urandom(size)
-            n = n_small if size <= 65536 else n_big
-            row = {name: [] for name in live}
-            # interleave the contenders in rounds so that noise hits all of them alike
-            for _ in range(5):
-                for name, c in live.items():
-                    for _ in range(n // 5):
-                        t = time.perf_counter()
-                        back = c.roundtrip(payload)
-                        row[name].append(time.perf_counter() - t)
-                    assert back == payload, name
-            out[str(size)] = {name: round(p50(v) * 1e6, 1) for name, v in row.items()}
+        for where in placement.available():
+            with placement.Pinned([c.pid for c in live.values()], where) as pin:
+                rows = out[where] = {}
+                for size in SIZES:
+                    payload = os.urandom(size)
+                    n = n_small if size <= 65536 else n_big
+                    row = {name: [] for name in live}
+                    # interleave the contenders in rounds so that noise hits all of them alike
+                    for _ in range(5):
+                        for name, c in live.items():
+                            for _ in range(n // 5):
+                                t = time.perf_counter()
+                                back = c.roundtrip(payload)
+                                row[name].append(time.perf_counter() - t)
+                            assert back == payload, name
+                    rows[str(size)] = {name: round(p50(v) * 1e6, 1) for name, v in row.items()}
+                rows["pinned"] = pin.ok
     finally:
         for c in live.values():
             c.close()
@@ -58,22 +63,29 @@ def main(argv=None):
         start[name] = round(p50(measure(fn, n_slow)) * 1000, 3)
     start.update(forked["start_ms"])
 
-    rtt = rtt_rows(pol, 2000 if q else 10000, 100 if q else 400)
+    placed = rtt_rows(pol, 2000 if q else 10000, 100 if q else 400)
+    rtt = placed.get("same_cpu") or next(iter(placed.values()))
+    pinned = rtt.pop("pinned")
     for size, row in forked["rtt_us"].items():
         rtt[size].update(row)
+    cross = placed.get("cross_cpu", {})
+    cross.pop("pinned", None)
     pss = {"sandbox": ours.idle_pss(pol), **peers.idle_pss_peers()}
     over = ours.timeout_overshoot(pol, 10 if q else 40)
 
     result = {
         "start_ms": start,
         "rtt_us": rtt,
+        "rtt_us_cross_cpu": cross,
         "idle_pss_kib": pss,
         "timeout_overshoot_ms": {"sandbox": round(pct(over, 99), 2), "sandbox_p50": round(p50(over), 2)},
         "ratios": {"rtt_16_vs_raw": round(rtt["16"]["sandbox"] / rtt["16"]["raw_pipe"], 2),
                    "rtt_1048576_vs_raw": round(rtt["1048576"]["sandbox"] / rtt["1048576"]["raw_pipe"], 2)},
         "meta": {"quick": q, "python": sys.version.split()[0], "machine": platform.machine(),
                  "kernel": platform.release(), "cpus": os.cpu_count(), "root": os.geteuid() == 0,
-                 "policy": "policies/default.toml (fully applied)"},
+                 "policy": "policies/default.toml (fully applied)",
+                 "rtt_placement": ("host thread and child pinned to one CPU" if pinned else "unpinned (not allowed)")
+                 + "; rtt_us_cross_cpu: host on CPU 0, child on CPU 1 (see benchmarks/placement.py)"},
     }
     try:
         from . import web
@@ -90,10 +102,15 @@ def main(argv=None):
 def render(r):
     lines = ["## start -> first reply (p50, ms)", "", "| how | ms |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in sorted(r["start_ms"].items(), key=lambda kv: kv[1])]
-    lines += ["", "## call round trip (p50, us)", "", "| how | " + " | ".join(f"{s} B" for s in SIZES) + " |",
+    lines += ["", "## call round trip, host and child on one CPU (p50, us)", "", "| how | " + " | ".join(f"{s} B" for s in SIZES) + " |",
               "|---|" + "---:|" * len(SIZES)]
     for name in r["rtt_us"]["16"]:
         lines.append(f"| {name} | " + " | ".join(str(r["rtt_us"][str(s)][name]) for s in SIZES) + " |")
+    if r.get("rtt_us_cross_cpu"):
+        lines += ["", "## call round trip, host and child on two CPUs (p50, us)", "",
+                  "| how | " + " | ".join(f"{s} B" for s in SIZES) + " |", "|---|" + "---:|" * len(SIZES)]
+        for name in r["rtt_us_cross_cpu"]["16"]:
+            lines.append(f"| {name} | " + " | ".join(str(r["rtt_us_cross_cpu"][str(s)][name]) for s in SIZES) + " |")
     lines += ["", f"idle PSS (KiB): {r['idle_pss_kib']}",
               f"timeout overshoot: p99 {r['timeout_overshoot_ms']['sandbox']} ms, p50 {r['timeout_overshoot_ms']['sandbox_p50']} ms",
               ""]

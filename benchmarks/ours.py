@@ -25,6 +25,7 @@ def start_once(pol):
 class Echo:
     def __init__(self, pol):
         self.w = sandbox.Worker(PLUGIN, policy=pol)
+        self.pid = self.w.pid
 
     def roundtrip(self, payload):
         return self.w.call("echo", payload)

@@ -21,6 +21,7 @@ r, w = int(sys.argv[1]), int(sys.argv[2])
 # from ~7 to ~45 us), and the floor must not be slower than it should for that reason.
 if os.fork():
     os._exit(0)
+os.write(w, struct.pack("<i", os.getpid()))  # so that the host can place it on a CPU
 def readn(n):
     chunks = []
     while n:
@@ -55,6 +56,7 @@ class RawPipe:
         launcher.wait()  # the echo loop runs in its forked child, which exits on EOF
         os.close(a_r)
         os.close(b_w)
+        self.pid = struct.unpack("<i", self._readn(4))[0]
 
     def roundtrip(self, payload: bytes):
         v = memoryview(struct.pack("<I", len(payload)) + payload)
@@ -177,6 +179,12 @@ def _fork_peers_main(quick: bool) -> dict:
     for name, fn in (("os_fork", start_fork), ("process_pool_cold", start_pool)):
         fn()
         res["start_ms"][name] = round(p50([fn() for _ in range(n)]) * 1000, 3)
+    # the round trips on one CPU, like the sandbox and the raw floor (see placement.py); the
+    # children inherit it, and so do the pool's helper threads
+    try:
+        os.sched_setaffinity(0, {0})
+    except OSError:
+        pass
     for size in (16, 1024, 65536, 1048576):
         payload = os.urandom(size)
         reps = (2000 if quick else 10000) if size <= 65536 else (100 if quick else 400)

@@ -10,6 +10,7 @@ import tempfile
 import time
 
 from .peers import ECHO_CHILD, _setpipe
+from .placement import Pinned
 from .stats import p50
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,16 +104,18 @@ async def _raw_asyncio(payload, n):
     subprocess.Popen([sys.executable, "-I", "-S", "-c", ECHO_CHILD, str(a_r), str(b_w)], pass_fds=(a_r, b_w)).wait()
     os.close(a_r)
     os.close(b_w)
+    pid = struct.unpack("<i", os.read(b_r, 4))[0]  # the echo child announces itself first
     proto = _EchoProto()
     rt, _ = await loop.connect_read_pipe(lambda: proto, os.fdopen(b_r, "rb", buffering=0))
     wt, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(a_w, "wb", buffering=0))
     ts = []
-    for _ in range(n):
-        proto.fut = loop.create_future()
-        t = time.perf_counter()
-        wt.write(struct.pack("<I", len(payload)) + payload)
-        await proto.fut
-        ts.append(time.perf_counter() - t)
+    with Pinned([pid], "same_cpu"):
+        for _ in range(n):
+            proto.fut = loop.create_future()
+            t = time.perf_counter()
+            wt.write(struct.pack("<I", len(payload)) + payload)
+            await proto.fut
+            ts.append(time.perf_counter() - t)
     wt.close()
     rt.close()
     return ts
@@ -123,10 +126,11 @@ async def _ours_asyncio(payload, n):
     w = await sandbox.AsyncWorker.start(PLUGIN_SRC, policy=os.path.join(ROOT, "policies", "default.toml"))
     ts = []
     try:
-        for _ in range(n):
-            t = time.perf_counter()
-            await w.call("echo", payload)
-            ts.append(time.perf_counter() - t)
+        with Pinned([w.pid], "same_cpu"):  # the same placement as the floor's (placement.py)
+            for _ in range(n):
+                t = time.perf_counter()
+                await w.call("echo", payload)
+                ts.append(time.perf_counter() - t)
     finally:
         await w.close()
     return ts

@@ -3,6 +3,7 @@
 Everything here runs in the forked child. Imports are done in the zygote, before fork, so that
 nothing is imported after the filter is on except what the plugin itself asks for.
 """
+import _thread
 import gc
 import os
 import sys
@@ -16,6 +17,8 @@ from .protocol import framing
 MAX_SOURCE = 8 * 1024 * 1024
 MAX_TEXT = 64 * 1024  # error message and traceback, each
 _writer = None
+_header = framing.HEADER.pack
+_write = os.write
 
 
 def _cap(text: str) -> str:
@@ -32,32 +35,47 @@ def _describe(exc: BaseException) -> dict:
 
 
 class Writer:
-    """Blocking frame writer on the child->host pipe (the host always drains it)."""
+    """Blocking frame writer on the child->host pipe (the host always drains it).
+
+    One frame at a time: a plugin's threads may post() while the main thread replies, and
+    interleaved frames would be a protocol violation the plugin did not commit."""
 
     def __init__(self, fd: int, max_frame: int):
         self.fd = fd
         self.max_frame = max_frame
+        self._encode = protocol.Encoder().encode
+        self._lock = _thread.allocate_lock()  # _thread, not threading: the zygote stays lean
 
     def send(self, ftype: int, call_id: int, obj) -> None:
-        try:
-            payload = protocol.dumps(obj)
-        except protocol.NotPlainData as e:
-            if ftype not in (framing.RESULT, framing.EVENT):
-                raise
-            ftype, payload = framing.ERROR, protocol.dumps(
-                {"type": "TypeError", "message": f"value is not plain data: {e}", "traceback": ""})
-        if len(payload) > self.max_frame:
-            if ftype not in (framing.RESULT, framing.EVENT):
-                raise ValueError("frame too large")
-            ftype, payload = framing.ERROR, protocol.dumps(
-                {"type": "ValueError", "traceback": "",
-                 "message": f"value of {len(payload)} bytes exceeds max_message_bytes ({self.max_frame})"})
-        data = framing.encode_header(ftype, call_id, len(payload)) + payload
-        n = os.write(self.fd, data)
-        if n < len(data):  # a large frame: the host drains the pipe as we go
-            view = memoryview(data)[n:]
+        with self._lock:
+            try:
+                payload = self._encode(obj)
+            except protocol.NotPlainData as e:
+                ftype, payload = self._refusal(ftype, "TypeError", f"value is not plain data: {e}")
+            size = len(payload)
+            if size > self.max_frame:
+                ftype, payload = self._refusal(
+                    ftype, "ValueError", f"value of {size} bytes exceeds max_message_bytes ({self.max_frame})")
+                size = len(payload)
+            header = _header(framing.MAGIC, framing.VERSION, ftype, size, call_id)
+            if size < 65536:
+                data = header + payload
+                n = _write(self.fd, data)
+                if n < len(data):  # a pipe smaller than we asked for
+                    self._write_all(memoryview(data)[n:])
+            else:  # large: no copy into one buffer; the host drains the pipe as we go
+                self._write_all(memoryview(header), memoryview(payload))
+
+    def _refusal(self, ftype, etype, message):
+        """A reply or event that can't be sent becomes an ERROR frame saying why."""
+        if ftype not in (framing.RESULT, framing.EVENT):
+            raise ValueError(message)
+        return framing.ERROR, self._encode({"type": etype, "message": message, "traceback": ""})
+
+    def _write_all(self, *views):
+        for view in views:
             while view:
-                view = view[os.write(self.fd, view):]
+                view = view[_write(self.fd, view):]
 
 
 def child_main(plan: dict, fds: list, ruleset: int | None = None) -> None:
@@ -129,7 +147,7 @@ def _public_function(module, name):
 
 def _serve(module, max_frame: int) -> None:
     decoder = framing.FrameDecoder(max_frame, allowed_types=framing.HOST_TYPES)
-    limits = protocol.Limits(max_bytes=max_frame)
+    limits = protocol.Limits(max_bytes=max_frame, max_depth=None)  # the host is the trusted side
     while True:
         view = decoder.payload_view()
         if view is not None:  # a large payload: read straight into its buffer

@@ -11,6 +11,7 @@ from .errors import (LoadError, ConfinementError, PluginCrashed, PluginError, Pl
                      PluginTimeout, PolicyViolation, ProtocolViolation, SandboxError)
 from .protocol import framing
 
+_read = os.read
 # What feed() returns, one tuple per event.
 READY, RESULT, FAILURE, MESSAGE, LOAD_FAILED = "ready", "result", "failure", "message", "load-failed"
 
@@ -31,6 +32,7 @@ class Session:
     def __init__(self, max_frame: int):
         self.decoder = framing.FrameDecoder(max_frame, framing.CHILD_TYPES)
         self.limits = protocol.Limits(max_bytes=max_frame)
+        self._encoder = protocol.Encoder()  # callers hold their own lock around encode_call
         self.ready = False
         self.pending_id = None  # the one call in flight
         self._next_id = 0
@@ -40,7 +42,7 @@ class Session:
             raise RuntimeError("a call is already in flight")
         self._next_id += 1
         self.pending_id = self._next_id
-        return framing.encode_frame(framing.CALL, self._next_id, protocol.dumps([name, list(args), kwargs]))
+        return framing.encode_frame(framing.CALL, self._next_id, self._encoder.encode_call(name, args, kwargs))
 
     def call_done(self):
         self.pending_id = None
@@ -57,15 +59,19 @@ class Session:
 
         The one place that touches an fd here (BlockingIOError passes through); large payloads are
         read straight into their buffer instead of through a temporary bytes object."""
-        view = self.decoder.payload_view()
+        decoder = self.decoder
+        view = decoder.payload_view()
         if view is not None:
             try:
                 n = os.readv(fd, [view])
             finally:
                 view.release()
             return self.advance(n) if n else None
-        data = os.read(fd, self.decoder.read_size())
-        return self.feed(data) if data else None
+        data = _read(fd, decoder.read_size())
+        if not data:
+            return None
+        on_frame = self._on_frame
+        return [on_frame(frame) for frame in decoder.feed(data)]
 
     def advance(self, n: int) -> list[tuple]:
         """`n` bytes were read straight into decoder.payload_view()."""
@@ -74,27 +80,28 @@ class Session:
     def _on_frame(self, frame):
         obj = protocol.loads(frame.payload, self.limits)
         t = frame.type
+        if t == framing.RESULT or t == framing.ERROR:
+            # must answer the one call in flight, by its id
+            if self.pending_id is None:
+                raise ProtocolViolation(f"unsolicited reply (call id {frame.call_id})")
+            if frame.call_id != self.pending_id:
+                raise ProtocolViolation(f"reply for call {frame.call_id} while call {self.pending_id} is in flight")
+            self.pending_id = None
+            if t == framing.RESULT:
+                return (RESULT, obj)
+            return (FAILURE, plugin_error(_strings(obj)))
+        if t == framing.EVENT:
+            return (MESSAGE, obj)
         if t == framing.READY:
             if self.ready:
                 raise ProtocolViolation("second READY frame")
             self.ready = True
             return (READY, obj)
-        if t == framing.LOADERR:
-            if self.ready:
-                raise ProtocolViolation("load error after the plugin was ready")
-            return (LOAD_FAILED, _strings(obj, ("type", "message", "traceback", "layer"))
-                    if isinstance(obj, dict) and "layer" in obj else _strings(obj))
-        if t == framing.EVENT:
-            return (MESSAGE, obj)
-        # RESULT or ERROR: must answer the one call in flight, by its id.
-        if self.pending_id is None:
-            raise ProtocolViolation(f"unsolicited reply (call id {frame.call_id})")
-        if frame.call_id != self.pending_id:
-            raise ProtocolViolation(f"reply for call {frame.call_id} while call {self.pending_id} is in flight")
-        self.pending_id = None
-        if t == framing.RESULT:
-            return (RESULT, obj)
-        return (FAILURE, plugin_error(_strings(obj)))
+        # LOADERR (the decoder lets no other type through from a child)
+        if self.ready:
+            raise ProtocolViolation("load error after the plugin was ready")
+        return (LOAD_FAILED, _strings(obj, ("type", "message", "traceback", "layer"))
+                if isinstance(obj, dict) and "layer" in obj else _strings(obj))
 
 
 def plugin_error(d: dict) -> SandboxError:

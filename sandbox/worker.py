@@ -26,6 +26,9 @@ log.addHandler(logging.NullHandler())  # a library doesn't print on its own
 LOG_LINE_MAX = 4096
 LOG_BUDGET = 1 << 20  # bytes of plugin output forwarded per worker; the rest is counted, not kept
 DEATH_WAIT = 5.0
+_REPLIES = (S.RESULT, S.FAILURE)
+_monotonic = time.monotonic
+_write = os.write
 
 
 def _load_policy(policy):
@@ -99,18 +102,20 @@ class Worker:
         timeout = self._timeout if timeout is None else timeout
         with self._calls:
             self._check_alive()
-            deadline = time.monotonic() + timeout
+            deadline = _monotonic() + timeout
             with self._io:
                 self._check_alive()  # again: the hub may have seen it die while we waited for the lock
                 if self._hub_reads:
                     _hub.get().disarm(self._fds["from"])
                 try:
                     frame = self._session.encode_call(name, args, kwargs)
-                    kind, value = self._pump(frame, deadline, timeout, want=(S.RESULT, S.FAILURE))
+                    kind, value = self._pump(frame, deadline, timeout, want=_REPLIES)
                 finally:
                     self._session.call_done()
-                    self._rearm()
-            self._dispatch()
+                    if self._hub_reads or self._hub_missed:
+                        self._rearm()
+            if self._inbox:
+                self._dispatch()
             if kind == S.RESULT:
                 return value
             raise value
@@ -189,16 +194,22 @@ class Worker:
     # ---- the pump: the one place that reads the child ----------------------------------------
     def _pump(self, out: bytes | None, deadline: float, timeout, want, starting=False):
         """Write `out`, then read until an event in `want` arrives (returned) or the worker ends."""
-        view = memoryview(out) if out else None
-        fds = self._fds
-        poller = self._get_poller()
-        to_fd = fds.get("to")
-        if view is not None:
+        poller = self._poller or self._get_poller()
+        to_fd = self._fds.get("to")
+        view = None
+        if out:
             if to_fd is None:
                 raise WorkerClosed(f"worker {self.name} is closing")
-            view = self._write_some(to_fd, view)
-            if view is not None:
-                poller.register(to_fd, select.POLLOUT)
+            try:
+                n = _write(to_fd, out)  # a small frame fits the pipe whole: the common case
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                n = len(out)  # the child is gone; its death arrives on the status pipe
+            if n < len(out):
+                view = self._write_some(to_fd, memoryview(out)[n:])
+                if view is not None:
+                    poller.register(to_fd, select.POLLOUT)
         try:
             return self._pump_loop(poller, view, to_fd, deadline, timeout, want, starting)
         finally:
@@ -227,7 +238,7 @@ class Worker:
         if view is None and not want:
             return (None, None)
         while True:
-            remaining = deadline - time.monotonic()
+            remaining = deadline - _monotonic()
             if remaining <= 0:
                 self._kill(S.timeout_error(self.name, timeout) if not starting else
                            LoadError("TimeoutError", f"plugin {self.name} did not start within {timeout:g} s"))

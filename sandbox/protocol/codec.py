@@ -10,11 +10,15 @@ from ..errors import ProtocolViolation
 
 
 class Limits:
-    """Decoding budgets. (A plain class: dataclasses would pull inspect into the zygote.)"""
+    """Decoding budgets. (A plain class: dataclasses would pull inspect into the zygote.)
+
+    `max_depth=None` skips the nesting walk: only for frames from the trusted side (the worker
+    decoding its host's calls), where it would protect nothing."""
 
     __slots__ = ("max_bytes", "max_items", "max_depth")
 
-    def __init__(self, max_bytes: int = 16 * 1024 * 1024, max_items: int = 1_000_000, max_depth: int = 64):
+    def __init__(self, max_bytes: int = 16 * 1024 * 1024, max_items: int = 1_000_000,
+                 max_depth: int | None = 64):
         self.max_bytes = max_bytes
         self.max_items = max_items  # elements of any one array or map
         self.max_depth = max_depth
@@ -32,16 +36,53 @@ def _refuse(obj):
     raise NotPlainData(f"{type(obj).__name__} is not plain data (None, bool, int, float, str, bytes, list, dict)")
 
 
+_CONTAINERS = (list, tuple, dict)
+
+
+def _new_packer():
+    return msgpack.Packer(use_bin_type=True, default=_refuse, strict_types=False)
+
+
+class Encoder:
+    """A reusable packer (building one per message costs more than packing a small one).
+
+    Not thread-safe: each Session and Writer owns one and uses it under its own lock, because
+    a packer shared between threads could mix one message's bytes into another's."""
+
+    __slots__ = ("_pack",)
+
+    def __init__(self):
+        self._pack = _new_packer().pack
+
+    def encode(self, obj) -> bytes:
+        """Plain data to bytes; anything else raises NotPlainData (tuples travel as lists)."""
+        if isinstance(obj, _CONTAINERS):
+            _check_keys(obj)
+        return self._packed(obj)
+
+    def encode_call(self, name: str, args: tuple, kwargs: dict) -> bytes:
+        """[name, args, kwargs] without walking the parts Python already guarantees (a str name,
+        str keyword names): only container arguments are checked."""
+        for a in args:
+            if isinstance(a, _CONTAINERS):
+                _check_keys(a)
+        for a in kwargs.values():
+            if isinstance(a, _CONTAINERS):
+                _check_keys(a)
+        return self._packed([name, args, kwargs])
+
+    def _packed(self, obj) -> bytes:
+        try:
+            return self._pack(obj)  # msgpack resets the packer's buffer when packing fails
+        except NotPlainData:
+            raise
+        except (TypeError, ValueError, OverflowError) as e:
+            raise NotPlainData(str(e)) from None
+
+
 def dumps(obj) -> bytes:
     """Encode plain data; anything else raises NotPlainData (tuples travel as lists)."""
-    if isinstance(obj, (list, tuple, dict)):
-        _check_keys(obj)
-    try:
-        return msgpack.packb(obj, use_bin_type=True, default=_refuse, strict_types=False)
-    except NotPlainData:
-        raise
-    except (TypeError, ValueError, OverflowError) as e:
-        raise NotPlainData(str(e)) from None
+    return Encoder().encode(obj)
 
 
 def loads(data: bytes, limits: Limits = DEFAULT_LIMITS):
@@ -49,19 +90,23 @@ def loads(data: bytes, limits: Limits = DEFAULT_LIMITS):
     if len(data) > limits.max_bytes:
         raise ProtocolViolation(f"payload of {len(data)} bytes exceeds the {limits.max_bytes}-byte cap")
     size = len(data)
+    items = limits.max_items
     try:
-        obj = msgpack.unpackb(
-            data, raw=False, strict_map_key=True, use_list=True, timestamp=0,
-            max_str_len=size, max_bin_len=size,
-            max_array_len=min(size, limits.max_items), max_map_len=min(size // 2, limits.max_items),
-            max_ext_len=0, ext_hook=_no_ext,
+        obj = _unpackb(
+            data, raw=False, strict_map_key=True,  # lists, no timestamps: the defaults
+            max_str_len=size, max_bin_len=size, max_ext_len=0, ext_hook=_no_ext,
+            max_array_len=size if size < items else items, max_map_len=size // 2 if size // 2 < items else items,
         )
     except ProtocolViolation:
         raise
     except Exception as e:  # msgpack raises many types (ValueError, StackError, ExtraData, ...)
         raise ProtocolViolation(f"undecodable payload: {type(e).__name__}: {e}") from None
-    check_depth(obj, limits.max_depth)
+    if (type(obj) is list or type(obj) is dict) and limits.max_depth is not None:
+        check_depth(obj, limits.max_depth)
     return obj
+
+
+_unpackb = msgpack.unpackb
 
 
 def _check_keys(obj, budget: int = 10_000_000) -> None:

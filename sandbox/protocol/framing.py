@@ -23,6 +23,8 @@ HOST_TYPES = frozenset({CALL, POST})
 
 
 Frame = namedtuple("Frame", "type call_id payload")
+_frame = tuple.__new__  # _frame(Frame, (type, call_id, payload)): skips namedtuple's Python-level __new__
+_unpack_header = HEADER.unpack_from
 
 
 def encode_header(ftype: int, call_id: int, length: int) -> bytes:
@@ -58,9 +60,16 @@ class FrameDecoder:
         return len(self._hbuf) + self._filled
 
     def feed(self, data) -> list[Frame]:
-        self._check()
+        if self._broken:
+            self._check()
         try:
             if self._head is None and not self._hbuf:
+                if len(data) >= HEADER_SIZE:
+                    # the hot path: one read, one whole frame, every header rule checked inline
+                    magic, version, ftype, length, call_id = _unpack_header(data, 0)
+                    if (len(data) == HEADER_SIZE + length and magic == MAGIC and version == VERSION
+                            and ftype in self._allowed and length <= self._max):
+                        return [_frame(Frame, (ftype, call_id, data[HEADER_SIZE:]))]
                 return self._feed_whole(data)
             return self._feed(memoryview(data))
         except ProtocolViolation:
@@ -75,7 +84,7 @@ class FrameDecoder:
             end = off + HEADER_SIZE + length
             if end > n:
                 break
-            frames.append(Frame(ftype, call_id, data[off + HEADER_SIZE:end]))
+            frames.append(_frame(Frame, (ftype, call_id, data[off + HEADER_SIZE:end])))
             off = end
         if off < n:
             frames += self._feed(memoryview(data)[off:])
@@ -129,7 +138,7 @@ class FrameDecoder:
 
     def _finish(self) -> Frame:
         ftype, _, call_id = self._head
-        frame = Frame(ftype, call_id, self._payload)
+        frame = _frame(Frame, (ftype, call_id, self._payload))
         self._head = None
         self._payload = None
         self._filled = 0
@@ -152,8 +161,11 @@ class FrameDecoder:
 
         Asking os.read for a megabyte every time costs an mmap per read; asking for a little
         costs many reads for a big frame."""
-        missing = self._head[1] - self._filled if self._head is not None else HEADER_SIZE
-        return min(max(missing, floor), ceiling)
+        head = self._head
+        if head is None:
+            return floor
+        missing = head[1] - self._filled
+        return floor if missing < floor else missing if missing < ceiling else ceiling
 
     def at_boundary(self) -> bool:
         """True when no partial frame is buffered (EOF here is clean; elsewhere it is truncation)."""
