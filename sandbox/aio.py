@@ -123,6 +123,8 @@ class AsyncWorker:
                 if timeout:
                     timer = loop.call_later(timeout, self._on_call_timeout, fut, timeout)
                 self._send(frame)
+                frame = None
+                self._session.sent()  # whatever is still queued was copied
                 kind, value = await fut
             except asyncio.CancelledError:
                 if fut is not None and not (fut.done() and not fut.cancelled()):
@@ -303,7 +305,11 @@ class AsyncWorker:
         self._take_log(data)
 
     # ---- writing to the child ---------------------------------------------------------------
-    def _send(self, frame: bytes):
+    def _send(self, frame):
+        if type(frame) is tuple:  # a large frame: (header, payload), queued as two writes
+            for part in frame:
+                self._send(part)
+            return
         fd = self._fds.get("to")
         if fd is None:
             raise WorkerClosed(f"worker {self.name} is closing")
@@ -318,7 +324,8 @@ class AsyncWorker:
                 return
             frame = memoryview(frame)[n:]
             self._loop.add_writer(fd, self._on_writable)
-        self._out.append(frame)
+        # queued: a copy, because a large payload is a view of the encoder's reusable buffer
+        self._out.append(bytes(frame))
 
     def _on_writable(self):
         fd = self._fds.get("to")

@@ -43,7 +43,8 @@ class Writer:
     def __init__(self, fd: int, max_frame: int):
         self.fd = fd
         self.max_frame = max_frame
-        self._encode = protocol.Encoder().encode
+        self._encoder = protocol.Encoder()
+        self._encode = self._encoder.encode
         self._lock = _thread.allocate_lock()  # _thread, not threading: the zygote stays lean
 
     def send(self, ftype: int, call_id: int, obj) -> None:
@@ -64,7 +65,11 @@ class Writer:
                 if n < len(data):  # a pipe smaller than we asked for
                     self._write_all(memoryview(data)[n:])
             else:  # large: no copy into one buffer; the host drains the pipe as we go
-                self._write_all(memoryview(header), memoryview(payload))
+                try:
+                    self._write_all(memoryview(header), memoryview(payload))
+                finally:
+                    payload = None
+                    self._encoder.release()
 
     def _refusal(self, ftype, etype, message):
         """A reply or event that can't be sent becomes an ERROR frame saying why."""
@@ -146,7 +151,7 @@ def _public_function(module, name):
 
 
 def _serve(module, max_frame: int) -> None:
-    decoder = framing.FrameDecoder(max_frame, allowed_types=framing.HOST_TYPES)
+    decoder = framing.FrameDecoder(max_frame, allowed_types=framing.HOST_TYPES, reuse=True)  # decoded at once
     limits = protocol.Limits(max_bytes=max_frame, max_depth=None)  # the host is the trusted side
     while True:
         view = decoder.payload_view()

@@ -30,26 +30,30 @@ def _strings(obj, keys=("type", "message", "traceback")) -> dict:
 
 class Session:
     def __init__(self, max_frame: int):
-        self.decoder = framing.FrameDecoder(max_frame, framing.CHILD_TYPES)
+        self.decoder = framing.FrameDecoder(max_frame, framing.CHILD_TYPES, reuse=True)  # decoded at once
         self.limits = protocol.Limits(max_bytes=max_frame)
         self._encoder = protocol.Encoder()  # callers hold their own lock around encode_call
         self.ready = False
         self.pending_id = None  # the one call in flight
         self._next_id = 0
 
-    def encode_call(self, name: str, args, kwargs) -> bytes:
+    def encode_call(self, name: str, args, kwargs) -> bytes | tuple:
         if self.pending_id is not None:
             raise RuntimeError("a call is already in flight")
         self._next_id += 1
         self.pending_id = self._next_id
-        return framing.encode_frame(framing.CALL, self._next_id, self._encoder.encode_call(name, args, kwargs))
+        return _frame(framing.CALL, self._next_id, self._encoder.encode_call(name, args, kwargs))
 
     def call_done(self):
         self.pending_id = None
 
+    def sent(self):
+        """The frame from encode_call is written (or dropped): its buffer may be reused."""
+        self._encoder.release()
+
     @staticmethod
-    def encode_post(obj) -> bytes:
-        return framing.encode_frame(framing.POST, 0, protocol.dumps(obj))
+    def encode_post(obj) -> bytes | tuple:
+        return _frame(framing.POST, 0, protocol.dumps(obj))
 
     def feed(self, data: bytes) -> list[tuple]:
         return [self._on_frame(frame) for frame in self.decoder.feed(data)]
@@ -102,6 +106,16 @@ class Session:
             raise ProtocolViolation("load error after the plugin was ready")
         return (LOAD_FAILED, _strings(obj, ("type", "message", "traceback", "layer"))
                 if isinstance(obj, dict) and "layer" in obj else _strings(obj))
+
+
+LARGE = 65536
+
+
+def _frame(ftype, call_id, payload):
+    """One buffer for a small frame; (header, payload) for a large one, which the writer hands
+    to writev: copying a megabyte behind a 16-byte header costs a megabyte of fresh pages."""
+    header = framing.encode_header(ftype, call_id, len(payload))
+    return header + payload if len(payload) < LARGE else (header, payload)
 
 
 def plugin_error(d: dict) -> SandboxError:

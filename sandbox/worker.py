@@ -112,6 +112,7 @@ class Worker:
                     kind, value = self._pump(frame, deadline, timeout, want=_REPLIES)
                 finally:
                     self._session.call_done()
+                    self._session.sent()
                     if self._hub_reads or self._hub_missed:
                         self._rearm()
             if self._inbox:
@@ -196,20 +197,23 @@ class Worker:
         """Write `out`, then read until an event in `want` arrives (returned) or the worker ends."""
         poller = self._poller or self._get_poller()
         to_fd = self._fds.get("to")
-        view = None
+        view = None  # what is left to write: a list of memoryviews
         if out:
             if to_fd is None:
                 raise WorkerClosed(f"worker {self.name} is closing")
-            try:
-                n = _write(to_fd, out)  # a small frame fits the pipe whole: the common case
-            except BlockingIOError:
-                n = 0
-            except OSError:
-                n = len(out)  # the child is gone; its death arrives on the status pipe
-            if n < len(out):
-                view = self._write_some(to_fd, memoryview(out)[n:])
-                if view is not None:
-                    poller.register(to_fd, select.POLLOUT)
+            if type(out) is tuple:  # a large frame: header and payload, never copied into one buffer
+                view = self._write_some(to_fd, [memoryview(part) for part in out])
+            else:
+                try:
+                    n = _write(to_fd, out)  # a small frame fits the pipe whole: the common case
+                except BlockingIOError:
+                    n = 0
+                except OSError:
+                    n = len(out)  # the child is gone; its death arrives on the status pipe
+                if n < len(out):
+                    view = self._write_some(to_fd, [memoryview(out)[n:]])
+            if view is not None:
+                poller.register(to_fd, select.POLLOUT)
         try:
             return self._pump_loop(poller, view, to_fd, deadline, timeout, want, starting)
         finally:
@@ -270,14 +274,23 @@ class Worker:
                     self._on_status()
                     raise self._ended()
 
-    def _write_some(self, fd, view):
+    @staticmethod
+    def _write_some(fd, parts):
+        """Write the memoryviews in `parts` until the pipe is full: what is left, or None when all
+        is written (or the child is gone: its death arrives on the status pipe)."""
         try:
-            while view:
-                view = view[os.write(fd, view):]
+            while parts:
+                n = os.writev(fd, parts)
+                while n:
+                    if n >= len(parts[0]):
+                        n -= len(parts.pop(0))
+                    else:
+                        parts[0] = parts[0][n:]
+                        n = 0
         except BlockingIOError:
-            return view
-        except (BrokenPipeError, OSError):
-            return None  # the child is gone; its death arrives on the status pipe
+            return parts
+        except OSError:
+            return None
         return None
 
     def _read_frames(self, want):

@@ -125,3 +125,43 @@ def test_truncated_frame_is_not_at_boundary():
     d = FrameDecoder()
     assert d.feed(frame[:-2]) == []
     assert not d.at_boundary()
+
+
+# big payloads built from small draws (hypothesis refuses to draw 100 KB of entropy)
+big = st.tuples(st.binary(min_size=1, max_size=8), st.integers(0, 40_000)).map(lambda t: t[0] * t[1])
+
+
+@given(st.lists(plain | big, min_size=1, max_size=6))
+@settings(max_examples=40, deadline=None)
+def test_encoder_reuses_its_buffer_without_mixing_messages(values):
+    """Large payloads come back as views of one kept buffer; each must still decode to its own value."""
+    from sandbox.protocol import Encoder
+    enc = Encoder()
+    for v in values:
+        out = enc.encode(v)
+        assert loads(bytes(out)) == v
+        if isinstance(out, memoryview):
+            enc.release()
+    out1 = bytes(enc.encode([1, "a"]))
+    assert loads(out1) == [1, "a"]
+
+
+def test_encoder_refusal_leaves_no_partial_bytes_behind():
+    from sandbox.protocol import Encoder
+    enc = Encoder()
+    with pytest.raises(NotPlainData):
+        enc.encode([b"x" * 100_000, object()])
+    assert loads(bytes(enc.encode("next"))) == "next"
+
+
+@given(st.lists(big, min_size=1, max_size=5), st.integers(1, 70_000))
+@settings(max_examples=40, deadline=None)
+def test_reusing_decoder_gives_each_frame_its_own_payload(payloads, chunk):
+    """reuse=True collects large payloads in one kept buffer: decoded in turn, none is mixed up."""
+    stream = b"".join(encode_frame(RESULT, i, dumps(p)) for i, p in enumerate(payloads))
+    d = FrameDecoder(max_frame=1 << 20, reuse=True)
+    got = []
+    for i in range(0, len(stream), chunk):
+        for frame in d.feed(stream[i:i + chunk]):
+            got.append(loads(frame.payload, Limits(max_bytes=1 << 20)))  # decoded before the next feed
+    assert got == payloads

@@ -362,3 +362,33 @@ def test_terminate_from_another_thread_during_a_call(basic):
     threading.Timer(0.3, basic.terminate).start()
     with pytest.raises(WorkerClosed):
         basic.call("spin", timeout=10)
+
+
+THREADED_POSTER = """
+    import threading
+    from sandbox.plugin import post
+
+    def storm(n, size):
+        def run(k):
+            for i in range(n):
+                post({"k": k, "i": i, "pad": b"x" * (size if i % 2 else 10)})
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return 4 * n
+"""
+
+
+def test_threads_of_a_plugin_post_whole_frames(make_plugin):
+    """post() from several plugin threads at once: frames are written one at a time, never
+    interleaved (interleaving would be a protocol violation the plugin did not commit)."""
+    path, policy = make_plugin(THREADED_POSTER, "[limits]\nprocesses = 8\nmemory_mb = 512\n")
+    got = []
+    with sandbox.Worker(path, policy=policy) as w:
+        w.on("message", got.append)
+        assert w.call("storm", 200, 200_000, timeout=60) == 800
+    assert len(got) == 800
+    assert sorted((m["k"], m["i"]) for m in got) == [(k, i) for k in range(4) for i in range(200)]
+    assert all(len(m["pad"]) == (200_000 if m["i"] % 2 else 10) for m in got)

@@ -39,28 +39,36 @@ def _refuse(obj):
 _CONTAINERS = (list, tuple, dict)
 
 
+LARGE = 65536  # from this size a payload is handed out as a view instead of copied out
+KEEP = 4 * 1024 * 1024  # a packer whose buffer grew past this is replaced after use
+
+
 def _new_packer():
-    return msgpack.Packer(use_bin_type=True, default=_refuse, strict_types=False)
+    return msgpack.Packer(use_bin_type=True, default=_refuse, strict_types=False, autoreset=False)
 
 
 class Encoder:
-    """A reusable packer (building one per message costs more than packing a small one).
+    """A reusable packer: building one per message costs more than packing a small one, and a
+    large message is packed into the same kept buffer each time instead of fresh pages.
 
+    A small payload comes back as bytes. A large one comes back as a view of the packer's
+    buffer, valid until `release()` (or the next encode): write it, then release it.
     Not thread-safe: each Session and Writer owns one and uses it under its own lock, because
     a packer shared between threads could mix one message's bytes into another's."""
 
-    __slots__ = ("_pack",)
+    __slots__ = ("_packer", "_view")
 
     def __init__(self):
-        self._pack = _new_packer().pack
+        self._packer = _new_packer()
+        self._view = None
 
-    def encode(self, obj) -> bytes:
+    def encode(self, obj):
         """Plain data to bytes; anything else raises NotPlainData (tuples travel as lists)."""
         if isinstance(obj, _CONTAINERS):
             _check_keys(obj)
         return self._packed(obj)
 
-    def encode_call(self, name: str, args: tuple, kwargs: dict) -> bytes:
+    def encode_call(self, name: str, args: tuple, kwargs: dict):
         """[name, args, kwargs] without walking the parts Python already guarantees (a str name,
         str keyword names): only container arguments are checked."""
         for a in args:
@@ -71,18 +79,55 @@ class Encoder:
                 _check_keys(a)
         return self._packed([name, args, kwargs])
 
-    def _packed(self, obj) -> bytes:
+    def _packed(self, obj):
+        if self._view is not None:
+            self.release()
+        packer = self._packer
         try:
-            return self._pack(obj)  # msgpack resets the packer's buffer when packing fails
+            packer.pack(obj)
+        except BufferError:  # someone still holds a view of the last large payload: start afresh
+            packer = self._packer = _new_packer()
+            return self._packed(obj)
         except NotPlainData:
+            packer.reset()
             raise
         except (TypeError, ValueError, OverflowError) as e:
+            packer.reset()
             raise NotPlainData(str(e)) from None
+        view = packer.getbuffer()
+        if len(view) < LARGE:
+            data = view.tobytes()
+            view.release()
+            packer.reset()
+            return data
+        self._view = view
+        return view
+
+    def release(self) -> None:
+        """The last large payload was written: its buffer is free for the next one."""
+        view, self._view = self._view, None
+        if view is None:
+            return
+        size = len(view)
+        try:
+            view.release()
+        except BufferError:
+            pass  # a slice of it is still alive somewhere: the next pack starts a new packer
+        self._packer.reset()
+        if size > KEEP:
+            self._packer = _new_packer()  # don't keep a 16 MiB buffer for the next 16 bytes
 
 
 def dumps(obj) -> bytes:
     """Encode plain data; anything else raises NotPlainData (tuples travel as lists)."""
-    return Encoder().encode(obj)
+    if isinstance(obj, _CONTAINERS):
+        _check_keys(obj)
+    try:
+        return msgpack.packb(obj, use_bin_type=True, default=_refuse, strict_types=False)
+    except NotPlainData:
+        raise
+    except (TypeError, ValueError, OverflowError) as e:
+        raise NotPlainData(str(e)) from None
 
 
 def loads(data: bytes, limits: Limits = DEFAULT_LIMITS):

@@ -13,6 +13,7 @@ VERSION = 1
 HEADER = struct.Struct("<2sBBIQ")  # magic, version, type, payload length, call id
 HEADER_SIZE = HEADER.size
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
+REUSE_FROM, KEEP_MAX = 65536, 4 * 1024 * 1024  # see FrameDecoder(reuse=True)
 
 # Frame types. Direction matters: a child may only send the ones in CHILD_TYPES.
 READY, CALL, RESULT, ERROR, POST, EVENT, LOADERR = 1, 2, 3, 4, 5, 6, 7
@@ -43,11 +44,16 @@ class FrameDecoder:
     so a 1 MiB frame costs one copy, not three.
     """
 
-    __slots__ = ("_max", "_allowed", "_hbuf", "_head", "_payload", "_filled", "_broken")
+    __slots__ = ("_max", "_allowed", "_hbuf", "_head", "_payload", "_filled", "_broken", "_reuse", "_kept")
 
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, allowed_types=CHILD_TYPES):
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, allowed_types=CHILD_TYPES, *, reuse: bool = False):
+        """`reuse`: collect large payloads in one buffer kept across frames (up to KEEP_MAX), so
+        a stream of big messages doesn't fault in fresh pages for each. The frame's payload is
+        then a view that the next frame overwrites: decode it before feeding more."""
         self._max = max_frame
         self._allowed = allowed_types
+        self._reuse = reuse
+        self._kept = None
         self._hbuf = bytearray()
         self._head = None  # (type, length, call_id) of the frame being collected
         self._payload = None
@@ -109,7 +115,7 @@ class FrameDecoder:
     def _poison(self):
         self._broken = True
         self._hbuf = bytearray()
-        self._payload = None
+        self._payload = self._kept = None
 
     def _feed(self, mv) -> list[Frame]:
         frames = []
@@ -122,7 +128,7 @@ class FrameDecoder:
                     break
                 self._head = self._parse_header(self._hbuf, 0)
                 self._hbuf.clear()
-                self._payload = bytearray(self._head[1])
+                self._payload = self._buffer(self._head[1])
                 self._filled = 0
                 if self._head[1] == 0:
                     frames.append(self._finish())
@@ -135,6 +141,16 @@ class FrameDecoder:
             if self._filled == length:
                 frames.append(self._finish())
         return frames
+
+    def _buffer(self, length: int):
+        if not self._reuse or length < REUSE_FROM:
+            return bytearray(length)
+        kept = self._kept
+        if kept is None or len(kept) < length:
+            kept = bytearray(length)  # allocated only after the header passed the cap
+            if length <= KEEP_MAX:
+                self._kept = kept
+        return memoryview(kept)[:length]
 
     def _finish(self) -> Frame:
         ftype, _, call_id = self._head
