@@ -44,16 +44,19 @@ class FrameDecoder:
     so a 1 MiB frame costs one copy, not three.
     """
 
-    __slots__ = ("_max", "_allowed", "_hbuf", "_head", "_payload", "_filled", "_broken", "_reuse", "_kept")
+    __slots__ = ("_max", "_allowed", "_hbuf", "_head", "_payload", "_filled", "_broken", "_reuse", "_kept", "_lent", "_in_kept")
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, allowed_types=CHILD_TYPES, *, reuse: bool = False):
         """`reuse`: collect large payloads in one buffer kept across frames (up to KEEP_MAX), so
         a stream of big messages doesn't fault in fresh pages for each. The frame's payload is
-        then a view that the next frame overwrites: decode it before feeding more."""
+        then a view that a later frame overwrites: decode the frames one feed() returns before
+        the next feed()."""
         self._max = max_frame
         self._allowed = allowed_types
         self._reuse = reuse
         self._kept = None
+        self._lent = False  # the kept buffer holds a frame being collected or being returned
+        self._in_kept = False  # the frame being collected is in the kept buffer
         self._hbuf = bytearray()
         self._head = None  # (type, length, call_id) of the frame being collected
         self._payload = None
@@ -68,6 +71,7 @@ class FrameDecoder:
     def feed(self, data) -> list[Frame]:
         if self._broken:
             self._check()
+        self._lent = self._in_kept and self._head is not None
         try:
             if self._head is None and not self._hbuf:
                 if len(data) >= HEADER_SIZE:
@@ -105,6 +109,7 @@ class FrameDecoder:
     def advance(self, n: int) -> list[Frame]:
         """`n` bytes were written into payload_view()."""
         self._check()
+        self._lent = self._in_kept and self._head is not None
         self._filled += n
         return [self._finish()] if self._filled == self._head[1] else []
 
@@ -143,13 +148,16 @@ class FrameDecoder:
         return frames
 
     def _buffer(self, length: int):
-        if not self._reuse or length < REUSE_FROM:
-            return bytearray(length)
+        self._in_kept = False
+        if not self._reuse or length < REUSE_FROM or self._lent:
+            return bytearray(length)  # (lent: a frame this feed() returns is still in the kept one)
         kept = self._kept
         if kept is None or len(kept) < length:
             kept = bytearray(length)  # allocated only after the header passed the cap
-            if length <= KEEP_MAX:
-                self._kept = kept
+            if length > KEEP_MAX:
+                return kept
+            self._kept = kept
+        self._lent = self._in_kept = True
         return memoryview(kept)[:length]
 
     def _finish(self) -> Frame:
