@@ -78,6 +78,8 @@ class AsyncWorker:
         self._drainers: list[asyncio.Future] = []
         self._dead: asyncio.Future | None = None
         self._death_timer = None
+        self._deadline = None                # of the call in flight (monotonic, loop.time())
+        self._deadline_timer = None          # one lazily re-armed timer, not one per call
         self._subscribers = weakref.WeakSet()
         self._paused = False
         self._tasks = set()                  # async callbacks still running
@@ -115,13 +117,13 @@ class AsyncWorker:
         async with self._lock:
             self._check_alive()
             loop = self._loop
-            fut = timer = None
+            fut = None
             try:
                 frame = self._session.encode_call(name, args, kwargs)
                 fut = self._waiter = loop.create_future()
                 self._want = (S.RESULT, S.FAILURE)
                 if timeout:
-                    timer = loop.call_later(timeout, self._on_call_timeout, fut, timeout)
+                    self._set_deadline(loop.time() + timeout, timeout)
                 self._send(frame)
                 frame = None
                 self._session.sent()  # whatever is still queued was copied
@@ -133,8 +135,7 @@ class AsyncWorker:
                     self._kill(WorkerClosed(f"a call to {self.name}.{name} was cancelled; the worker was killed"))
                 raise
             finally:
-                if timer is not None:
-                    timer.cancel()
+                self._deadline = None
                 self._waiter = None
                 self._want = ()
                 self._session.call_done()
@@ -254,6 +255,8 @@ class AsyncWorker:
                 return
             for kind, value in events:
                 self._on_event(kind, value)
+            if self._want and self._waiter is not None and self._waiter.done():
+                return  # the awaited reply is in: let its task run (more data wakes us again)
 
     def _on_event(self, kind, value):
         if kind == S.MESSAGE:
@@ -427,10 +430,25 @@ class AsyncWorker:
             pass
         self._death_timer = self._loop.call_later(DEATH_WAIT, self._finalize, None)
 
-    def _on_call_timeout(self, fut, timeout):
-        if fut.done():
+    def _set_deadline(self, when: float, timeout: float):
+        """Calls in a row with the same timeout share one timer: it is re-armed when it fires
+        early for the call then in flight, instead of a call_later and a cancel per call."""
+        self._deadline, self._deadline_timeout = when, timeout
+        timer = self._deadline_timer
+        if timer is None or timer.when() > when:
+            if timer is not None:
+                timer.cancel()
+            self._deadline_timer = self._loop.call_at(when, self._on_deadline)
+
+    def _on_deadline(self):
+        self._deadline_timer = None
+        when, fut = self._deadline, self._waiter
+        if when is None or fut is None or fut.done():
             return
-        self._kill(S.timeout_error(self.name, timeout))
+        if self._loop.time() < when:
+            self._deadline_timer = self._loop.call_at(when, self._on_deadline)
+            return
+        self._kill(S.timeout_error(self.name, self._deadline_timeout))
         fut.set_exception(self._reason)
 
     def _finalize(self, status):
@@ -460,6 +478,9 @@ class AsyncWorker:
         if self._death_timer is not None:
             self._death_timer.cancel()
             self._death_timer = None
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
         if "log" in self._fds:
             self._drain_log()
         loop = self._loop

@@ -141,44 +141,39 @@ def _load(plan, source):
     return module
 
 
-def _public_function(module, name):
-    if not isinstance(name, str) or name.startswith("_"):
-        return None
-    fn = module.__dict__.get(name)
-    if not callable(fn) or isinstance(fn, type):
-        return None
-    return fn
-
-
 def _serve(module, max_frame: int) -> None:
     decoder = framing.FrameDecoder(max_frame, allowed_types=framing.HOST_TYPES, reuse=True)  # decoded at once
     limits = protocol.Limits(max_bytes=max_frame, max_depth=None)  # the host is the trusted side
+    # the loop every call goes through: names bound locally, not looked up per frame
+    payload_view, read_size, feed, advance = decoder.payload_view, decoder.read_size, decoder.feed, decoder.advance
+    loads, read, readv, CALL, POST = protocol.loads, os.read, os.readv, framing.CALL, framing.POST
+    functions = module.__dict__
     while True:
-        view = decoder.payload_view()
+        view = payload_view()
         if view is not None:  # a large payload: read straight into its buffer
-            n = os.readv(FROM_HOST, [view])
+            n = readv(FROM_HOST, [view])
             del view
             if not n:
                 return
-            frames = decoder.advance(n)
+            frames = advance(n)
         else:
-            data = os.read(FROM_HOST, decoder.read_size())
+            data = read(FROM_HOST, read_size())
             if not data:
                 return
-            frames = decoder.feed(data)
-        for frame in frames:
-            obj = protocol.loads(frame.payload, limits)
-            if frame.type == framing.CALL:
-                _answer_call(module, frame.call_id, obj)
-            elif frame.type == framing.POST:
+            frames = feed(data)
+        for ftype, call_id, payload in frames:
+            obj = loads(payload, limits)
+            if ftype == CALL:
+                _answer_call(functions, call_id, obj)
+            elif ftype == POST:
                 _deliver(module, obj)
 
 
-def _answer_call(module, call_id, obj):
+def _answer_call(functions, call_id, obj):
     try:
         name, args, kwargs = obj
-        fn = _public_function(module, name)
-        if fn is None:
+        fn = functions.get(name) if type(name) is str and name[:1] != "_" else None
+        if not callable(fn) or isinstance(fn, type):
             raise AttributeError(f"plugin has no public function {name!r}")
         result = fn(*args, **kwargs)
     except BaseException as e:  # noqa: BLE001 - SystemExit and friends are reported, not obeyed

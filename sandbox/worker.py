@@ -308,6 +308,8 @@ class Worker:
                 # EOF: the child closed its pipe or died; wait for the status pipe to say which.
                 self._await_status()
                 raise self._ended()
+            if len(events) == 1 and found is None and events[0][0] in want and self._session.decoder.at_boundary():
+                return events[0]  # the usual read: exactly the awaited reply
             for kind, value in events:
                 if kind == S.MESSAGE:
                     self._inbox.append(value)

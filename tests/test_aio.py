@@ -3,6 +3,7 @@ import asyncio
 import os
 import signal
 import threading
+import time
 
 import pytest
 
@@ -245,3 +246,22 @@ def test_no_thread_fd_or_zombie_left(plugin):
     before_fds = run(main())
     assert open_fds() <= before_fds | set()  # asyncio.run's own loop fds are closed with it
     assert zombies_of(os.getpid()) == []
+
+
+def test_call_deadlines_follow_each_call(plugin):
+    """One timer serves calls in a row: a timer left by an earlier, shorter call must not kill a
+    later, longer one, and a shorter call after a longer one still gets its own deadline."""
+    path, policy = plugin
+
+    async def main():
+        async with AsyncWorker(path, policy=policy) as w:
+            await w.call("nap", 0.0, timeout=0.3)                  # leaves a timer at t+0.3
+            await w.call("nap", 0.8, timeout=5)                    # outlives that timer
+            assert await w.call("echo", 1, timeout=30) == 1       # leaves a timer far away
+            t = time.monotonic()
+            with pytest.raises(PluginTimeout):
+                await w.call("nap", 30, timeout=0.3)             # earlier than the far timer
+            assert time.monotonic() - t < 5
+            assert not w.alive
+
+    run(main())

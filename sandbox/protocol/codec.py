@@ -41,6 +41,7 @@ _CONTAINERS = (list, tuple, dict)
 
 LARGE = 65536  # from this size a payload is handed out as a view instead of copied out
 KEEP = 4 * 1024 * 1024  # a packer whose buffer grew past this is replaced after use
+_SMALL = LARGE // 2  # str/bytes below this can't make a payload LARGE, whatever the int sizes
 
 
 def _new_packer():
@@ -56,28 +57,54 @@ class Encoder:
     Not thread-safe: each Session and Writer owns one and uses it under its own lock, because
     a packer shared between threads could mix one message's bytes into another's."""
 
-    __slots__ = ("_packer", "_view")
+    __slots__ = ("_packer", "_view", "_quick")
 
     def __init__(self):
         self._packer = _new_packer()
         self._view = None
+        # values known to be small go through a plain packer: one C call, no buffer juggling
+        self._quick = msgpack.Packer(use_bin_type=True, default=_refuse, strict_types=False).pack
 
     def encode(self, obj):
         """Plain data to bytes; anything else raises NotPlainData (tuples travel as lists)."""
-        if isinstance(obj, _CONTAINERS):
+        t = type(obj)
+        if t is bytes or t is str:
+            if len(obj) < _SMALL:
+                return self._packed_quick(obj)
+        elif t is int or t is float or obj is None or t is bool:
+            return self._packed_quick(obj)
+        elif isinstance(obj, _CONTAINERS):
             _check_keys(obj)
         return self._packed(obj)
 
     def encode_call(self, name: str, args: tuple, kwargs: dict):
         """[name, args, kwargs] without walking the parts Python already guarantees (a str name,
         str keyword names): only container arguments are checked."""
+        size = len(name)
         for a in args:
             if isinstance(a, _CONTAINERS):
                 _check_keys(a)
-        for a in kwargs.values():
+                size = LARGE
+            elif type(a) is bytes or type(a) is str:
+                size += len(a)
+        for k, a in kwargs.items():
+            size += len(k)
             if isinstance(a, _CONTAINERS):
                 _check_keys(a)
+                size = LARGE
+            elif type(a) is bytes or type(a) is str:
+                size += len(a)
+        if size < _SMALL and len(args) + len(kwargs) < 64:
+            return self._packed_quick([name, args, kwargs])
         return self._packed([name, args, kwargs])
+
+    def _packed_quick(self, obj) -> bytes:
+        try:
+            return self._quick(obj)  # autoreset: a failed pack leaves nothing behind
+        except NotPlainData:
+            raise
+        except (TypeError, ValueError, OverflowError) as e:
+            raise NotPlainData(str(e)) from None
 
     def _packed(self, obj):
         if self._view is not None:
