@@ -38,6 +38,14 @@ def runtime_paths() -> list[str]:
     return sorted(os.path.realpath(p) for p in paths)
 
 
+def site_paths() -> list[str]:
+    """site-packages folders for plugins' imports (the zygote runs without `site`)."""
+    import site
+    import sysconfig
+    found = [sysconfig.get_paths().get(k) for k in ("purelib", "platlib")] + list(site.getsitepackages())
+    return list(dict.fromkeys(p for p in found if p and os.path.isdir(p)))
+
+
 class Zygote:
     def __init__(self, namespaces: tuple[str, ...]):
         self.namespaces = namespaces
@@ -51,8 +59,9 @@ class Zygote:
         # PDEATHSIG fires when the *thread* that started the zygote ends, so it is only asked for
         # when that thread is the main one; otherwise EOF on the control socket does the job alone.
         pdeath = ["pdeathsig"] if threading.current_thread() is threading.main_thread() else []
-        args = [sys.executable, "-I", "-B", os.path.join(_HERE, "__main__.py"),
-                str(child_end.fileno()), *pdeath, *self.namespaces, *(f"expose:{p}" for p in runtime_paths())]
+        args = [sys.executable, "-I", "-S", "-B", os.path.join(_HERE, "__main__.py"),
+                str(child_end.fileno()), *pdeath, *self.namespaces, *(f"path:{p}" for p in site_paths()),
+                *(f"expose:{p}" for p in runtime_paths())]
         try:
             self._proc = subprocess.Popen(args, env={}, pass_fds=[child_end.fileno()], close_fds=True,
                                           stdin=subprocess.DEVNULL, cwd="/",
