@@ -6,6 +6,7 @@ once per policy), the Landlock paths, the rlimits, the environment.
 import os
 
 from .zygote.client import runtime_paths
+from .zygote.leftovers import may_start_processes
 
 # Read-only system paths every worker needs: shared libraries (C extensions dlopen them),
 # the loader cache, and time zone data.
@@ -51,5 +52,6 @@ def build(policy, plugin: str, module_name: str, uid: int | None, scratch: str |
         "bpf": policy.bpf(notify=notify),
         "notify": notify,
         "max_frame": lim.max_message_bytes,
+        "may_fork": may_start_processes(policy),  # the zygote then kills what it started, too
         "cwd": scratch or "/",
     }

@@ -103,20 +103,22 @@ class Worker:
         with self._calls:
             self._check_alive()
             deadline = _monotonic() + timeout
-            with self._io:
-                self._check_alive()  # again: the hub may have seen it die while we waited for the lock
-                if self._hub_reads:
-                    _hub.get().disarm(self._fds["from"])
-                try:
-                    frame = self._session.encode_call(name, args, kwargs)
-                    kind, value = self._pump(frame, deadline, timeout, want=_REPLIES)
-                finally:
-                    self._session.call_done()
-                    self._session.sent()
-                    if self._hub_reads or self._hub_missed:
-                        self._rearm()
-            if self._inbox:
-                self._dispatch()
+            try:
+                with self._io:
+                    self._check_alive()  # again: the hub may have seen it die while we waited for the lock
+                    if self._hub_reads:
+                        _hub.get().disarm(self._fds["from"])
+                    try:
+                        frame = self._session.encode_call(name, args, kwargs)
+                        kind, value = self._pump(frame, deadline, timeout, want=_REPLIES)
+                    finally:
+                        self._session.call_done()
+                        self._session.sent()
+                        if self._hub_reads or self._hub_missed:
+                            self._rearm()
+            finally:
+                if self._inbox:  # what it posted before the reply, or before it died, still counts
+                    self._dispatch()
             if kind == S.RESULT:
                 return value
             raise value

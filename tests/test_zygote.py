@@ -95,3 +95,56 @@ def test_a_fresh_fork_serves_when_the_spare_is_gone(make_plugin):
             assert ei.value.syscall == "socket"
         # and the zygote made a new spare after serving that request
         assert len(spares_of(zygote, {first.pid})) == 1
+
+
+SPAWNER = """
+    import os, time
+    from sandbox.plugin import post
+
+    def spawn_and_hang(escape):
+        pid = os.fork()
+        if pid == 0:
+            if escape == "session":
+                os.setsid()  # leaves the worker's session and process group
+            time.sleep(120)
+            os._exit(0)
+        post(pid)
+        while True:
+            pass
+"""
+
+
+SPAWNER_POLICY = """
+    [limits]
+    processes = 4
+    timeout = 1.0
+
+    [seccomp]
+    groups = ["@process"]
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("escape", ["none", "session"])
+def test_a_killed_worker_takes_what_it_started_with_it(make_plugin, escape):
+    """Timeout kills the whole worker, anything it started included: also a child that left the
+    worker's session (root mode: the uid sweep; unprivileged: the zygote adopts and kills orphans)."""
+    path, policy = make_plugin(SPAWNER, SPAWNER_POLICY)
+    got = []
+    with sandbox.Worker(path, policy=policy) as w:
+        w.on("message", got.append)
+        with pytest.raises(sandbox.PluginTimeout):
+            w.call("spawn_and_hang", escape)
+    assert len(got) == 1 and got[0] > 0
+    child = got[0]
+    end = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < end:
+        time.sleep(0.02)
+    assert not _alive(child), f"process {child} started by the worker outlived it"

@@ -18,6 +18,7 @@ import prctl
 
 from .. import runtime  # noqa: F401 - imported here so children never import after fork
 from ..confine import steps
+from .leftovers import Leftovers
 from .spare import Spare
 
 MAX_REQUEST = 1 << 20
@@ -39,6 +40,7 @@ def serve(ctl: socket.socket, pdeathsig: bool) -> None:
     # so that children don't pay a copy-on-write fault for each object a collection would touch.
     gc.disable()
     gc.freeze()
+    _leftovers.become_subreaper()
     _spare.fork()
     poller = select.poll()
     poller.register(ctl.fileno(), select.POLLIN)
@@ -74,20 +76,23 @@ def _drain(fd):
 def _reap(status_fds):
     while True:
         try:
-            pid, status = os.waitpid(-1, os.WNOHANG)  # only our own workers are our children
+            pid, status = os.waitpid(-1, os.WNOHANG)  # our children: workers, the spare, orphans
         except ChildProcessError:
-            return
+            break
         if pid == 0:
-            return
+            break
         if _spare.reaped(pid):
             continue  # killed before it was needed; the next request forks afresh, then a new spare
         fd = status_fds.pop(pid, None)
         if fd is not None:
+            _leftovers.worker_died(pid)  # before the report: the host frees the uid on it
             try:
                 os.write(fd, STATUS.pack(pid, status))
             except OSError:
                 pass
             os.close(fd)
+        # else: an orphan a dead worker left us (we are a subreaper), or the uid killer
+    _leftovers.sweep(set(status_fds) | {_spare.pid})
 
 
 def _handle_request(ctl, status_fds, wake_fds) -> bool:
@@ -123,6 +128,7 @@ def _handle_request(ctl, status_fds, wake_fds) -> bool:
     for fd in fds[:4]:
         os.close(fd)
     status_fds[pid] = fds[4]
+    _leftovers.watch(pid, plan)
     _spare.fork()  # the next request's child, paid for while we would otherwise be idle
     return True
 
@@ -145,6 +151,7 @@ def _receive(ctl):
 
 _rulesets: dict[tuple, int] = {}
 _spare = Spare()
+_leftovers = Leftovers()
 
 
 def _reply(ctl, obj):
