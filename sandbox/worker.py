@@ -110,7 +110,7 @@ class Worker:
                         _hub.get().disarm(self._fds["from"])
                     try:
                         frame = self._session.encode_call(name, args, kwargs)
-                        kind, value = self._pump(frame, deadline, timeout, want=_REPLIES)
+                        kind, value = self._exchange(frame, deadline, timeout)
                     finally:
                         self._session.call_done()
                         self._session.sent()
@@ -224,6 +224,29 @@ class Worker:
                     poller.unregister(to_fd)
                 except KeyError:
                     pass
+
+    def _exchange(self, frame, deadline: float, timeout):
+        """A call's I/O. The common case in a straight line: the small frame goes out in one
+        write, one poll and one read bring exactly the reply. Anything else takes the pump."""
+        to_fd = self._fds.get("to")
+        if type(frame) is not bytes or to_fd is None or self._poller is None:
+            return self._pump(frame, deadline, timeout, want=_REPLIES)
+        try:
+            n = _write(to_fd, frame)
+        except BlockingIOError:
+            return self._pump(frame, deadline, timeout, want=_REPLIES)
+        except OSError:
+            n = len(frame)  # the child is gone; its death arrives on the status pipe
+        if n < len(frame):
+            return self._pump(memoryview(frame)[n:], deadline, timeout, want=_REPLIES)
+        remaining = deadline - _monotonic()
+        if remaining > 0:
+            events = self._poller.poll(remaining * 1000)
+            if len(events) == 1 and events[0][0] == self._fds["from"]:
+                result = self._read_frames(_REPLIES)
+                if result is not None:
+                    return result
+        return self._pump(None, deadline, timeout, want=_REPLIES)  # events stay pending: level-triggered
 
     def _get_poller(self):
         if self._poller is None:
