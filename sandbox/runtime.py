@@ -59,7 +59,7 @@ class Writer:
                     ftype, "ValueError", f"value of {size} bytes exceeds max_message_bytes ({self.max_frame})")
                 size = len(payload)
             header = _header(framing.MAGIC, framing.VERSION, ftype, size, call_id)
-            if size < 65536:
+            if size < framing.LARGE:
                 data = header + payload
                 n = _write(self.fd, data)
                 if n < len(data):  # a pipe smaller than we asked for

@@ -108,14 +108,11 @@ class Session:
                 if isinstance(obj, dict) and "layer" in obj else _strings(obj))
 
 
-LARGE = 65536
-
-
 def _frame(ftype, call_id, payload):
     """One buffer for a small frame; (header, payload) for a large one, which the writer hands
     to writev: copying a megabyte behind a 16-byte header costs a megabyte of fresh pages."""
     header = framing.encode_header(ftype, call_id, len(payload))
-    return header + payload if len(payload) < LARGE else (header, payload)
+    return header + payload if len(payload) < framing.LARGE else (header, payload)
 
 
 def plugin_error(d: dict) -> SandboxError:

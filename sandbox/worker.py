@@ -195,25 +195,16 @@ class Worker:
         self._dispatch()
 
     # ---- the pump: the one place that reads the child ----------------------------------------
-    def _pump(self, out: bytes | None, deadline: float, timeout, want, starting=False):
-        """Write `out`, then read until an event in `want` arrives (returned) or the worker ends."""
+    def _pump(self, out, deadline: float, timeout, want, starting=False):
+        """Write `out` (a frame, or None), then read until an event in `want` arrives (returned)
+        or the worker ends."""
         poller = self._poller or self._get_poller()
         to_fd = self._fds.get("to")
         view = None  # what is left to write: a list of memoryviews
         if out:
             if to_fd is None:
                 raise WorkerClosed(f"worker {self.name} is closing")
-            if type(out) is tuple:  # a large frame: header and payload, never copied into one buffer
-                view = self._write_some(to_fd, [memoryview(part) for part in out])
-            else:
-                try:
-                    n = _write(to_fd, out)  # a small frame fits the pipe whole: the common case
-                except BlockingIOError:
-                    n = 0
-                except OSError:
-                    n = len(out)  # the child is gone; its death arrives on the status pipe
-                if n < len(out):
-                    view = self._write_some(to_fd, [memoryview(out)[n:]])
+            view = self._write_now(to_fd, out)
             if view is not None:
                 poller.register(to_fd, select.POLLOUT)
         try:
@@ -226,19 +217,14 @@ class Worker:
                     pass
 
     def _exchange(self, frame, deadline: float, timeout):
-        """A call's I/O. The common case in a straight line: the small frame goes out in one
-        write, one poll and one read bring exactly the reply. Anything else takes the pump."""
+        """A call's I/O. The common case in a straight line: the frame goes out at once, one poll
+        and one read bring exactly the reply. Anything else takes the pump."""
         to_fd = self._fds.get("to")
-        if type(frame) is not bytes or to_fd is None or self._poller is None:
+        if to_fd is None or self._poller is None:
             return self._pump(frame, deadline, timeout, want=_REPLIES)
-        try:
-            n = _write(to_fd, frame)
-        except BlockingIOError:
-            return self._pump(frame, deadline, timeout, want=_REPLIES)
-        except OSError:
-            n = len(frame)  # the child is gone; its death arrives on the status pipe
-        if n < len(frame):
-            return self._pump(memoryview(frame)[n:], deadline, timeout, want=_REPLIES)
+        left = self._write_now(to_fd, frame)
+        if left is not None:  # the pipe is full: the pump writes the rest as the child reads
+            return self._pump(tuple(left), deadline, timeout, want=_REPLIES)
         remaining = deadline - _monotonic()
         if remaining > 0:
             events = self._poller.poll(remaining * 1000)
@@ -247,6 +233,20 @@ class Worker:
                 if result is not None:
                     return result
         return self._pump(None, deadline, timeout, want=_REPLIES)  # events stay pending: level-triggered
+
+    def _write_now(self, fd, out):
+        """Write what fits of a frame now (a small one in one write; a large one, header and
+        payload, by writev): None when it is all out (or the child is gone: its death arrives on
+        the status pipe), else the memoryviews still to write."""
+        if type(out) is tuple:
+            return self._write_some(fd, [memoryview(part) for part in out])
+        try:
+            n = _write(fd, out)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            return None
+        return None if n >= len(out) else self._write_some(fd, [memoryview(out)[n:]])
 
     def _get_poller(self):
         if self._poller is None:

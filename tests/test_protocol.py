@@ -165,3 +165,14 @@ def test_reusing_decoder_gives_each_frame_its_own_payload(payloads, chunk):
         for frame in d.feed(stream[i:i + chunk]):
             got.append(loads(frame.payload, Limits(max_bytes=1 << 20)))  # decoded before the next feed
     assert got == payloads
+
+
+def test_encoder_survives_a_view_still_held_elsewhere():
+    """A slice of a large payload kept alive (say, by a traceback) must not break the next encode."""
+    from sandbox.protocol import Encoder
+    enc = Encoder()
+    held = memoryview(enc.encode(b"x" * 100_000))[10:]
+    enc.release()
+    assert loads(bytes(enc.encode(b"y" * 100_000))) == b"y" * 100_000
+    enc.release()
+    assert bytes(held[:3]) == b"xxx"  # the old buffer stayed valid for whoever held it

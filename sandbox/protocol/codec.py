@@ -7,6 +7,7 @@ enforce the nesting depth. Nothing here ever builds an object the peer chose: no
 import msgpack
 
 from ..errors import ProtocolViolation
+from .framing import KEEP_MAX, LARGE  # a LARGE payload is handed out as a view, not copied out
 
 
 class Limits:
@@ -39,8 +40,6 @@ def _refuse(obj):
 _CONTAINERS = (list, tuple, dict)
 
 
-LARGE = 65536  # from this size a payload is handed out as a view instead of copied out
-KEEP = 4 * 1024 * 1024  # a packer whose buffer grew past this is replaced after use
 _SMALL = LARGE // 2  # str/bytes below this can't make a payload LARGE, whatever the int sizes
 
 
@@ -138,10 +137,13 @@ class Encoder:
         size = len(view)
         try:
             view.release()
+            self._packer.reset()
         except BufferError:
-            pass  # a slice of it is still alive somewhere: the next pack starts a new packer
-        self._packer.reset()
-        if size > KEEP:
+            # a slice of it is still alive (a traceback's frame can hold one): leave that buffer
+            # to it and pack the next message elsewhere
+            self._packer = _new_packer()
+            return
+        if size > KEEP_MAX:
             self._packer = _new_packer()  # don't keep a 16 MiB buffer for the next 16 bytes
 
 

@@ -13,7 +13,10 @@ VERSION = 1
 HEADER = struct.Struct("<2sBBIQ")  # magic, version, type, payload length, call id
 HEADER_SIZE = HEADER.size
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
-REUSE_FROM, KEEP_MAX = 65536, 4 * 1024 * 1024  # see FrameDecoder(reuse=True)
+# From this size a payload travels apart from its header (writev, no copy behind 16 bytes), is
+# read straight into its own buffer, and is packed or collected in a buffer kept for the next.
+LARGE = 65536
+KEEP_MAX = 4 * 1024 * 1024  # the largest buffer a decoder keeps (FrameDecoder(reuse=True))
 
 # Frame types. Direction matters: a child may only send the ones in CHILD_TYPES.
 READY, CALL, RESULT, ERROR, POST, EVENT, LOADERR = 1, 2, 3, 4, 5, 6, 7
@@ -100,7 +103,7 @@ class FrameDecoder:
             frames += self._feed(memoryview(data)[off:])
         return frames
 
-    def payload_view(self, at_least: int = 65536):
+    def payload_view(self, at_least: int = LARGE):
         """Where the rest of a large payload goes (for os.readv straight into it), else None."""
         if self._head is None or self._head[1] - self._filled < at_least:
             return None
@@ -149,7 +152,7 @@ class FrameDecoder:
 
     def _buffer(self, length: int):
         self._in_kept = False
-        if not self._reuse or length < REUSE_FROM or self._lent:
+        if not self._reuse or length < LARGE or self._lent:
             return bytearray(length)  # (lent: a frame this feed() returns is still in the kept one)
         kept = self._kept
         if kept is None or len(kept) < length:
@@ -180,7 +183,7 @@ class FrameDecoder:
             raise ProtocolViolation(f"frame of {length} bytes exceeds the {self._max}-byte cap")
         return ftype, length, call_id
 
-    def read_size(self, floor: int = 65536, ceiling: int = 1 << 20) -> int:
+    def read_size(self, floor: int = LARGE, ceiling: int = 1 << 20) -> int:
         """How much to ask the next read for: enough for the frame being collected, within bounds.
 
         Asking os.read for a megabyte every time costs an mmap per read; asking for a little
