@@ -115,9 +115,9 @@ def _handle_request(ctl, status_fds, wake_fds) -> bool:
         ruleset = None  # the child builds its own and reports what fails
     pid = _spare.hand_off(msg, fds[:4], ruleset)
     if pid is None:
+        plan["zygote_pid"] = os.getpid()  # taken here: in the child, getppid() may already be 1
         pid = os.fork()
         if pid == 0:
-            plan["zygote_pid"] = os.getppid()
             _in_child(ctl, status_fds, wake_fds, plan, fds, ruleset)
     try:
         pidfd = os.pidfd_open(pid)
