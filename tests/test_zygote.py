@@ -1,13 +1,16 @@
 """The zygote and its spare child: what every worker inherits, and the path without a spare."""
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
 import sandbox
 from sandbox import PolicyViolation
-from conftest import IS_ROOT, children_of
+from conftest import IS_ROOT, ROOT, children_of
 
 pytestmark = pytest.mark.unpriv
 
@@ -52,24 +55,42 @@ def test_zygote_shares_no_writable_memory_with_workers(make_plugin):
     assert shared == []
 
 
-def test_spare_holds_no_descriptor_of_the_zygote(make_plugin):
+SPARE_PROBE = r"""
+import json, os, sys, time
+sys.path.insert(0, {root!r})
+import sandbox
+sys.path.insert(0, {tests!r})
+from conftest import children_of
+with sandbox.Worker({plugin!r}, policy={policy!r}) as w:
+    zygote = int(open(f"/proc/{{w.pid}}/stat").read().rsplit(")", 1)[1].split()[1])
+    spares = [p for p in children_of(zygote) if p != w.pid]
+    end = time.monotonic() + 10  # a spare forked a moment ago may not have closed them yet
+    while True:
+        fds = {{fd: os.readlink(f"/proc/{{spares[0]}}/fd/{{fd}}") for fd in os.listdir(f"/proc/{{spares[0]}}/fd")}}
+        extra = {{fd: t for fd, t in fds.items() if int(fd) > 2}}
+        if len(extra) <= 1 or time.monotonic() > end:
+            break
+        time.sleep(0.01)
+    print(json.dumps({{"spares": len(spares), "extra": extra, "zygote_fds": len(os.listdir(f"/proc/{{zygote}}/fd"))}}))
+"""
+
+
+def test_spare_holds_no_descriptor_of_the_zygote(make_plugin, plugin_dir):
     """The spare waits for a plan holding only stdio and its own socket: not the host's control
-    socket, not other workers' status pipes, not the cached Landlock rulesets."""
+    socket, not other workers' status pipes, not the cached Landlock rulesets. (A host of its
+    own, in a subprocess: this process's zygote may have other tests' workers as children.)"""
     path, policy = make_plugin(PLUGIN)
-    with sandbox.Worker(path, policy=policy) as w:
-        zygote = parent_of(w.pid)
-        spares = spares_of(zygote, {w.pid})
-        assert len(spares) == 1
-        end = time.monotonic() + 10  # a spare forked a moment ago may not have closed them yet
-        while True:
-            fds = {int(fd): os.readlink(f"/proc/{spares[0]}/fd/{fd}") for fd in os.listdir(f"/proc/{spares[0]}/fd")}
-            extra = {fd: target for fd, target in fds.items() if fd > 2}
-            if len(extra) <= 1 or time.monotonic() > end:
-                break
-            time.sleep(0.01)
-        zygote_fds = len(os.listdir(f"/proc/{zygote}/fd"))
+    host = os.path.join(plugin_dir, "spare_probe.py")
+    with open(host, "w") as f:
+        f.write(SPARE_PROBE.format(root=ROOT, tests=os.path.dirname(os.path.abspath(__file__)),
+                                   plugin=path, policy=policy))
+    out = subprocess.run([sys.executable, host], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["spares"] == 1
+    extra = seen["extra"]
     assert len(extra) == 1 and next(iter(extra.values())).startswith("socket:"), extra
-    assert zygote_fds > 4  # the zygote does hold more, so the check above means something
+    assert seen["zygote_fds"] > 4  # the zygote does hold more, so the check above means something
 
 
 def test_a_fresh_fork_serves_when_the_spare_is_gone(make_plugin):
