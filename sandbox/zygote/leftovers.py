@@ -78,7 +78,10 @@ class Leftovers:
 
 
 def _kill_everything_of(uid: int):
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:
+        return  # no process to spare for the helper: the process group kill above is what we have
     if pid == 0:
         try:
             os.setresuid(uid, uid, uid)

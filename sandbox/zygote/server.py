@@ -116,7 +116,13 @@ def _handle_request(ctl, status_fds, wake_fds) -> bool:
     pid = _spare.hand_off(msg, fds[:4], ruleset)
     if pid is None:
         plan["zygote_pid"] = os.getpid()  # taken here: in the child, getppid() may already be 1
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as e:  # no memory, no pids: this request fails, the zygote and its workers don't
+            for fd in fds:
+                os.close(fd)
+            _reply(ctl, {"error": f"fork failed: {e}"})
+            return True
         if pid == 0:
             _in_child(ctl, status_fds, wake_fds, plan, fds, ruleset)
     try:

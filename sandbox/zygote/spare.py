@@ -37,7 +37,12 @@ class Spare:
             return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         zygote = os.getpid()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:  # none for now: the next request forks on demand, then tries again
+            ours.close()
+            theirs.close()
+            return
         if pid == 0:
             ours.detach()
             _spare_main(theirs, zygote)
