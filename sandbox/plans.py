@@ -25,14 +25,17 @@ def _runtime_read():
 
 def build(policy, plugin: str, module_name: str, uid: int | None, scratch: str | None) -> dict:
     lim = policy.limits
+    own_userns = uid is None and lim.processes > 0
     rlimits = {
         "core": 0,
         "cpu": lim.cpu_seconds,
         "as": lim.memory_bytes,
         "nofile": lim.open_files,
         "fsize": lim.file_size_bytes,
-        # Per uid: a real per-worker cap only because each worker has a uid of its own.
-        "nproc": (lim.processes + 1) if uid is not None else None,
+        # Counted per uid (and user namespace): a real per-worker cap because each worker has a
+        # uid of its own (root host) or a user namespace of its own (unprivileged host, threads
+        # or processes allowed). Without either, seccomp allows no new task at all.
+        "nproc": (lim.processes + 1) if uid is not None or own_userns else None,
     }
     fs = policy.filesystem
     read = list(_runtime_read()) + [os.path.dirname(plugin)] + list(fs.read_only)
@@ -52,6 +55,7 @@ def build(policy, plugin: str, module_name: str, uid: int | None, scratch: str |
         "bpf": policy.bpf(notify=notify),
         "notify": notify,
         "max_frame": lim.max_message_bytes,
+        "own_userns": own_userns,
         "may_fork": may_start_processes(policy),  # the zygote then kills what it started, too
         "cwd": scratch or "/",
     }

@@ -190,3 +190,37 @@ def test_scratch_dir_is_private_and_removed(make_plugin):
     assert scratch != "/" and os.path.exists(os.path.join(scratch, "note.txt"))
     w.close()
     assert not os.path.exists(scratch)
+
+
+FORKER = """
+    import os, time
+
+    def fork_many(n):
+        kids, refused = [], None
+        for i in range(n):
+            try:
+                pid = os.fork()
+            except OSError as e:  # EAGAIN from RLIMIT_NPROC
+                refused = [i, e.errno]
+                break
+            if pid == 0:
+                time.sleep(30)
+                os._exit(0)
+            kids.append(pid)
+        for pid in kids:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        return {"started": len(kids), "refused": refused}
+"""
+
+
+def test_process_limit_holds_per_worker_in_both_modes(make_plugin):
+    """limits.processes is RLIMIT_NPROC counted for this worker alone: by its unique uid as root,
+    by a user namespace of its own when the host is unprivileged (the uid is the host's there,
+    and a plain RLIMIT_NPROC would count the host's processes, or nothing useful)."""
+    import errno
+    path, policy = make_plugin(FORKER, '[limits]\nprocesses = 2\n[seccomp]\ngroups = ["@process"]\n')
+    with sandbox.Worker(path, policy=policy) as w, sandbox.Worker(path, policy=policy) as sibling:
+        assert w.call("fork_many", 10) == {"started": 2, "refused": [2, errno.EAGAIN]}
+        # a sibling under the same policy has its own count
+        assert sibling.call("fork_many", 10) == {"started": 2, "refused": [2, errno.EAGAIN]}
