@@ -29,47 +29,20 @@ import weakref
 from . import session as S
 from .errors import ConfinementError, LoadError, ProtocolViolation, SandboxError, WorkerClosed
 from .spawn import STATUS, Spawned
-from .worker import DEATH_WAIT, Worker, _load_policy, plugin_name
+from ._handle import DEATH_WAIT, WorkerHandle
 
 log = logging.getLogger("sandbox")
 READS_PER_WAKEUP = 16      # reads of the child's pipe per loop iteration: a flood can't starve the loop
 MESSAGE_BACKLOG = 10_000   # undelivered messages per messages() iterator before the child is paused
 
 
-class AsyncWorker:
+class AsyncWorker(WorkerHandle):
     """One sandboxed worker driven by the running event loop. Create with
     `await AsyncWorker.start(path, policy=...)` or `async with AsyncWorker(path, policy=...)`."""
 
-    # Bookkeeping shared verbatim with the sync Worker (same attribute names on purpose):
-    alive = Worker.alive                    # pid known, not finalized, no death reason yet
-    _check_alive = Worker._check_alive      # raise WorkerClosed when it is not
-    _on_violation = Worker._on_violation    # read one seccomp notification -> PolicyViolation + kill
-    _take_log = Worker._take_log            # split, cap and forward plugin output
-    _drain_log = Worker._drain_log
-
     def __init__(self, worker_py, policy=None, *, name: str | None = None,
                  start_timeout: float | None = None):
-        self.plugin = os.path.abspath(os.fspath(worker_py))
-        self.name = name or plugin_name(self.plugin)
-        self.policy = _load_policy(policy)
-        self.pid = None
-        self.exit_status = None
-        self.death: SandboxError | None = None
-        self.logs = collections.deque(maxlen=200)
-        self.log_dropped = 0
-        self._log_bytes = 0
-        self._log_partial = b""
-        self._callbacks = {"message": [], "exit": [], "log": []}
-        self._reason: SandboxError | None = None
-        self._closing = False
-        self._finalized = False
-        self._listener = None
-        self._sp = None
-        self._pidfd = None
-        self._fds: dict[str, int] = {}
-        self._session = S.Session(self.policy.limits.max_message_bytes)
-        self._timeout = self.policy.limits.timeout
-        self._start_timeout = start_timeout if start_timeout is not None else max(10.0, self._timeout or 0)
+        super().__init__(worker_py, policy, name, start_timeout)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = asyncio.Lock()          # one call in flight
         self._waiter: asyncio.Future | None = None  # READY while starting, then the reply of the call
@@ -83,8 +56,6 @@ class AsyncWorker:
         self._subscribers = weakref.WeakSet()
         self._paused = False
         self._tasks = set()                  # async callbacks still running
-        if not os.path.isfile(self.plugin):
-            raise LoadError("FileNotFoundError", f"plugin file not found: {self.plugin}")
 
     # ---- public API -------------------------------------------------------------------------
     @classmethod

@@ -25,7 +25,8 @@ from ._pool_core import PoolCore, Slot
 from .aio import AsyncWorker
 from .errors import PluginMemoryError, SandboxError, WorkerClosed
 from .protocol import NotPlainData
-from .worker import Worker, _load_policy, plugin_name
+from ._handle import load_policy as _load_policy, plugin_name
+from .worker import Worker
 
 log = logging.getLogger("sandbox")
 CLOSE_GRACE = 0.5

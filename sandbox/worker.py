@@ -8,84 +8,36 @@ A call does its own I/O in the calling thread (poll with a deadline: the host ne
 forever); between calls the hub thread watches the worker. Either way, whatever the child
 does ends in one of the errors of `sandbox.errors`, and the worker is gone when it should be.
 """
-import collections
-import logging
 import os
 import select
 import signal
 import threading
 import time
 
-from . import hub as _hub, notify, session as S
+from . import hub as _hub, session as S
+from ._handle import DEATH_WAIT, WorkerHandle, log
 from .spawn import STATUS, Spawned
-from .errors import (ConfinementError, LoadError, PolicyViolation, ProtocolViolation, SandboxError,
-                     WorkerClosed)
+from .errors import ConfinementError, LoadError, ProtocolViolation, SandboxError, WorkerClosed
 
-log = logging.getLogger("sandbox")
-log.addHandler(logging.NullHandler())  # a library doesn't print on its own
-LOG_LINE_MAX = 4096
-LOG_BUDGET = 1 << 20  # bytes of plugin output forwarded per worker; the rest is counted, not kept
-DEATH_WAIT = 5.0
 _REPLIES = (S.RESULT, S.FAILURE)
 _monotonic = time.monotonic
 _write = os.write
 
 
-def _load_policy(policy):
-    from .policy import Policy
-    if policy is None:
-        return Policy.default()
-    if isinstance(policy, (str, os.PathLike)):
-        return Policy.load(os.fspath(policy))
-    return policy
-
-
-def plugin_name(path: str) -> str:
-    base = os.path.basename(path)
-    stem = os.path.splitext(base)[0]
-    if stem == "worker":
-        stem = os.path.basename(os.path.dirname(path)) or "worker"
-    return "".join(c if c.isalnum() or c == "_" else "_" for c in stem) or "plugin"
-
-
-class Worker:
+class Worker(WorkerHandle):
     def __init__(self, worker_py, policy=None, *, name: str | None = None, start_timeout: float | None = None):
-        self.plugin = os.path.abspath(os.fspath(worker_py))
-        self.name = name or plugin_name(self.plugin)
-        self.policy = _load_policy(policy)
-        self.pid = None
-        self.exit_status = None  # raw wait status, once reaped
-        self.death: SandboxError | None = None  # why it ended (None while alive or after a clean close)
-        self.logs = collections.deque(maxlen=200)
-        self.log_dropped = 0
-        self._log_bytes = 0
-        self._log_partial = b""
-        self._callbacks = {"message": [], "exit": [], "log": []}
+        super().__init__(worker_py, policy, name, start_timeout)
         self._io = threading.Lock()      # whoever holds it reads the child's fds
         self._calls = threading.Lock()   # one call in flight
         self._final = threading.Lock()
-        self._reason: SandboxError | None = None
-        self._closing = False
-        self._finalized = False
         self._hub_missed = False
         self._hub_reads = False  # the hub reads the child's pipe between calls only for "message" listeners
-        self._listener = None
         self._inbox = []
-        self._sp = None
         self._poller = None
         self._handoff_fd = None
-        self._fds = {}
-        self._session = S.Session(self.policy.limits.max_message_bytes)
-        self._timeout = self.policy.limits.timeout
-        if not os.path.isfile(self.plugin):
-            raise LoadError("FileNotFoundError", f"plugin file not found: {self.plugin}")
-        self._start(start_timeout if start_timeout is not None else max(10.0, self._timeout or 0))
+        self._start(self._start_timeout)
 
     # ---- public API -------------------------------------------------------------------------
-    @property
-    def alive(self) -> bool:
-        return self.pid is not None and not self._finalized and self._reason is None
-
     def on(self, event: str, callback) -> "Worker":
         if event not in self._callbacks:
             raise ValueError(f"unknown event {event!r} (message, exit, log)")
@@ -363,19 +315,6 @@ class Worker:
         except (ProcessLookupError, OSError):
             pass
 
-    def _on_violation(self):
-        got = notify.receive(self._listener)
-        if got is None:
-            return
-        pid, nr, args = got
-        name = notify.syscall_name(nr)
-        shown = ", ".join(hex(a) if a > 0xFFFF else str(a) for a in args)
-        where = f"policy {self.policy.path or self.policy.name}"
-        err = PolicyViolation(f"plugin {self.name} made a forbidden syscall: {name}({shown}) [{where}]",
-                              syscall=name, args=args, plugin=self.name, policy=self.policy.path)
-        log.warning("%s", err)
-        self._kill(err)
-
     def _await_status(self, limit: float = DEATH_WAIT):
         fd = self._fds.get("status")
         if fd is None:
@@ -444,12 +383,6 @@ class Worker:
         """The error for a caller whose worker just ended (closed on purpose, or died)."""
         return self.death or WorkerClosed(f"worker {self.name} was closed")
 
-    def _check_alive(self):
-        if self._finalized or self._reason is not None:
-            if self.death is not None and not self._closing:
-                raise WorkerClosed(f"worker {self.name} has ended: {self.death}")
-            raise WorkerClosed(f"worker {self.name} is closed")
-
     # ---- between calls (hub thread) -----------------------------------------------------------
     def _on_hub_event(self, fd):
         if not self._io.acquire(blocking=False):
@@ -504,33 +437,4 @@ class Worker:
             _hub.get().unwatch(fd)
             return
         self._take_log(data)
-
-    def _drain_log(self):
-        fd = self._fds.get("log")
-        try:
-            while fd is not None:
-                data = os.read(fd, 65536)
-                if not data:
-                    break
-                self._take_log(data)
-        except OSError:
-            pass
-
-    def _take_log(self, data: bytes):
-        if self._log_bytes >= LOG_BUDGET:
-            self.log_dropped += len(data)
-            return
-        self._log_bytes += len(data)
-        lines = (self._log_partial + data).split(b"\n")
-        self._log_partial = lines.pop()[:LOG_LINE_MAX]
-        for raw in lines:
-            line = raw[:LOG_LINE_MAX].decode("utf-8", "replace")
-            self.logs.append(line)
-            log.debug("[%s] %s", self.name, line)
-            for cb in list(self._callbacks["log"]):
-                try:
-                    cb(line)
-                except Exception:
-                    log.exception("log callback of worker %s failed", self.name)
-
 

@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 
@@ -12,7 +11,7 @@ import pytest
 
 import sandbox
 from sandbox import (LoadError, PluginCrashed, PluginError, PluginMemoryError, PluginTimeout,
-                     PolicyViolation, ProtocolViolation, WorkerClosed)
+                     PolicyViolation, WorkerClosed)
 from conftest import DEFAULT_POLICY, ROOT, children_of, open_fds, zombies_of
 
 pytestmark = pytest.mark.unpriv
