@@ -111,8 +111,12 @@ class Session:
 def _frame(ftype, call_id, payload):
     """One buffer for a small frame; (header, payload) for a large one, which the writer hands
     to writev: copying a megabyte behind a 16-byte header costs a megabyte of fresh pages."""
-    header = framing.encode_header(ftype, call_id, len(payload))
-    return header + payload if len(payload) < framing.LARGE else (header, payload)
+    size = len(payload)
+    header = _header(framing.MAGIC, framing.VERSION, ftype, size, call_id)
+    return header + payload if size < framing.LARGE else (header, payload)
+
+
+_header = framing.HEADER.pack
 
 
 def plugin_error(d: dict) -> SandboxError:

@@ -53,11 +53,13 @@ class Worker(WorkerHandle):
     def call(self, name: str, *args, timeout: float | None = None, **kwargs):
         timeout = self._timeout if timeout is None else timeout
         with self._calls:
-            self._check_alive()
+            if self._finalized or self._reason is not None:
+                self._check_alive()  # raises WorkerClosed, saying why
             deadline = _monotonic() + timeout
             try:
                 with self._io:
-                    self._check_alive()  # again: the hub may have seen it die while we waited for the lock
+                    if self._finalized or self._reason is not None:
+                        self._check_alive()  # again: the hub may have seen it die while we waited
                     if self._hub_reads:
                         _hub.get().disarm(self._fds["from"])
                     try:
