@@ -176,3 +176,35 @@ def test_encoder_survives_a_view_still_held_elsewhere():
     assert loads(bytes(enc.encode(b"y" * 100_000))) == b"y" * 100_000
     enc.release()
     assert bytes(held[:3]) == b"xxx"  # the old buffer stayed valid for whoever held it
+
+
+def _outcome(fn):
+    try:
+        events = fn()
+    except ProtocolViolation as e:
+        return ("violation", str(e))
+    # a plugin's error arrives as an exception object: compare what it says, not its identity
+    return ("ok", [(k, (type(v).__name__, str(v)) if isinstance(v, BaseException) else v) for k, v in events])
+
+
+@given(st.sampled_from([b"SB", b"SX"]), st.sampled_from([1, 2]), st.sampled_from([RESULT, EVENT, CALL, 4, 99]),
+       st.sampled_from([0, 1, 2]), plain | st.binary(max_size=64), st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_session_fast_read_matches_the_general_decoder(magic, version, ftype, call_id, value, garbage):
+    """Session.read_from takes a shortcut for the usual read (one whole reply); whatever the bytes,
+    it must say exactly what the general frame decoder says."""
+    import os
+    from sandbox.session import Session
+    payload = value if garbage and isinstance(value, bytes) else dumps(value)
+    frame = HEADER.pack(magic, version, ftype, len(payload), call_id) + payload
+    fast, slow = Session(1 << 16), Session(1 << 16)
+    fast.pending_id = slow.pending_id = 1
+    r, w = os.pipe()
+    try:
+        os.write(w, frame)
+        got = _outcome(lambda: fast.read_from(r))
+    finally:
+        os.close(r)
+        os.close(w)
+    assert got == _outcome(lambda: slow.feed(frame))
+    assert fast.pending_id == slow.pending_id
