@@ -148,8 +148,7 @@ def _serve(module, max_frame: int) -> None:
     # the loop every call goes through: names bound locally, not looked up per frame
     payload_view, read_size, feed, advance = decoder.payload_view, decoder.read_size, decoder.feed, decoder.advance
     loads, read, readv, CALL, POST = protocol.loads, os.read, os.readv, framing.CALL, framing.POST
-    at_boundary, unpack_header = decoder.at_boundary, framing.HEADER.unpack_from
-    HEADER_SIZE, MAGIC, VERSION = framing.HEADER_SIZE, framing.MAGIC, framing.VERSION
+    at_boundary, single_frame, HEADER_SIZE = decoder.at_boundary, framing.single_frame, framing.HEADER_SIZE
     functions = module.__dict__
     while True:
         view = payload_view()
@@ -163,13 +162,10 @@ def _serve(module, max_frame: int) -> None:
             data = read(FROM_HOST, read_size())
             if not data:
                 return
-            if len(data) > HEADER_SIZE and at_boundary():
-                # the usual read: exactly one whole CALL
-                magic, version, ftype, length, call_id = unpack_header(data, 0)
-                if (ftype == CALL and len(data) == HEADER_SIZE + length and magic == MAGIC
-                        and version == VERSION and length <= max_frame):
-                    _answer_call(functions, call_id, loads(data[HEADER_SIZE:], limits))
-                    continue
+            one = single_frame(data, max_frame) if at_boundary() else None
+            if one is not None and one[0] == CALL:  # the usual read: one whole call
+                _answer_call(functions, one[1], loads(data[HEADER_SIZE:], limits))
+                continue
             frames = feed(data)
         for ftype, call_id, payload in frames:
             obj = loads(payload, limits)

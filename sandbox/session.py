@@ -12,8 +12,7 @@ from .errors import (LoadError, ConfinementError, PluginCrashed, PluginError, Pl
 from .protocol import framing
 
 _read = os.read
-_unpack_header = framing.HEADER.unpack_from
-HEADER_SIZE, MAGIC, VERSION, RESULT_FRAME = framing.HEADER_SIZE, framing.MAGIC, framing.VERSION, framing.RESULT
+_single_frame, HEADER_SIZE, RESULT_FRAME = framing.single_frame, framing.HEADER_SIZE, framing.RESULT
 # What feed() returns, one tuple per event.
 READY, RESULT, FAILURE, MESSAGE, LOAD_FAILED = "ready", "result", "failure", "message", "load-failed"
 
@@ -76,14 +75,10 @@ class Session:
         data = _read(fd, decoder.read_size())
         if not data:
             return None
-        if len(data) > HEADER_SIZE and decoder.at_boundary():
-            # the usual read: exactly one whole RESULT for the call in flight, every rule checked
-            magic, version, ftype, length, call_id = _unpack_header(data, 0)
-            if (ftype == RESULT_FRAME and call_id == self.pending_id and len(data) == HEADER_SIZE + length
-                    and magic == MAGIC and version == VERSION and length <= self.limits.max_bytes):
-                obj = protocol.loads(data[HEADER_SIZE:], self.limits)
-                self.pending_id = None
-                return [(RESULT, obj)]
+        if decoder.at_boundary() and _single_frame(data, self.limits.max_bytes) == (RESULT_FRAME, self.pending_id):
+            obj = protocol.loads(data[HEADER_SIZE:], self.limits)  # the usual read: the awaited reply
+            self.pending_id = None
+            return [(RESULT, obj)]
         on_frame = self._on_frame
         return [on_frame(frame) for frame in decoder.feed(data)]
 

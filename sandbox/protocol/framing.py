@@ -39,6 +39,18 @@ def encode_frame(ftype: int, call_id: int, payload: bytes) -> bytes:
     return HEADER.pack(MAGIC, VERSION, ftype, len(payload), call_id) + payload
 
 
+def single_frame(data, max_frame: int):
+    """(type, call id) when `data` is exactly one whole frame whose header keeps every rule but
+    the direction (magic, version, length within the cap), else None: the usual read, which the
+    readers decode in one step. Anything else goes through a FrameDecoder, which says what is wrong."""
+    if len(data) <= HEADER_SIZE:
+        return None
+    magic, version, ftype, length, call_id = _unpack_header(data, 0)
+    if len(data) == HEADER_SIZE + length and magic == MAGIC and version == VERSION and length <= max_frame:
+        return ftype, call_id
+    return None
+
+
 class FrameDecoder:
     """Feed bytes, get whole frames. Any breach raises ProtocolViolation and poisons the decoder.
 
@@ -77,12 +89,9 @@ class FrameDecoder:
         self._lent = self._in_kept and self._head is not None
         try:
             if self._head is None and not self._hbuf:
-                if len(data) >= HEADER_SIZE:
-                    # the hot path: one read, one whole frame, every header rule checked inline
-                    magic, version, ftype, length, call_id = _unpack_header(data, 0)
-                    if (len(data) == HEADER_SIZE + length and magic == MAGIC and version == VERSION
-                            and ftype in self._allowed and length <= self._max):
-                        return [_frame(Frame, (ftype, call_id, data[HEADER_SIZE:]))]
+                one = single_frame(data, self._max)  # the hot path: one read, one whole frame
+                if one is not None and one[0] in self._allowed:
+                    return [_frame(Frame, (one[0], one[1], data[HEADER_SIZE:]))]
                 return self._feed_whole(data)
             return self._feed(memoryview(data))
         except ProtocolViolation:
