@@ -26,10 +26,10 @@ import select
 import signal
 import weakref
 
-from . import session as S
+from ._host import channel as S
 from .errors import ConfinementError, LoadError, ProtocolViolation, SandboxError, WorkerClosed
-from .spawn import STATUS, Spawned
-from ._handle import DEATH_WAIT, WorkerHandle
+from ._host.handle import DEATH_WAIT, WorkerHandle
+from ._host.resources import STATUS, Spawned
 
 log = logging.getLogger("sandbox")
 READS_PER_WAKEUP = 16      # reads of the child's pipe per loop iteration: a flood can't starve the loop

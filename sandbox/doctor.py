@@ -8,7 +8,7 @@ import os
 
 from . import errors
 
-CANARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_canary.py")
+CANARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "child", "canary_plugin.py")
 
 
 def _canary_policy(**seccomp):
@@ -76,7 +76,7 @@ def checks():
                _expect(errors.PluginTimeout, lambda w: w.call("sleep", 30, timeout=0.3),
                        lambda e: "sleep(30) killed after 0.3 s")),
     ]
-    from .zygote import client
+    from ._host import zygote_client as client
     report = client.get(network=False).ensure_started()
     ns = report.get("namespaces", [])
     results.append({"layer": "namespaces", "ok": "net" in ns,

@@ -21,11 +21,11 @@ import os
 import threading
 import time
 
-from ._pool_core import PoolCore, Slot
+from ._host.pool_core import PoolCore, Slot
 from .aio import AsyncWorker
 from .errors import PluginMemoryError, SandboxError, WorkerClosed
 from .protocol import NotPlainData
-from ._handle import load_policy as _load_policy, plugin_name
+from ._host.handle import load_policy as _load_policy, plugin_name
 from .worker import Worker
 
 log = logging.getLogger("sandbox")

@@ -14,9 +14,9 @@ import signal
 import threading
 import time
 
-from . import hub as _hub, session as S
-from ._handle import DEATH_WAIT, WorkerHandle, log
-from .spawn import STATUS, Spawned
+from ._host import channel as S, hub as _hub
+from ._host.handle import DEATH_WAIT, WorkerHandle, log
+from ._host.resources import STATUS, Spawned
 from .errors import ConfinementError, LoadError, ProtocolViolation, SandboxError, WorkerClosed
 
 _REPLIES = (S.RESULT, S.FAILURE)

@@ -11,8 +11,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from sandbox import _sys  # noqa: E402
-from sandbox.zygote import view  # noqa: E402
+from sandbox.child import syscalls as _sys  # noqa: E402
+from sandbox.zygote import namespaces as view  # noqa: E402
 
 
 def main():

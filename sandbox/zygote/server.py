@@ -16,8 +16,8 @@ import sys
 import msgpack
 import prctl
 
-from .. import runtime  # noqa: F401 - imported here so children never import after fork
-from ..confine import steps
+from ..child import serve, steps  # imported here so children never import after fork
+from . import rulesets
 from .leftovers import Leftovers
 from .spare import Spare
 
@@ -26,7 +26,7 @@ SPAWN_FDS = 5  # from_host_r, to_host_w, handoff, log_w, status_w
 STATUS = struct.Struct("<ii")  # pid, raw wait status
 
 
-def serve(ctl: socket.socket, pdeathsig: bool) -> None:
+def run(ctl: socket.socket, pdeathsig: bool) -> None:
     if pdeathsig:
         prctl.set_pdeathsig(signal.SIGKILL)  # the host died: so do we (and, through ours, every worker)
     if os.getppid() == 1:
@@ -110,7 +110,7 @@ def _handle_request(ctl, status_fds, wake_fds) -> bool:
         return True
     plan = msgpack.unpackb(msg, raw=False)
     try:
-        ruleset = steps.shared_ruleset(plan.get("landlock"), _rulesets)
+        ruleset = rulesets.shared_ruleset(plan.get("landlock"))
     except OSError:
         ruleset = None  # the child builds its own and reports what fails
     pid = _spare.hand_off(msg, fds[:4], ruleset)
@@ -155,7 +155,6 @@ def _receive(ctl):
     return memoryview(_request)[:n], fds, flags
 
 
-_rulesets: dict[tuple, int] = {}
 _spare = Spare()
 _leftovers = Leftovers()
 
@@ -170,7 +169,7 @@ def _in_child(ctl, status_fds, wake_fds, plan, fds, ruleset):
     os.close(fds[4])  # the status pipe is the zygote's to write
     # The remaining zygote fds (ctl, wake pipe, other workers' status pipes) are closed by the
     # first confinement step, which keeps only the worker's own descriptors.
-    runtime.child_main(plan, fds[:4], ruleset)
+    serve.child_main(plan, fds[:4], ruleset)
 
 
 def _shutdown(status_fds):
@@ -191,7 +190,7 @@ def _keep_message_sized_memory():
     """Inherited by every worker: messages up to a few MiB are served from the heap and the
     freed space is kept for the next one. glibc's defaults would map and unmap each megabyte
     buffer afresh, and on a VM the page faults cost more than the copying they serve."""
-    from .._sys import libc
+    from ..child.syscalls import libc
     libc.mallopt(M_MMAP_THRESHOLD, 8 << 20)
     libc.mallopt(M_TRIM_THRESHOLD, 16 << 20)
 
@@ -201,9 +200,10 @@ def main(argv):
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)
         sys.stderr.reconfigure(line_buffering=True)
-    from . import view
-    report = view.prepare(argv[2:])
-    steps.drop_bounding_set_once()  # inherited by every worker: one time here, not 41 syscalls each
+    from . import namespaces
+    report = namespaces.prepare(argv[2:])
+    if prctl.cap_effective.setpcap:
+        steps.drop_bounding_set()  # inherited by every worker: one time here, not 41 syscalls each
     _keep_message_sized_memory()
     _reply(ctl, {"ready": os.getpid(), **report})
-    serve(ctl, "pdeathsig" in argv[2:])
+    run(ctl, "pdeathsig" in argv[2:])

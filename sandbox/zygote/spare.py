@@ -10,15 +10,17 @@ The spare holds nothing between its fork and its plan: every descriptor the zygo
 closed at once, and no plan, uid or plugin is known yet. What it knows is what any child of
 the zygote knows.
 """
+import ctypes
 import os
+import resource
 import signal
 import socket
 
 import msgpack
 import prctl
 
-from .. import _sys, protocol, runtime
-from ..confine import steps
+from .. import protocol
+from ..child import landlock, seccomp, serve, steps, syscalls as _sys
 from ..protocol import framing
 
 MAX_PLAN = 128 * 1024  # a bigger plan (very long path lists) goes to a fresh fork instead
@@ -105,7 +107,7 @@ def _spare_main(sock: socket.socket, zygote: int) -> None:
             os._exit(0)  # the zygote is closing, or sent nonsense: nothing to become
         plan = msgpack.unpackb(msg, raw=False)
         plan["zygote_pid"] = zygote  # if it died meanwhile, getppid() differs and die_with_parent exits
-        runtime.child_main(plan, fds[:4], fds[4] if len(fds) > 4 else None)
+        serve.child_main(plan, fds[:4], fds[4] if len(fds) > 4 else None)
     except BaseException:  # noqa: BLE001 - a spare must never fall back into zygote code
         code = 70
     os._exit(code)
@@ -121,4 +123,20 @@ def _warm_up() -> None:
     for f in framing.FrameDecoder(1 << 20, framing.HOST_TYPES).feed(frame):
         protocol.loads(f.payload, limits)
     compile("def f(x):\n    return x\n", "<warm-up>", "exec")
-    steps.warm_up()
+    _warm_up_steps()
+
+
+def _warm_up_steps() -> None:
+    """The ctypes and prctl paths the confinement steps take, through read-only queries."""
+    for res in (resource.RLIMIT_AS, resource.RLIMIT_NOFILE):
+        resource.getrlimit(res)
+    _sys.libc.prctl(27, 0, 0, 0, 0)  # PR_GET_SECUREBITS
+    _sys.libc.prctl(39, 0, 0, 0, 0)  # PR_GET_NO_NEW_PRIVS
+    _sys.libc.prctl(steps.PR_CAP_AMBIENT, 1, 0, 0, 0)  # PR_CAP_AMBIENT_IS_SET
+    steps.bounding_set_is_full()
+    prctl.get_pdeathsig()
+    prctl.get_dumpable()
+    ctypes.get_errno()
+    os.getresuid(), os.getresgid(), os.getppid()
+    landlock.abi_version()
+    seccomp.action_available()

@@ -19,7 +19,7 @@ pytest.importorskip("uvicorn")
 from conftest import DEFAULT_POLICY, ROOT, children_of  # noqa: E402
 
 APP = os.path.join(ROOT, "examples", "host_app.py")
-PLUGINS = os.path.join(ROOT, "tests", "plugins_http")
+PLUGINS = os.path.join(ROOT, "tests", "plugins", "http")
 POLICIES = {
     "burner": "[limits]\ntimeout = 10\n",
     "flaky": "[limits]\ntimeout = 1.0\n",

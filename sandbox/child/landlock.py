@@ -8,7 +8,7 @@ import ctypes
 import os
 import stat
 
-from .._sys import check, libc
+from .syscalls import check, libc
 
 SYS_create_ruleset, SYS_add_rule, SYS_restrict_self = 444, 445, 446
 CREATE_RULESET_VERSION = 1

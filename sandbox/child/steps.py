@@ -1,8 +1,16 @@
-"""The child's set-up, one small named step each, in the order the kernel needs.
+"""The forked child's confinement: one small named step each, in the order the kernel needs,
+with `STEPS` (the order) right after them. Runs in the forked child only.
 
 Each step takes (plan, state): `plan` is plain data prepared by the host before fork,
 `state` carries what one step hands to the next. Any exception stops the worker before the
-plugin's first line runs; the runtime reports which step failed.
+plugin's first line runs; the serve loop reports which step failed.
+
+The order is the kernel's, not taste: fds and session first (nothing inherited survives);
+a user namespace of its own before the rlimits (the namespace records the limit in force when
+it is made, and then caps every level above with it); Landlock while we may still restrict
+ourselves; the credential change (which clears PDEATHSIG and resets dumpable, so those come
+right after it); preloads while syscalls are still free; no_new_privs; seccomp last, because
+every step before it makes syscalls the plugin must not.
 """
 import ctypes
 import fcntl
@@ -14,12 +22,11 @@ import socket
 
 import prctl
 
-from .. import _sys
-from . import landlock, seccomp
+from . import landlock, seccomp, syscalls as _sys
 
 # Fixed descriptor numbers inside the worker.
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
-PR_CAPBSET_DROP, PR_SET_SECUREBITS = 24, 28
+PR_CAPBSET_READ, PR_CAPBSET_DROP, PR_SET_SECUREBITS = 23, 24, 28
 # NOROOT (+lock), NO_CAP_AMBIENT_RAISE (+lock), and KEEP_CAPS / NO_SETUID_FIXUP locked *off*, so
 # the setuid away from root clears every capability and nothing can turn that off again.
 SECUREBITS_LOCKED_DOWN = 0x01 | 0x02 | 0x08 | 0x20 | 0x40 | 0x80
@@ -67,16 +74,6 @@ def clear_environment(plan, state):
         os.environ[key] = value
 
 
-def set_rlimits(plan, state):
-    for name, value in plan["rlimits"].items():
-        res = getattr(resource, "RLIMIT_" + name.upper())
-        if value is None:
-            continue
-        soft, hard = resource.getrlimit(res)
-        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
-        resource.setrlimit(res, (value, value))
-
-
 def own_user_namespace(plan, state):
     """Unprivileged host, policy allowing threads or processes: a user namespace of the
     worker's own. The uid is the host's, so RLIMIT_NPROC would count every process of that
@@ -94,6 +91,16 @@ def own_user_namespace(plan, state):
             os.write(fd, text.encode())
         finally:
             os.close(fd)
+
+
+def set_rlimits(plan, state):
+    for name, value in plan["rlimits"].items():
+        res = getattr(resource, "RLIMIT_" + name.upper())
+        if value is None:
+            continue
+        soft, hard = resource.getrlimit(res)
+        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
+        resource.setrlimit(res, (value, value))
 
 
 def restrict_filesystem(plan, state):
@@ -114,26 +121,6 @@ def restrict_filesystem(plan, state):
                       scope_abstract_unix=not ll["abstract_unix"])
 
 
-def shared_ruleset(ll: dict, cache: dict):
-    """The zygote's cached ruleset for this plan, or None when the child must build its own
-    (paths under /proc/self mean the worker's own /proc entry, which only it can resolve)."""
-    if ll is None or any(p == "/proc/self" or p.startswith("/proc/self/") for p in ll["read"] + ll["write"]):
-        return None
-    key = (tuple(ll["read"]), tuple(ll["write"]), ll["network"], ll["abstract_unix"])
-    fd = cache.get(key)
-    if fd is None:
-        abi = landlock.abi_version()
-        if abi < 1:
-            return None  # the child will fail closed with the reason
-        if len(cache) > 64:
-            for old in cache.values():
-                os.close(old)
-            cache.clear()
-        fd = cache[key] = landlock.build_ruleset(ll["read"], ll["write"], abi=abi, deny_tcp=not ll["network"],
-                                                 scope_abstract_unix=not ll["abstract_unix"])
-    return fd
-
-
 def drop_privileges(plan, state):
     """Root: a uid/gid unique to this worker, no groups, no capabilities, locked securebits."""
     uid, gid = plan.get("uid"), plan.get("gid")
@@ -142,13 +129,13 @@ def drop_privileges(plan, state):
             raise OSError("refusing to run a worker as uid/gid 0")
         # No way back to root through exec or uid tricks, and the bits can't be unset.
         _prctl(PR_SET_SECUREBITS, SECUREBITS_LOCKED_DOWN, "lock securebits")
-        if not _bounding_dropped:
-            _drop_bounding_set()
+        if bounding_set_is_full():
+            drop_bounding_set()
         os.setgroups([])
         os.setresgid(gid, gid, gid)
         os.setresuid(uid, uid, uid)
-    elif prctl.cap_effective.setpcap and not _bounding_dropped:
-        _drop_bounding_set()  # unprivileged, but holding caps in a user namespace
+    elif prctl.cap_effective.setpcap and bounding_set_is_full():
+        drop_bounding_set()  # unprivileged, but holding caps in a user namespace of its own
     _clear_capabilities()
     _sys.check(_sys.libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "clear ambient caps")
     _prove_no_root()
@@ -158,21 +145,16 @@ def _prctl(option, arg, what):
     _sys.check(_sys.libc.prctl(option, arg, 0, 0, 0), what)
 
 
-def _drop_bounding_set():
+def bounding_set_is_full() -> bool:
+    """Evidence, not an inherited flag: a worker that made a user namespace of its own got a
+    full bounding set back with it, whatever the zygote dropped before the fork."""
+    return _sys.libc.prctl(PR_CAPBSET_READ, 0, 0, 0, 0) == 1
+
+
+def drop_bounding_set() -> None:
+    """Empty the bounding set (41 prctl calls): the zygote does it once for all its workers."""
     for cap in range(_LAST_CAP + 1):
         _prctl(PR_CAPBSET_DROP, cap, f"drop capability {cap} from the bounding set")
-
-
-_bounding_dropped = False
-
-
-def drop_bounding_set_once():
-    """Called by the zygote: workers inherit an empty bounding set (the zygote never execs, and
-    its effective capabilities, which it needs to fork workers under other uids, are untouched)."""
-    global _bounding_dropped
-    if prctl.cap_effective.setpcap:
-        _drop_bounding_set()
-        _bounding_dropped = True
 
 
 class _CapHeader(ctypes.Structure):
@@ -214,13 +196,13 @@ def die_with_parent(plan, state):
     prctl.set_dumpable(False)
 
 
-def no_new_privs(plan, state):
-    seccomp.set_no_new_privs()
-
-
 def preload_modules(plan, state):
     for name in plan.get("preload", ()):
         importlib.import_module(name)
+
+
+def no_new_privs(plan, state):
+    seccomp.set_no_new_privs()
 
 
 def install_seccomp(plan, state):
@@ -240,17 +222,32 @@ def install_seccomp(plan, state):
     os.close(HANDOFF)
 
 
-def warm_up():
-    """For a spare (see zygote/spare.py): the ctypes and prctl paths the steps take, through
-    read-only queries, so that their first-use page faults happen before a plan arrives."""
-    for res in (resource.RLIMIT_AS, resource.RLIMIT_NOFILE):
-        resource.getrlimit(res)
-    _sys.libc.prctl(27, 0, 0, 0, 0)  # PR_GET_SECUREBITS
-    _sys.libc.prctl(39, 0, 0, 0, 0)  # PR_GET_NO_NEW_PRIVS
-    _sys.libc.prctl(PR_CAP_AMBIENT, 1, 0, 0, 0)  # PR_CAP_AMBIENT_IS_SET
-    prctl.get_pdeathsig()
-    prctl.get_dumpable()
-    ctypes.get_errno()
-    os.getresuid(), os.getresgid(), os.getppid()
-    landlock.abi_version()
-    seccomp.action_available()
+# The order is the kernel's, not taste (see the module docstring).
+STEPS = (
+    ("arrange_fds", arrange_fds),
+    ("new_session", new_session),
+    ("clear_environment", clear_environment),
+    ("own_user_namespace", own_user_namespace),
+    ("set_rlimits", set_rlimits),
+    ("restrict_filesystem", restrict_filesystem),
+    ("drop_privileges", drop_privileges),
+    ("die_with_parent", die_with_parent),
+    ("preload_modules", preload_modules),
+    ("no_new_privs", no_new_privs),
+    ("install_seccomp", install_seccomp),
+)
+
+
+class StepFailed(Exception):
+    def __init__(self, step: str, error: BaseException):
+        super().__init__(f"confinement step {step!r} failed: {type(error).__name__}: {error}")
+        self.step = step
+        self.error = error
+
+
+def apply(plan: dict, state: dict) -> None:
+    for name, step in STEPS:
+        try:
+            step(plan, state)
+        except Exception as e:
+            raise StepFailed(name, e) from None

@@ -10,9 +10,10 @@ import sys
 import traceback
 import types
 
-from . import _sys, confine, protocol
-from .confine.steps import FROM_HOST, TO_HOST
-from .protocol import framing
+from .. import protocol
+from ..protocol import framing
+from . import steps as confine, syscalls as _sys
+from .steps import FROM_HOST, TO_HOST
 
 MAX_SOURCE = 8 * 1024 * 1024
 MAX_TEXT = 64 * 1024  # error message and traceback, each

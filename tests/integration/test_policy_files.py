@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 from sandbox import PolicyError
-from sandbox.confine.seccomp import install_filter, set_no_new_privs
+from sandbox.child.seccomp import install_filter, set_no_new_privs
 from sandbox.policy import Policy
 from sandbox.policy.dangerous import DANGEROUS
 from conftest import DEFAULT_POLICY, ROOT

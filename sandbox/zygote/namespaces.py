@@ -10,7 +10,7 @@ the rest of the parent (say, root's home) vanishes from the workers' sight.
 import os
 import stat
 
-from .. import _sys
+from ..child import syscalls as _sys
 
 NS_FLAGS = {"net": _sys.CLONE_NEWNET, "ipc": _sys.CLONE_NEWIPC, "uts": _sys.CLONE_NEWUTS}
 

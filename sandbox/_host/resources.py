@@ -10,8 +10,8 @@ import socket
 import struct
 import tempfile
 
-from . import plans, uids
-from .zygote import client as zygote
+from . import plan as plans, uids
+from . import zygote_client as zygote
 
 F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1 << 20

@@ -194,7 +194,7 @@ def test_session_fast_read_matches_the_general_decoder(magic, version, ftype, ca
     """Session.read_from takes a shortcut for the usual read (one whole reply); whatever the bytes,
     it must say exactly what the general frame decoder says."""
     import os
-    from sandbox.session import Session
+    from sandbox._host.channel import Session
     payload = value if garbage and isinstance(value, bytes) else dumps(value)
     frame = HEADER.pack(magic, version, ftype, len(payload), call_id) + payload
     fast, slow = Session(1 << 16), Session(1 << 16)

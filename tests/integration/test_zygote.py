@@ -82,7 +82,7 @@ def test_spare_holds_no_descriptor_of_the_zygote(make_plugin, plugin_dir):
     path, policy = make_plugin(PLUGIN)
     host = os.path.join(plugin_dir, "spare_probe.py")
     with open(host, "w") as f:
-        f.write(SPARE_PROBE.format(root=ROOT, tests=os.path.dirname(os.path.abspath(__file__)),
+        f.write(SPARE_PROBE.format(root=ROOT, tests=os.path.join(ROOT, "tests"),
                                    plugin=path, policy=policy))
     out = subprocess.run([sys.executable, host], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

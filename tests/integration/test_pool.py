@@ -10,7 +10,7 @@ import pytest
 
 from sandbox import (AsyncPool, Pool, PluginCrashed, PluginError, PluginMemoryError, PluginTimeout, PolicyViolation,
                      QueueFull, RestartLimit, WorkerClosed)
-from sandbox._pool_core import RestartGovernor
+from sandbox._host.pool_core import RestartGovernor
 from conftest import children_of
 
 pytestmark = pytest.mark.unpriv

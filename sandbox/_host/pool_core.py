@@ -7,7 +7,7 @@ and does the I/O: starting, closing and calling workers, waking its waiters (`Sl
 import collections
 import time
 
-from .errors import QueueFull, RestartLimit, WorkerClosed
+from ..errors import QueueFull, RestartLimit, WorkerClosed
 
 
 class Slot:

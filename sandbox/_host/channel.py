@@ -6,10 +6,10 @@ Bytes from the child go in; typed events come out. Every rule a hostile child co
 import os
 import signal
 
-from . import protocol
-from .errors import (LoadError, ConfinementError, PluginCrashed, PluginError, PluginMemoryError,
+from .. import protocol
+from ..errors import (LoadError, ConfinementError, PluginCrashed, PluginError, PluginMemoryError,
                      PluginTimeout, PolicyViolation, ProtocolViolation, SandboxError)
-from .protocol import framing
+from ..protocol import framing
 
 _read = os.read
 _single_frame, HEADER_SIZE, RESULT_FRAME = framing.single_frame, framing.HEADER_SIZE, framing.RESULT

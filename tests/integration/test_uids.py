@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from sandbox import uids
+from sandbox._host import uids
 from conftest import IS_ROOT, ROOT
 
 pytestmark = pytest.mark.skipif(not IS_ROOT, reason="root mode only: unprivileged hosts do not change uid")
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(not IS_ROOT, reason="root mode only: unprivilege
 OTHER_HOST = r"""
 import sys
 sys.path.insert(0, {root!r})
-from sandbox import uids
+from sandbox._host import uids
 got = [uids.allocate({lo}, {hi}) for _ in range(2)]
 print(" ".join(map(str, got)), flush=True)
 sys.stdin.readline()  # hold the claims until told

@@ -5,8 +5,8 @@ once per policy), the Landlock paths, the rlimits, the environment.
 """
 import os
 
-from .zygote.client import runtime_paths
-from .zygote.leftovers import may_start_processes
+from ..zygote.leftovers import may_start_processes
+from .zygote_client import runtime_paths
 
 # Read-only system paths every worker needs: shared libraries (C extensions dlopen them),
 # the loader cache, and time zone data.

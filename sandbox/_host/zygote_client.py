@@ -15,15 +15,16 @@ import msgpack
 from ..errors import ConfinementError, SandboxError
 
 log = logging.getLogger("sandbox")
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_PKG_ROOT = os.path.dirname(os.path.dirname(_HERE))
+_PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # sandbox/
+_PKG_ROOT = os.path.dirname(_PKG_DIR)
+_ZYGOTE_MAIN = os.path.join(_PKG_DIR, "zygote", "__main__.py")
 REPLY_TIMEOUT = 10.0
 
 
 def runtime_paths() -> list[str]:
     """What every worker must be able to read: the interpreter, its stdlib, site-packages, us."""
     # the sandbox package itself, not the folder around it (in a checkout that is the whole repository)
-    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, os.path.join(_PKG_ROOT, "sandbox"),
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, _PKG_DIR,
              os.path.dirname(os.path.realpath(sys.executable))}
     import sysconfig
     for key in ("stdlib", "platstdlib", "purelib", "platlib"):
@@ -59,7 +60,7 @@ class Zygote:
         # PDEATHSIG fires when the *thread* that started the zygote ends, so it is only asked for
         # when that thread is the main one; otherwise EOF on the control socket does the job alone.
         pdeath = ["pdeathsig"] if threading.current_thread() is threading.main_thread() else []
-        args = [sys.executable, "-I", "-S", "-B", os.path.join(_HERE, "__main__.py"),
+        args = [sys.executable, "-I", "-S", "-B", _ZYGOTE_MAIN,
                 str(child_end.fileno()), *pdeath, *self.namespaces, *(f"path:{p}" for p in site_paths()),
                 *(f"expose:{p}" for p in runtime_paths())]
         try:

@@ -8,8 +8,8 @@ import collections
 import logging
 import os
 
-from . import notify, session as S
-from .errors import LoadError, PolicyViolation, SandboxError, WorkerClosed
+from . import channel as S, notify
+from ..errors import LoadError, PolicyViolation, SandboxError, WorkerClosed
 
 log = logging.getLogger("sandbox")
 log.addHandler(logging.NullHandler())  # a library doesn't print on its own
@@ -19,7 +19,7 @@ DEATH_WAIT = 5.0
 
 
 def load_policy(policy):
-    from .policy import Policy
+    from ..policy import Policy
     if policy is None:
         return Policy.default()
     if isinstance(policy, (str, os.PathLike)):

@@ -1,0 +1,64 @@
+"""Structured lifecycle events: every step of every worker, as data (host side).
+
+    import sandbox.events
+    unsubscribe = sandbox.events.subscribe(lambda ev: print(ev.name, ev.fields))
+
+Each event is also a `logging` record on the "sandbox.events" logger with the fields in
+`extra` (so a JSON log formatter sees plugin, policy, pid, uid, ...). Subscribers run on the
+thread that emitted the event: keep them quick; one that raises is logged and never breaks
+the worker that emitted.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+log = logging.getLogger("sandbox.events")
+log.addHandler(logging.NullHandler())
+
+# The names a subscriber may see.
+NAMES = ("started", "ready", "call", "ended", "violation", "denied", "timeout", "memory", "crash",
+         "cancelled", "load-error")
+
+
+@dataclass(frozen=True)
+class Event:
+    name: str
+    fields: dict[str, Any] = field(default_factory=dict)
+    time: float = field(default_factory=time.time)
+
+
+_subscribers: list[Callable[[Event], None]] = []
+_lock = threading.Lock()
+
+
+def subscribe(callback: Callable[[Event], None]) -> Callable[[], None]:
+    """Call `callback(event)` for every event from now on; returns a function that unsubscribes."""
+    with _lock:
+        _subscribers.append(callback)
+
+    def unsubscribe() -> None:
+        with _lock:
+            if callback in _subscribers:
+                _subscribers.remove(callback)
+    return unsubscribe
+
+
+def emit(name: str, level: int = logging.INFO, **fields: Any) -> None:
+    if name not in NAMES:
+        raise ValueError(f"unknown event {name!r}")
+    if log.isEnabledFor(level):
+        shown = " ".join(f"{k}={v}" for k, v in fields.items())
+        log.log(level, "%s %s", name, shown, extra={"sandbox_event": name, **{f"sandbox_{k}": v
+                                                                              for k, v in fields.items()}})
+    if not _subscribers:
+        return
+    event = Event(name, fields)
+    for cb in list(_subscribers):
+        try:
+            cb(event)
+        except Exception:  # a subscriber's bug never breaks a worker
+            log.exception("event subscriber %r failed", cb)
