@@ -8,14 +8,14 @@
 Public surface: Worker, AsyncWorker, Pool, AsyncPool, Policy and the errors below. Everything
 else is private and may change.
 """
-from .errors import (ConfinementError, LoadError, PluginCrashed, PluginError, PluginMemoryError,
-                     PluginTimeout, PolicyError, PolicyViolation, ProtocolViolation, QueueFull,
-                     RestartLimit, SandboxError, WorkerClosed)
+from .errors import (ConfinementError, HostResourceError, LoadError, PluginCrashed, PluginError,
+                     PluginMemoryError, PluginTimeout, PolicyError, PolicyViolation, ProtocolViolation,
+                     QueueFull, RestartLimit, SandboxError, UsageError, WorkerClosed, ZygoteDied)
 
 __all__ = ["Worker", "AsyncWorker", "Pool", "AsyncPool", "Policy", "SandboxError", "PluginError",
            "LoadError", "PluginTimeout", "PolicyViolation", "PluginCrashed", "PluginMemoryError",
            "ProtocolViolation", "PolicyError", "ConfinementError", "WorkerClosed", "QueueFull",
-           "RestartLimit"]
+           "RestartLimit", "UsageError", "HostResourceError", "ZygoteDied"]
 
 
 def __getattr__(name):

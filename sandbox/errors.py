@@ -2,22 +2,76 @@
 
 A remote failure is described by plain strings (type, message, traceback) that the host
 copied out of a decoded frame, never by an object the child chose.
+
+Every error survives pickle (ProcessPoolExecutor, multiprocessing, Ray) and JSON
+(`e.to_dict()` / `SandboxError.from_dict(d)`, e.g. through a Celery result backend) with all
+its attributes: each class lists them in `_fields`, and its constructor takes them by name.
 """
+from __future__ import annotations
+
+from typing import Any, ClassVar
 
 
 class SandboxError(Exception):
     """Base of every error this library raises."""
 
-    kind = "error"  # the CLI's error kind and the HTTP app's error name
+    kind: ClassVar[str] = "error"  # the CLI's error kind and the HTTP app's error name
+    _fields: ClassVar[tuple[str, ...]] = ()  # attributes beyond the message, for pickle and JSON
+
+    def __init__(self, message: str = "", **fields: Any):
+        super().__init__(message)
+        for name in self._fields:
+            setattr(self, name, fields.get(name))
+
+    @property
+    def detail(self) -> str:
+        return str(self)
+
+    def __reduce__(self):
+        state = {name: getattr(self, name, None) for name in self._fields}
+        extra = {k: v for k, v in self.__dict__.items() if k not in state}
+        return (_rebuild, (type(self), str(self), state, extra))
+
+    def to_dict(self) -> dict:
+        """Plain data (JSON-safe): kind, class name, message and the class's own fields."""
+        d: dict[str, Any] = {"kind": self.kind, "class": type(self).__name__, "message": str(self)}
+        for name in self._fields:
+            value = getattr(self, name, None)
+            d[name] = list(value) if isinstance(value, tuple) else value
+        tb = getattr(self, "traceback", None)
+        if tb is not None and "traceback" not in d:
+            d["traceback"] = tb
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SandboxError":
+        """The same error again, from `to_dict()`'s output; an unknown class becomes SandboxError."""
+        klass = _CLASSES.get(str(d.get("class", ""))) or _BY_KIND.get(str(d.get("kind", ""))) or SandboxError
+        fields = {k: d.get(k) for k in klass._fields}
+        err = _rebuild(klass, str(d.get("message", "")), fields, {})
+        if "traceback" in d and "traceback" not in klass._fields:
+            err.traceback = d["traceback"]
+        return err
+
+
+def _rebuild(klass, message: str, fields: dict, extra: dict):
+    err = klass.__new__(klass)
+    Exception.__init__(err, message)
+    for name in klass._fields:
+        value = fields.get(name)
+        setattr(err, name, tuple(value) if name == "arguments" and value is not None else value)
+    err.__dict__.update(extra)
+    return err
 
 
 class PluginError(SandboxError):
     """The plugin raised an exception; its description arrives as three strings."""
 
     kind = "plugin-error"
+    _fields = ("type", "message", "traceback")
 
     def __init__(self, type: str, message: str, traceback: str = ""):
-        super().__init__(f"{type}: {message}")
+        Exception.__init__(self, f"{type}: {message}")
         self.type = type
         self.message = message
         self.traceback = traceback
@@ -33,35 +87,32 @@ class PluginTimeout(SandboxError):
     """A call passed its deadline; the worker was killed."""
 
     kind = "timeout"
+    _fields = ("timeout",)
 
     def __init__(self, message: str, timeout: float | None = None):
-        super().__init__(message)
-        self.timeout = timeout
+        super().__init__(message, timeout=timeout)
 
 
 class PolicyViolation(SandboxError):
     """The worker made a syscall its policy forbids and was stopped."""
 
     kind = "violation"
+    _fields = ("syscall", "arguments", "plugin", "policy", "grant")
 
     def __init__(self, message: str, syscall: str | None = None, args: tuple | None = None,
-                 plugin: str | None = None, policy: str | None = None):
-        super().__init__(message)
-        self.syscall = syscall
-        self.arguments = tuple(args) if args is not None else None
-        self.plugin = plugin
-        self.policy = policy
+                 plugin: str | None = None, policy: str | None = None, grant: str | None = None):
+        super().__init__(message, syscall=syscall, arguments=tuple(args) if args is not None else None,
+                         plugin=plugin, policy=policy, grant=grant)
 
 
 class PluginCrashed(SandboxError):
     """The worker died on its own: an exit code or a signal."""
 
     kind = "crashed"
+    _fields = ("exit_code", "signal")
 
     def __init__(self, message: str, exit_code: int | None = None, signal: int | None = None):
-        super().__init__(message)
-        self.exit_code = exit_code
-        self.signal = signal
+        super().__init__(message, exit_code=exit_code, signal=signal)
 
 
 class PluginMemoryError(SandboxError):
@@ -80,6 +131,7 @@ class PolicyError(SandboxError):
     """A policy file is wrong; the message names the file and the key."""
 
     kind = "policy-error"
+    _fields = ("path", "key", "reason")
 
     def __init__(self, message: str, path: str | None = None, key: str | None = None):
         where = ""
@@ -89,20 +141,21 @@ class PolicyError(SandboxError):
             where = f"{path}: "
         elif key:
             where = f"[{key}] "
-        super().__init__(where + message)
-        self.path = path
-        self.key = key
-        self.detail = message
+        super().__init__(where + message, path=path, key=key, reason=message)
+
+    @property
+    def detail(self) -> str:  # the reason alone, without file and key
+        return self.reason or ""
 
 
 class ConfinementError(SandboxError):
     """A protection the policy requires is not available here; the worker was not started."""
 
     kind = "confinement-error"
+    _fields = ("layer",)
 
     def __init__(self, message: str, layer: str | None = None):
-        super().__init__(message)
-        self.layer = layer
+        super().__init__(message, layer=layer)
 
 
 class WorkerClosed(SandboxError):
@@ -121,3 +174,41 @@ class RestartLimit(SandboxError):
     """A pool's workers keep dying; restarts are paused to avoid a restart storm."""
 
     kind = "restart-limit"
+
+
+class UsageError(SandboxError, ValueError):
+    """An argument the library cannot take (a NaN or negative timeout, an unknown option).
+
+    Also a ValueError, so code that validates its own arguments that way keeps working."""
+
+    kind = "usage-error"
+
+
+class HostResourceError(SandboxError):
+    """The host itself ran short of something a worker needs (file descriptors, processes,
+    memory, disk, uids); the message names it. Nothing is wrong with the plugin."""
+
+    kind = "host-resource"
+    _fields = ("resource",)
+
+    def __init__(self, message: str, resource: str | None = None):
+        super().__init__(message, resource=resource)
+
+
+class ZygoteDied(SandboxError):
+    """The zygote (the process that forks workers) died; the next worker starts on a new one."""
+
+    kind = "zygote-died"
+
+
+def _all_classes(base: type) -> list[type]:
+    out = [base]
+    for sub in base.__subclasses__():
+        out += _all_classes(sub)
+    return out
+
+
+_CLASSES = {c.__name__: c for c in _all_classes(SandboxError)}
+_BY_KIND = {}
+for _c in reversed(list(_CLASSES.values())):
+    _BY_KIND.setdefault(_c.kind, _c)

@@ -9,13 +9,32 @@ import shutil
 import socket
 import struct
 import tempfile
+from typing import NamedTuple
 
+import msgpack
+
+from ..errors import ConfinementError
 from . import plan as plans, uids
 from . import zygote_client as zygote
 
 F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1 << 20
 STATUS = struct.Struct("<ii")  # (pid, raw wait status) written by the zygote when it reaps
+MAX_HANDOFF = 64 * 1024
+
+
+class Handoff(NamedTuple):
+    listener: int | None          # the seccomp listener fd, or None
+    failure: ConfinementError | None  # the confinement step that failed, or None
+
+
+def _failure(raw: bytes) -> ConfinementError:
+    try:
+        d = msgpack.unpackb(raw, raw=False, max_str_len=MAX_HANDOFF, max_array_len=0, max_map_len=8)
+        message, layer = str(d.get("message", "")), d.get("layer")
+    except Exception:  # noqa: BLE001 - still privileged code wrote it, but decode defensively
+        message, layer = "a confinement step failed (its report was unreadable)", None
+    return ConfinementError(message or "a confinement step failed", layer=layer if isinstance(layer, str) else None)
 
 
 def _pipe():
@@ -44,6 +63,7 @@ class Spawned:
         self.fds: dict[str, int] = {}
         self.pid = self.pidfd = None
         self.handoff = None
+        self._handoff = Handoff(None, None)
         child = []
         try:
             if policy.filesystem.scratch:
@@ -77,23 +97,34 @@ class Spawned:
 
     def take_listener(self) -> int | None:
         """The seccomp listener fd the child sent before READY (None if it sent none)."""
+        return self.take_handoff().listener
+
+    def take_handoff(self) -> "Handoff":
+        """What the child sent on the handoff socket (fd 5 in the child), which it closes before
+        the plugin's first line runs, so the plugin can never write here: b"L" with the seccomp
+        listener fd, or b"F" + msgpack {message, layer} when a confinement step failed. Only this
+        channel can produce a ConfinementError; a frame on the message pipe never does."""
         if self.handoff is None:
-            return None  # released already: the worker ended during start
+            return self._handoff  # taken already (or released: the worker ended during start)
+        listener = failure = None
         try:
             self.handoff.setblocking(False)
-            _, fds, _, _ = socket.recv_fds(self.handoff, 16, 2)
+            msg, fds, _, _ = socket.recv_fds(self.handoff, MAX_HANDOFF, 2)
         except OSError:
-            fds = []
+            msg, fds = b"", []
         finally:
             self.handoff.close()
             self.handoff = None
-        if len(fds) != 1:
-            for fd in fds:
-                close_fd(fd)
-            return None
-        os.set_blocking(fds[0], False)
-        self.fds["listener"] = fds[0]
-        return fds[0]
+        if msg[:1] == b"L" and len(fds) == 1:
+            listener = fds.pop()
+            os.set_blocking(listener, False)
+            self.fds["listener"] = listener
+        elif msg[:1] == b"F":
+            failure = _failure(msg[1:])
+        for fd in fds:
+            close_fd(fd)
+        self._handoff = Handoff(listener, failure)
+        return self._handoff
 
     def release(self):
         for fd in self.fds.values():
