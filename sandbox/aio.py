@@ -114,6 +114,11 @@ class AsyncWorker(WorkerHandle):
             return value
         raise value
 
+    async def invoke(self, name: str, args=(), kwargs=None, *, timeout: float | None = None):
+        """`call` with the library's own options beside, never among, the plugin's arguments:
+        every keyword of `call` goes to the plugin; here `timeout` is the sandbox's deadline."""
+        return await self.call(name, *args, timeout=timeout, **(kwargs or {}))
+
     async def post(self, obj, *, timeout: float | None = None) -> None:
         """Deliver obj to the plugin's on_message (plain data only); returns once it is written."""
         frame = S.Session.encode_post(obj)

@@ -77,6 +77,11 @@ class Worker(WorkerHandle):
                 return value
             raise value
 
+    def invoke(self, name: str, args=(), kwargs=None, *, timeout: float | None = None):
+        """`call` with the library's own options beside, never among, the plugin's arguments:
+        every keyword of `call` goes to the plugin; here `timeout` is the sandbox's deadline."""
+        return self.call(name, *args, timeout=timeout, **(kwargs or {}))
+
     def post(self, obj) -> None:
         """Deliver obj to the plugin's on_message (plain data only)."""
         frame = S.Session.encode_post(obj)
