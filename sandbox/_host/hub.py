@@ -77,3 +77,19 @@ def get() -> Hub:
             if _hub is None:
                 _hub = Hub()
     return _hub
+
+
+def _after_fork_in_child() -> None:
+    # The parent's hub thread does not exist here, and its epoll instance is shared with the
+    # parent: a child registering its own fds there would feed the parent's hub. Start afresh.
+    global _hub, _hub_lock
+    old, _hub, _hub_lock = _hub, None, threading.Lock()
+    if old is not None:
+        for fd in (old._ep.fileno(), old._wake_r, old._wake_w):
+            try:
+                os.close(fd)  # the child's copies only
+            except OSError:
+                pass
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
