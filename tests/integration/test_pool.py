@@ -384,7 +384,8 @@ def test_a_worker_whose_close_fails_is_still_replaced(plugin, caplog):
     path, policy = plugin
     pool_class = type("FaultyPool", (Pool,), {"_worker_class": _CloseFails})
     with pool_class(path, policy=policy, size=1, max_calls_per_worker=1) as pool:
-        pids = [pool.call("pid") for _ in range(6)]  # every call recycles (closes) its worker
+        # every call recycles (closes) its worker; a wedged supervisor would leave them waiting
+        pids = [pool.submit("pid").result(timeout=10) for _ in range(6)]
         assert len(set(pids)) == 6
         assert pool._thread.is_alive()
         assert "closing worker" in caplog.text and "clean-up failed" in caplog.text
@@ -514,12 +515,22 @@ def test_log_budget_is_per_call_and_drops_are_logged(plugin, caplog):
 _FORK_POOL = None  # a pool as a module global: what a preloading server has when it forks
 
 
+def _ppid(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
 def _child_report(pool, tag, n=20):
     parent_pids = {w.pid for w in _workers(pool)}  # inherited bookkeeping (empty after the reset)
     answers = [pool.invoke("echo", (f"{tag}-{i}",), timeout=10) for i in range(n)]
     pids = {pool.invoke("pid", timeout=10) for _ in range(4)}
+    zygotes = {_ppid(p) for p in pids}
+    # The child's own watcher (the hub) notices an idle worker's death, with no call made.
+    victim = pool._core.idle[0]
+    os.kill(victim.pid, signal.SIGKILL)
+    noticed = _wait(lambda: pool.stats()["deaths"] != {}, 10)
     return {"ok": answers == [f"{tag}-{i}" for i in range(n)], "pids": sorted(pids),
-            "inherited": sorted(parent_pids)}
+            "inherited": sorted(parent_pids), "zygotes": sorted(zygotes), "noticed": noticed}
 
 
 def _fork_child(tag, wfd):
@@ -565,9 +576,12 @@ def test_a_pool_survives_fork_in_parent_and_children(plugin):
             reports = [json.loads(line) for line in f]
         assert codes == [0, 0], (codes, reports)
         assert len(reports) == 2 and all(rep.get("ok") for rep in reports), reports
+        parent_zygotes = {_ppid(p) for p in parent_pids}
         for rep in reports:
             assert rep["inherited"] == []                      # the child owns none of the parent's
             assert not set(rep["pids"]) & parent_pids          # and its answers came from its own
+            assert not set(rep["zygotes"]) & parent_zygotes    # workers, from its own zygote
+            assert rep["noticed"]                              # which its own hub watches
         assert parent_answers == list(range(200))
         assert {w.pid for w in _workers(pool)} == parent_pids  # the parent was not disturbed
         assert pool.stats()["errors"] == {} and pool.stats()["restarts"] == 0
@@ -593,7 +607,7 @@ def test_a_pool_survives_multiprocessing_fork(plugin):
             res = mp.map_async(_mp_task, ["m1", "m2", "m3"])
             assert [pool.invoke("echo", (i,), timeout=10) for i in range(100)] == list(range(100))
             reports = res.get(timeout=60)
-        assert all(rep["ok"] and not set(rep["pids"]) & parent_pids for rep in reports), reports
+        assert all(rep["ok"] and rep["noticed"] and not set(rep["pids"]) & parent_pids for rep in reports), reports
         assert {w.pid for w in _workers(pool)} == parent_pids
         assert pool.stats()["errors"] == {}
     finally:
