@@ -71,7 +71,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 
 from ._host import options
 from ._host.handle import load_policy as _load_policy, plugin_name
-from ._host.pool_core import CallbackBudget, PoolCore, Slot, Verdict, WorkerId
+from ._host.pool_core import KEEP, CallbackBudget, PoolCore, Slot, Verdict, WorkerId
 from .aio import AsyncWorker
 from .errors import SandboxError, WorkerClosed
 from .worker import Worker
@@ -121,15 +121,20 @@ def _unwrap(outcome):
 
 
 # ---- evidence read from the kernel, never from the worker -------------------------------------
-def _exited(w) -> bool:
+_monotonic = time.monotonic
+
+
+def _exited(w, pollers: dict) -> bool:
     """The worker's process has ended (its pidfd is readable), or its handle already says so."""
     if not w.alive:
         return True
-    pidfd = getattr(w, "_pidfd", None)
-    if pidfd is None:
-        return False
-    p = select.poll()
-    p.register(pidfd, select.POLLIN)
+    p = pollers.get(w)
+    if p is None:
+        pidfd = getattr(w, "_pidfd", None)
+        if pidfd is None:
+            return False
+        p = pollers[w] = select.poll()
+        p.register(pidfd, select.POLLIN)
     try:
         return bool(p.poll(0))
     except OSError:
@@ -223,12 +228,15 @@ class _PoolBase:
             options.timeout(start_timeout, None, "start_timeout")
         self.call_timeout = call_timeout
         self.start_timeout = start_timeout
+        limits = self.policy.limits
         self._core = PoolCore(self.name, size, max_queue, max_calls_per_worker, restart_limit,
-                              cpu_budget=getattr(self.policy.limits, "cpu_seconds", None))
+                              cpu_budget=getattr(limits, "cpu_seconds", None),
+                              cpu_parallel=1 + (getattr(limits, "processes", 0) or 0))
         self._listeners: dict[str, list[Callable]] = {e: [] for e in EVENTS}
         self._exports: tuple[str, ...] | None = None
         self._pipes: dict = {}       # worker -> its pipes' identities (see _close_inherited)
         self._log_seen: dict = {}    # worker -> log bytes dropped that were already reported
+        self._pollers: dict = {}     # worker -> a poll object on its pidfd
         _live_pools.add(self)
 
     # ---- public, shared -----------------------------------------------------------------------
@@ -264,7 +272,8 @@ class _PoolBase:
     # ---- shared internals ---------------------------------------------------------------------
     def _job(self, name: str, args, kwargs, timeout) -> _Job:
         timeout = self.call_timeout if timeout is None else timeout
-        options.timeout(timeout, self.policy.limits.timeout)  # a bad value fails before any queueing
+        if timeout is not None:
+            options.timeout(timeout, None)  # a bad value fails before any queueing
         return _Job(name, args, kwargs, timeout)
 
     def _worker_id(self, w) -> WorkerId:
@@ -272,22 +281,26 @@ class _PoolBase:
 
     def _before_call(self, w) -> bool:
         """True if the call may be sent to w; False: w's process has already ended."""
-        if _exited(w):
+        if _exited(w, self._pollers):
             return False
         if hasattr(w, "_log_bytes"):
             w._log_bytes = 0  # the worker's log budget is per call in a pool, not per lifetime
         return True
 
-    def _conclude(self, w, job: _Job, result, error: BaseException | None):
+    def _conclude(self, w, job: _Job, result, error: BaseException | None, began: float = 0.0):
         """Account for one attempt: the result, _Failed(error), or _RESEND."""
-        never_sent = isinstance(error, WorkerClosed) and getattr(error, "never_sent", True)
+        never_sent = error is not None and isinstance(error, WorkerClosed) and getattr(error, "never_sent", True)
         alive = w.alive
-        cpu = cpu_seconds(w.pid) if alive and self._core.cpu_budget else None
+        took = _monotonic() - began if began else 0.0
+        core = self._core
+        cpu = cpu_seconds(w.pid) if alive and core.cpu_budget and core.cpu_reading_due(w, took) else None
         with self._guard:
-            verdict = self._core.settle(w, error, alive=alive, never_sent=never_sent, cpu_used=cpu,
-                                        death=getattr(w, "death", None), attempt=job.attempt)
-            self._settled(verdict)
-        self._report_log_drops(w)
+            verdict = core.settle(w, error, alive=alive, never_sent=never_sent, cpu_used=cpu, call_seconds=took,
+                                  death=w.death if error is not None else None, attempt=job.attempt)
+            if verdict is not KEEP or core.busy == 0 or core.waiters or not alive:
+                self._settled(verdict)
+        if w.log_dropped:
+            self._report_log_drops(w)
         if verdict.resend:
             job.attempt += 1
             return _RESEND
@@ -330,12 +343,14 @@ class _PoolBase:
             self._settled(Verdict(False, None))
         self._pipes.pop(w, None)
         self._log_seen.pop(w, None)
+        self._pollers.pop(w, None)
         if ours or w not in self._core.workers:
             self._emit("exit", wid, death)
 
     def _forget_workers(self) -> None:
         self._pipes.clear()
         self._log_seen.clear()
+        self._pollers.clear()
 
     def _after_fork_in_child(self) -> None:
         """The parent's workers are the parent's: keep them untouched, close our copies of their
@@ -546,11 +561,12 @@ class Pool(_PoolBase):
     def _attempt(self, w, job: _Job):
         if not self._before_call(w):
             return self._gone_before_send(w, job)
+        began = _monotonic()
         try:
             result = w.invoke(job.name, job.args, job.kwargs, timeout=job.timeout)
         except BaseException as e:  # noqa: BLE001 - every outcome is counted, then re-raised
-            return self._conclude(w, job, None, e)
-        return self._conclude(w, job, result, None)
+            return self._conclude(w, job, None, e, began)
+        return self._conclude(w, job, result, None, began)
 
     def _acquire(self, job: _Job):
         with self._lock:
@@ -811,6 +827,7 @@ class AsyncPool(_PoolBase):
     async def _attempt(self, w, job: _Job):
         if not self._before_call(w):
             return self._gone_before_send(w, job)
+        began = _monotonic()
         try:
             result = await w.invoke(job.name, job.args, job.kwargs, timeout=job.timeout)
         except asyncio.CancelledError:
@@ -820,8 +837,8 @@ class AsyncPool(_PoolBase):
             self._settled(Verdict(False, None))
             raise
         except BaseException as e:  # noqa: BLE001
-            return self._conclude(w, job, None, e)
-        return self._conclude(w, job, result, None)
+            return self._conclude(w, job, None, e, began)
+        return self._conclude(w, job, result, None, began)
 
     async def _acquire(self, job: _Job):
         slot = Slot(None)

@@ -17,10 +17,12 @@ from typing import Any, Callable, NamedTuple
 
 from ..errors import PluginMemoryError, QueueFull, RestartLimit, UsageError, WorkerClosed
 
-# A pooled worker whose CPU time, plus that of its costliest call so far, reaches this share of
-# its lifetime budget (limits.cpu_seconds, an RLIMIT_CPU the kernel enforces by killing it) is
-# recycled after its call: a next call like the ones before finishes before the budget runs out.
-# (The kernel's own account can end a worker a little before its nominal budget: hence 80%.)
+# A pooled worker whose CPU time, plus what its costliest call so far may have used, reaches this
+# share of its lifetime budget (limits.cpu_seconds, an RLIMIT_CPU the kernel enforces by killing
+# it) is recycled after its call: a next call like the ones before finishes before the budget runs
+# out. (The kernel's own account can end a worker a little before its nominal budget: hence 80%.)
+# The owner reads a worker's CPU time only when it might be near: a process cannot use more CPU
+# than `cpu_parallel` x the wall time that passed since the last reading.
 CPU_RECYCLE_AT = 0.8
 # How often one call is sent again after it was found never to have reached its worker (the
 # worker died first). Each try waits for a live worker; the restart governor bounds the rest.
@@ -113,6 +115,10 @@ class Verdict(NamedTuple):
     close: Any              # a worker to close now (recycled), or None
 
 
+KEEP = Verdict(False, None)  # the usual verdict: nothing for the owner to do
+RESEND = Verdict(True, None)
+
+
 class CallbackBudget:
     """Events waiting for the pool's callbacks: admitted while under both caps, else dropped and
     counted (the owner logs drops; a callback never makes the pool wait)."""
@@ -145,7 +151,7 @@ class CallbackBudget:
 class PoolCore:
     def __init__(self, name: str, size: int, max_queue: int | None, max_calls: int | None,
                  restart_limit: Any, cpu_budget: float | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, cpu_parallel: int = 1):
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise UsageError(f"size must be an int >= 1, not {size!r}")
         if max_calls is not None and (isinstance(max_calls, bool) or not isinstance(max_calls, int) or max_calls < 1):
@@ -157,13 +163,18 @@ class PoolCore:
         self.max_queue = max_queue if max_queue is not None else 64 * size
         self.max_calls = max_calls
         self.cpu_budget = cpu_budget
+        self.cpu_parallel = max(1, cpu_parallel)  # threads that may burn CPU at once in a worker
         self.governor = governor_from(restart_limit, clock)
         self.workers: set = set()        # live (or not yet known dead) workers of the pool
         self.idle: collections.deque = collections.deque()
         self.waiters: collections.deque[Slot] = collections.deque()
         self.calls_by: dict = {}
         self.ids: dict = {}
-        self.cpu_seen: dict = {}         # worker -> (CPU seconds at the last reading, costliest call)
+        # worker -> [CPU s at the last reading, when the bound may reach the recycle point, costliest
+        # call's CPU bound]: see cpu_reading_due
+        self.cpu_seen: dict = {}
+        self.calls = 0                   # hot counters as plain ints; the rest in `counters`
+        self.ok = 0
         self.busy = 0
         self.starting = 0
         self.closed = False
@@ -197,31 +208,48 @@ class PoolCore:
         self.waiters.append(slot)
         return None
 
+    def cpu_reading_due(self, w, call_seconds: float = 0.0) -> bool:
+        """Should the owner read w's CPU time now (after a call that took `call_seconds`)? Not
+        while the CPU it can have used since the last reading keeps it under the recycle point."""
+        if not self.cpu_budget:
+            return False
+        seen = self.cpu_seen.get(w)
+        return seen is None or self.governor.clock() + call_seconds >= seen[1]
+
     def settle(self, w, error: BaseException | None, *, alive: bool, never_sent: bool = False,
-               cpu_used: float | None = None, death: Any = None, attempt: int = 0) -> Verdict:
+               cpu_used: float | None = None, call_seconds: float = 0.0, death: Any = None,
+               attempt: int = 0) -> Verdict:
         """A call on `w` ended with `error` (None: success). `alive`: the worker is still alive;
         `never_sent`: there is evidence the call never reached it; `cpu_used`: its lifetime CPU
-        seconds, read after the call; `death`: why it ended, if it did."""
+        seconds, if read after the call (see cpu_reading_due); `call_seconds`: the call's wall
+        time; `death`: why it ended, if it did."""
         self.busy -= 1
-        if never_sent and not self.closed and attempt < MAX_RESENDS:
+        if error is None:
+            self.calls += 1
+            self.ok += 1
+        elif never_sent and not self.closed and attempt < MAX_RESENDS:
             self.died(w, death if death is not None else error)
             self.counters["resent"] += 1
-            return Verdict(True, None)
-        self._record_call(error)
+            return RESEND
+        else:
+            self._record_error(error)
         if w not in self.workers:
-            return Verdict(False, None)
+            return KEEP
         if not alive:
             # Replaced now, whether or not its exit callback ever runs (a failed clean-up must
             # never leave the pool one worker short).
             self.died(w, death if death is not None else error)
-            return Verdict(False, None)
+            return KEEP
         n = self.calls_by[w] = self.calls_by.get(w, 0) + 1
-        if not self.closed and self._recycle_due(w, error, n, cpu_used):
+        if not self.closed and self._recycle_due(w, error, n, cpu_used, call_seconds):
             self._forget(w)
             self.counters["recycled"] += 1
             return Verdict(False, w)
-        self._hand(w)
-        return Verdict(False, None)
+        if self.waiters:
+            self._hand(w)
+        else:
+            self.idle.append(w)
+        return KEEP
 
     def abandon(self, slot: Slot) -> None:
         """A queued caller gave up; a worker it was handed meanwhile goes back."""
@@ -242,7 +270,7 @@ class PoolCore:
         that hangs up must never make the plugin look like a crash loop). One whose reply had
         already arrived is still alive and simply goes back."""
         self.busy -= 1
-        self.counters["calls"] += 1
+        self.calls += 1
         self.errors["cancelled"] += 1
         if w not in self.workers:
             return
@@ -265,6 +293,7 @@ class PoolCore:
             return False
         self.workers.add(w)
         self.calls_by[w] = 0
+        self.cpu_seen.pop(w, None)
         if wid is not None:
             self.ids[w] = wid
         self._hand(w)
@@ -309,8 +338,8 @@ class PoolCore:
 
     def start_due(self) -> bool:
         """A worker should be started now (the supervisor has work)."""
-        return (not self.closed and not self.governor.tripped()
-                and len(self.workers) + self.starting < self.size)
+        return (len(self.workers) + self.starting < self.size and not self.closed
+                and not self.governor.tripped())
 
     def wake_in(self) -> float | None:
         """When the supervisor should look again even if nothing happens (a trip ending)."""
@@ -328,7 +357,7 @@ class PoolCore:
         """The same configuration with none of this state: for a forked child, whose inherited
         workers belong to the parent."""
         core = PoolCore(self.name, self.size, self.max_queue, self.max_calls, None, self.cpu_budget,
-                        self.governor.clock)
+                        self.governor.clock, self.cpu_parallel)
         core.governor = RestartGovernor(self.governor.count, self.governor.window, self.governor.clock)
         core.closed = self.closed
         return core
@@ -337,7 +366,7 @@ class PoolCore:
         return {
             "plugin": self.name, "size": self.size, "live": len(self.workers), "idle": len(self.idle),
             "busy": self.busy, "starting": self.starting, "queued": len(self.waiters),
-            "max_queue": self.max_queue, "calls": self.counters["calls"], "ok": self.counters["ok"],
+            "max_queue": self.max_queue, "calls": self.calls, "ok": self.ok,
             "errors": dict(self.errors), "restarts": self.counters["restarts"],
             "recycled": self.counters["recycled"], "cpu_recycled": self.counters["cpu_recycled"],
             "resent": self.counters["resent"], "start_failures": self.counters["start_failures"],
@@ -347,25 +376,31 @@ class PoolCore:
         }
 
     # ---- internals --------------------------------------------------------------------------
-    def _record_call(self, error: BaseException | None) -> None:
-        self.counters["calls"] += 1
-        if error is None:
-            self.counters["ok"] += 1
-        else:
-            self.errors[getattr(error, "kind", None) or type(error).__name__] += 1
+    def _record_error(self, error: BaseException) -> None:
+        self.calls += 1
+        self.errors[getattr(error, "kind", None) or type(error).__name__] += 1
 
-    def _recycle_due(self, w, error, n: int, cpu_used: float | None) -> bool:
+    def _recycle_due(self, w, error, n: int, cpu_used: float | None, call_seconds: float) -> bool:
         if isinstance(error, PluginMemoryError):
             return True  # what it holds may be why: a fresh worker starts clean
         if self.max_calls is not None and n >= self.max_calls:
             return True
-        if cpu_used is not None and self.cpu_budget:
-            last, costliest = self.cpu_seen.get(w, (0.0, 0.0))
-            costliest = max(costliest, cpu_used - last)
-            self.cpu_seen[w] = (cpu_used, costliest)
-            if cpu_used + costliest >= CPU_RECYCLE_AT * self.cpu_budget:
-                self.counters["cpu_recycled"] += 1
-                return True
+        if not self.cpu_budget:
+            return False
+        # A call cannot have used more CPU than its wall time x the threads that may run at once.
+        seen = self.cpu_seen.get(w)
+        bound = call_seconds * self.cpu_parallel
+        if cpu_used is None:
+            if seen is not None and bound > seen[2]:
+                seen[1] -= (bound - seen[2]) / self.cpu_parallel  # a costlier call: look sooner
+                seen[2] = bound
+            return False
+        costliest = max(seen[2] if seen is not None else 0.0, bound)
+        room = CPU_RECYCLE_AT * self.cpu_budget - cpu_used - costliest
+        if room <= 0:
+            self.counters["cpu_recycled"] += 1
+            return True
+        self.cpu_seen[w] = [cpu_used, self.governor.clock() + room / self.cpu_parallel, costliest]
         return False
 
     def _hand(self, w) -> None:

@@ -7,6 +7,7 @@ import logging
 import multiprocessing
 import os
 import random
+import re
 import signal
 import threading
 import time
@@ -726,6 +727,18 @@ def test_async_pool_callbacks_run_on_the_loop(plugin):
         assert got == [(pool.name, {"done": i, "of": 3}, True) for i in (1, 2, 3)]
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_batch_progress_example(tmp_path):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "batch_progress.py"), "--calls", "200",
+                          "--size", "2"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "200 calls in" in out.stdout and "0 failed" in out.stdout and "200/200" in out.stderr + out.stdout
+    sent = sum(int(n) for n in re.findall(r"'textstats-\d+': (\d+)", out.stdout))
+    assert sent == 200  # one progress post per call, each delivered with its worker's identity
 
 
 def _catch(out, fn, *args):

@@ -114,18 +114,32 @@ def test_no_resend_once_closed():
 
 
 @pytest.mark.parametrize("calls, expect", [
-    ([0.3], [False]),                    # 0.3 + 0.3 < 0.8
-    ([0.3, 0.6], [False, True]),         # 0.6 + 0.3 >= 0.8: the next call like these would not fit
-    ([0.05, 0.1, 0.15, 0.7], [False, False, False, True]),  # one costly call counts from then on
+    ([(0.3, 0.3)], [False]),                           # 0.3 used + a 0.3 s call < 0.8
+    ([(0.3, 0.3), (0.6, 0.3)], [False, True]),         # 0.6 + 0.3 >= 0.8: the next like these would not fit
+    ([(0.05, 0.05), (0.1, 0.05), (0.15, 0.5), (0.35, 0.01)], [False, False, False, True]),  # the costliest counts
 ])
 def test_cpu_budget_recycles_before_the_next_call_could_run_out(calls, expect):
     core, (a,), _ = make(size=1, cpu_budget=1.0)
     got = []
-    for used in calls:
+    for used, took in calls:
         core.acquire(Slot(None))
-        got.append(core.settle(a, None, alive=True, cpu_used=used).close is a)
+        got.append(core.settle(a, None, alive=True, cpu_used=used, call_seconds=took).close is a)
     assert got == expect
     assert CPU_RECYCLE_AT == 0.8 and core.stats()["cpu_recycled"] == sum(expect)
+
+
+def test_cpu_is_read_only_when_it_could_be_near_the_recycle_point():
+    core, (a,), clock = make(size=1, cpu_budget=10.0)
+    assert core.cpu_reading_due(a)  # never read yet
+    core.acquire(Slot(None))
+    core.settle(a, None, alive=True, cpu_used=1.0, call_seconds=1.0)  # room: 8 - 1 - 1 = 6 s
+    clock.now = 5.0
+    assert not core.cpu_reading_due(a, 0.5)
+    assert core.cpu_reading_due(a, 1.0)  # 5 + 1 s: it could be there
+    core.acquire(Slot(None))
+    core.settle(a, None, alive=True, call_seconds=3.0)  # unread, but a costlier call: look sooner
+    assert core.cpu_reading_due(a)
+    assert not make(cpu_budget=None)[0].cpu_reading_due(a)
 
 
 def test_cancelled_call_replaces_its_worker_outside_the_restart_limit():
