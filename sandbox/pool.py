@@ -62,8 +62,6 @@ import inspect
 import logging
 import os
 import queue
-import select
-import stat
 import threading
 import time
 import weakref
@@ -71,7 +69,9 @@ from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 
 from ._host import options
 from ._host.handle import load_policy as _load_policy, plugin_name
-from ._host.pool_core import KEEP, CallbackBudget, PoolCore, Slot, Verdict, WorkerId
+from ._host.pool_callbacks import CallbackThread, approx_size
+from ._host.pool_core import KEEP, PoolCore, Slot, Verdict, WorkerId
+from ._host.pool_evidence import close_inherited, cpu_seconds, exited, pipe_ids
 from .aio import AsyncWorker
 from .errors import SandboxError, WorkerClosed
 from .worker import Worker
@@ -82,7 +82,7 @@ log = logging.getLogger("sandbox")
 CLOSE_GRACE = 0.5
 EVENTS = ("message", "log", "exit")
 _RESEND = object()  # an attempt's outcome: the call never reached its worker; send it again
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
+_monotonic = time.monotonic
 
 _live_pools: "weakref.WeakSet[_PoolBase]" = weakref.WeakSet()
 # A forked child's copies of the parent's workers: kept referenced for the child's whole life, so
@@ -120,90 +120,6 @@ def _unwrap(outcome):
     return outcome
 
 
-# ---- evidence read from the kernel, never from the worker -------------------------------------
-_monotonic = time.monotonic
-
-
-def _exited(w, pollers: dict) -> bool:
-    """The worker's process has ended (its pidfd is readable), or its handle already says so."""
-    if not w.alive:
-        return True
-    p = pollers.get(w)
-    if p is None:
-        pidfd = getattr(w, "_pidfd", None)
-        if pidfd is None:
-            return False
-        p = pollers[w] = select.poll()
-        p.register(pidfd, select.POLLIN)
-    try:
-        return bool(p.poll(0))
-    except OSError:
-        return False
-
-
-def cpu_seconds(pid: int | None) -> float | None:
-    """Lifetime CPU time (user + system) of a process, from /proc/<pid>/stat; None if unknown."""
-    if pid is None:
-        return None
-    try:
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        data = os.read(fd, 2048)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    fields = data.rpartition(b")")[2].split()
-    try:
-        return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime (fields 14, 15)
-    except (IndexError, ValueError):
-        return None
-
-
-def _pipe_ids(w) -> list[tuple[int, int, int]]:
-    """(fd, device, inode) of the worker's pipes in this process, to recognise them after a fork."""
-    out = []
-    for fd in list(getattr(w, "_fds", {}).values()):
-        try:
-            st = os.fstat(fd)
-        except (OSError, TypeError):
-            continue
-        if stat.S_ISFIFO(st.st_mode):
-            out.append((fd, st.st_dev, st.st_ino))
-    return out
-
-
-def _close_inherited(ids: list[tuple[int, int, int]]) -> None:
-    """In a forked child: close its copies of a parent's worker pipes, so that the worker sees EOF
-    when the parent closes it. Only descriptors that still are those very pipes are closed."""
-    for fd, dev, ino in ids:
-        try:
-            st = os.fstat(fd)
-        except OSError:
-            continue
-        if stat.S_ISFIFO(st.st_mode) and (st.st_dev, st.st_ino) == (dev, ino):
-            os.close(fd)
-
-
-def _approx_size(obj, budget: int = 1000) -> int:
-    """Bytes a posted value holds, roughly (strings and bytes; a bounded walk)."""
-    total, stack = 0, [obj]
-    while stack and budget > 0:
-        budget -= 1
-        x = stack.pop()
-        if isinstance(x, (str, bytes, bytearray)):
-            total += len(x)
-        elif isinstance(x, dict):
-            stack.extend(x.keys())
-            stack.extend(x.values())
-        elif isinstance(x, (list, tuple)):
-            stack.extend(x)
-        total += 16
-    return total + 64 * len(stack)  # what the walk did not reach counts at a flat rate
-
-
 def _after_fork_in_child() -> None:
     for pool in list(_live_pools):
         pool._after_fork_in_child()
@@ -234,7 +150,7 @@ class _PoolBase:
                               cpu_parallel=1 + (getattr(limits, "processes", 0) or 0))
         self._listeners: dict[str, list[Callable]] = {e: [] for e in EVENTS}
         self._exports: tuple[str, ...] | None = None
-        self._pipes: dict = {}       # worker -> its pipes' identities (see _close_inherited)
+        self._pipes: dict = {}       # worker -> its pipes' identities (see close_inherited)
         self._log_seen: dict = {}    # worker -> log bytes dropped that were already reported
         self._pollers: dict = {}     # worker -> a poll object on its pidfd
         _live_pools.add(self)
@@ -281,7 +197,7 @@ class _PoolBase:
 
     def _before_call(self, w) -> bool:
         """True if the call may be sent to w; False: w's process has already ended."""
-        if _exited(w, self._pollers):
+        if exited(w, self._pollers):
             return False
         if hasattr(w, "_log_bytes"):
             w._log_bytes = 0  # the worker's log budget is per call in a pool, not per lifetime
@@ -319,7 +235,7 @@ class _PoolBase:
 
     def _joined(self, w) -> bool:
         """A started worker joins the pool: callbacks wired, identity given, handed out."""
-        self._pipes[w] = _pipe_ids(w)
+        self._pipes[w] = pipe_ids(w)
         if self._exports is None and getattr(w, "exports", None) is not None:
             self._exports = tuple(w.exports)
         with self._guard:  # on() sees either the worker or its listeners, never neither
@@ -357,7 +273,7 @@ class _PoolBase:
         pipes, and start afresh (workers are started on first use)."""
         for w, ids in list(self._pipes.items()):
             _inherited.append(w)
-            _close_inherited(ids)
+            close_inherited(ids)
         _inherited.extend(self._core.workers)
         self._forget_workers()
         self._exports = None
@@ -378,70 +294,6 @@ class _PoolBase:
 
     def _reset_driver(self) -> None:
         raise NotImplementedError
-
-
-class _CallbackThread:
-    """The one thread on which a Pool's callbacks run, in order, behind a bounded backlog."""
-
-    REPORT_EVERY = 5.0
-
-    def __init__(self, name: str):
-        self.name = name
-        self._cv = threading.Condition(threading.Lock())
-        self._queue: collections.deque = collections.deque()
-        self.budget = CallbackBudget()
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self._reported = 0.0
-
-    def put(self, callbacks: list, args: tuple, size: int, *, must: bool = False) -> None:
-        with self._cv:
-            if self._stopping:
-                return
-            if must:
-                self.budget.events += 1
-                self.budget.bytes += size
-            elif not self.budget.admit(size):
-                self._report_drops()
-                return
-            self._queue.append((callbacks, args, size))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=f"sandbox-pool-{self.name}-callbacks",
-                                                daemon=True)
-                self._thread.start()
-            self._cv.notify()
-
-    def stop(self, timeout: float) -> None:
-        """Run what is already queued (for up to `timeout` s), then end the thread."""
-        with self._cv:
-            self._stopping = True
-            self._cv.notify()
-            thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
-
-    def _report_drops(self) -> None:
-        now = time.monotonic()
-        if now - self._reported >= self.REPORT_EVERY:
-            self._reported = now
-            log.warning("pool %s: %d callback events dropped: callbacks do not keep up (backlog of %d events)",
-                        self.name, self.budget.take_unreported(), self.budget.max_events)
-
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                while not self._queue and not self._stopping:
-                    self._cv.wait()
-                if not self._queue:
-                    return
-                callbacks, args, size = self._queue.popleft()
-            for cb in callbacks:
-                try:
-                    cb(*args)
-                except Exception:
-                    log.exception("pool %s: callback %r failed", self.name, cb)
-            with self._cv:
-                self.budget.done(size)
 
 
 class Pool(_PoolBase):
@@ -550,7 +402,7 @@ class Pool(_PoolBase):
         self._thread: threading.Thread | None = None
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # (job, slot) for the dispatchers
         self._dispatchers = 0
-        self._callbacks = _CallbackThread(self.name)
+        self._callbacks = CallbackThread(self.name)
 
     def _start_supervisor(self) -> None:
         """(lock held) The supervisor thread; after a fork, the child's first call starts it."""
@@ -652,7 +504,7 @@ class Pool(_PoolBase):
     def _emit(self, event: str, wid: WorkerId, payload) -> None:
         callbacks = self._listeners[event]
         if callbacks:
-            size = len(payload) if event == "log" else _approx_size(payload) if event == "message" else 0
+            size = len(payload) if event == "log" else approx_size(payload) if event == "message" else 0
             self._callbacks.put(list(callbacks), (wid, payload), size, must=event == "exit")
 
     def _callbacks_dropped(self) -> int:
