@@ -668,6 +668,7 @@ class AsyncPool(_PoolBase):
                 self._opening = None
 
     async def _open(self) -> None:
+        self._wake, self._drained = asyncio.Event(), asyncio.Event()  # bound to this loop
         n = self._core.starts_due()
         results = await asyncio.gather(*(self._start_one() for _ in range(n)), return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]

@@ -16,6 +16,7 @@ import pytest
 
 from sandbox import (AsyncPool, Pool, PluginCrashed, PluginError, PluginTimeout, PolicyViolation, QueueFull,
                      RestartLimit, UsageError, Worker, WorkerClosed)
+from sandbox.aio import AsyncWorker
 from sandbox.pool import WorkerId, cpu_seconds
 from conftest import children_of
 
@@ -391,6 +392,25 @@ def test_a_worker_whose_close_fails_is_still_replaced(plugin, caplog):
         assert pool._thread.is_alive()
         assert "closing worker" in caplog.text and "clean-up failed" in caplog.text
         assert _wait(lambda: all(_ended(p) for p in pids[:-1]), 5)
+
+
+class _AsyncCloseFails(AsyncWorker):
+    async def close(self, grace: float = 1.0) -> None:
+        await super().close(grace)
+        raise RecursionError("clean-up failed")
+
+
+def test_an_async_worker_whose_close_fails_is_still_replaced(plugin, caplog):
+    path, policy = plugin
+    pool_class = type("FaultyAsyncPool", (AsyncPool,), {"_worker_class": _AsyncCloseFails})
+
+    async def main():
+        async with pool_class(path, policy=policy, size=1, max_calls_per_worker=1) as pool:
+            pids = [await asyncio.wait_for(pool.call("pid"), 10) for _ in range(6)]
+            assert len(set(pids)) == 6 and not pool._task.done()
+        assert "closing worker" in caplog.text and "clean-up failed" in caplog.text
+
+    asyncio.run(asyncio.wait_for(main(), 60))
 
 
 # ---- futures -----------------------------------------------------------------------------------
