@@ -85,11 +85,16 @@ def _after_fork_in_child() -> None:
     global _hub, _hub_lock
     old, _hub, _hub_lock = _hub, None, threading.Lock()
     if old is not None:
-        for fd in (old._ep.fileno(), old._wake_r, old._wake_w):
+        _inherited.append(old)  # never freed here: nothing of it may act on a reused fd later
+        old._ep.close()  # the child's copy only
+        for fd in (old._wake_r, old._wake_w):
             try:
-                os.close(fd)  # the child's copies only
+                os.close(fd)
             except OSError:
                 pass
+
+
+_inherited: list = []
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
