@@ -79,6 +79,8 @@ READ_HINTS = {
     "/etc/group": "glibc's getgrgid",
 }
 PROC_SELF = re.compile(r"^/proc/(self|thread-self|\d+)(/|$)")
+# Harmless probes the kernel may refuse without harm to the caller: answered with an errno, not granted.
+BENIGN_ERRNO = {"mbind": "EPERM"}  # OpenBLAS' NUMA placement; Docker's default answers it with EPERM
 O_PATH = 0x200000
 LEARN_FILE_MB = 64  # RLIMIT_FSIZE while learning when the policy allows no file to grow
 MAX_GROUP_EXTRA = 3  # a group is proposed only if it adds at most this many unused syscalls
@@ -617,7 +619,10 @@ def _choose(rec: Recorder) -> tuple[dict, dict]:
     """Syscalls not granted -> ({group: [names]}, {name: Seen}) to list in `allow`."""
     from ..policy.groups import GROUPS, expand
     already = set(rec._allow)
-    wanted = {n: s for n, s in rec.syscalls.items() if n not in PROCESS_CALLS and n not in NETWORK_CALLS}
+    if rec.threads:  # limits.threads (or processes) brings @threads with it
+        already |= set(expand(["@threads"])[0])
+    wanted = {n: s for n, s in rec.syscalls.items() if n not in PROCESS_CALLS and n not in NETWORK_CALLS
+              and n not in already and n not in BENIGN_ERRNO}
     groups: dict[str, list[str]] = {}
     for name in sorted(wanted):
         best = None
@@ -745,9 +750,13 @@ def propose(rec: Recorder, *, out_path: str | None, outcomes: list[tuple[str, st
         for name, seen in sorted(allow.items()):
             sec.append(f"    {_q(name)},  # {_why(seen)}")
         sec.append("]")
+    errnos = {n: (e, f"{_why(rec.syscalls[n])}: harmless, answered with {e} instead of granted")
+              for n, e in BENIGN_ERRNO.items() if n in rec.syscalls}
     if any("nscd" in note for note in rec.benign) and not fams:
-        sec.append('errno = { socket = "EAFNOSUPPORT" }  # ' + _clean(decode.NSCD_NOTE) +
-                   ": answered with an errno instead of granting network")
+        errnos["socket"] = ("EAFNOSUPPORT", _clean(decode.NSCD_NOTE) + ": answered with an errno, no network granted")
+    if errnos:
+        sec.append("errno = { " + ", ".join(f"{n} = {_q(e)}" for n, (e, _) in sorted(errnos.items())) + " }")
+        sec += [f"#   {n}: {why}" for n, (_, why) in sorted(errnos.items())]
     for name, seen in sorted(rec.dangerous.items()):
         sec.append(f'# allow_dangerous = [{_q(name)}]  # DANGEROUS, not granted (denied with EPERM during '
                    f"learning): {_why(seen)}")

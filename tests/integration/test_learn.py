@@ -18,6 +18,7 @@ from sandbox import Worker
 from sandbox.errors import PolicyViolation
 from sandbox.policy import Policy
 from sandbox.policy import learn as L
+from sandbox.policy.lint import lint
 from sandbox.zygote.leftovers import may_start_processes
 
 PLUGIN_SRC = os.path.join(ROOT, "tests", "plugins", "learn_demo")
@@ -89,6 +90,7 @@ def test_the_learned_policy_grants_no_process_no_network_no_other_write(learned)
     assert e["filesystem"]["writable"] == []
     assert e["filesystem"]["scratch"] is True  # tempfile used one; nothing else is writable
     assert e["seccomp"]["allow_dangerous"] == []
+    assert [f for f in lint(out) if f.level == "error"] == []
     if not HAS_NUMPY:
         assert e["limits"]["processes"] == 0 and e["limits"].get("threads", 0) == 0
 
