@@ -145,6 +145,11 @@ SIGNATURES: dict[str, tuple[str, ...]] = {
 }
 PATH_SYSCALLS = frozenset(n for n, sig in SIGNATURES.items() if "path" in sig)
 
+# Groups an operator never lists: the policy key that brings each along.
+GRANTED_BY_KEY = {"@file-write": "filesystem.writable or filesystem.scratch", "@threads": "limits.threads"}
+# Groups too wide to propose for one syscall (epoll for asyncio's own loop is not networking).
+TOO_WIDE = {"@network-client": "network.allow", "@process": "limits.processes"}
+
 # Causes known to be harmless, by what the call looks like.
 NSCD_SOCKET_PATHS = ("/var/run/nscd/socket", "/run/nscd/socket")
 NSCD_NOTE = "glibc's nscd lookup (getpwuid): harmless; set HOME / grant nothing"
@@ -366,6 +371,10 @@ def grant_for(name: str, args: tuple[int, ...]) -> str:
             return "nothing: request has bits above 32 set"
         return f'[[seccomp.rule]] syscall = "ioctl", when = ["arg1 == {req:#x}"]'
     group = holding_group(name)
+    if group in GRANTED_BY_KEY:
+        return GRANTED_BY_KEY[group]
+    if group in TOO_WIDE:
+        return f'seccomp.allow = ["{name}"] ({TOO_WIDE[group]} brings it too, with much more)'
     if group is not None:
         return f'seccomp.groups = ["{group}"]'
     return f'seccomp.allow = ["{name}"]'
