@@ -25,6 +25,8 @@ PROCESS_CALLS = frozenset({"fork", "vfork", "clone", "execve", "execveat", "kill
 # Opening files: an errno here fails every import, not only the plugin's own opens.
 IMPORT_CALLS = frozenset({"openat", "open", "read", "mmap", "newfstatat", "fstat", "stat", "lstat", "statx",
                           "close", "getdents64", "lseek"})
+# Imported, these start a BLAS/OpenMP thread pool at once (OpenBLAS raises SIGINT if it can't).
+THREADED_IMPORTS = frozenset({"numpy", "scipy", "pandas", "sklearn", "numexpr", "torch"})
 WIDENING_GROUPS = {"@process": "new processes and programs", "@network-client": "sockets and connections"}
 
 
@@ -158,7 +160,15 @@ def _path_findings(eff: dict) -> list[Finding]:
 
 def _preload_findings(eff: dict) -> list[Finding]:
     out = []
+    lim, env = eff.get("limits", {}), eff.get("environment", {}).get("set", {})
+    threads = lim.get("threads", 0) or lim.get("processes", 0)
+    capped = "OPENBLAS_NUM_THREADS" in env or "OMP_NUM_THREADS" in env
     for name in eff.get("python", {}).get("preload", ()):
+        if name.split(".", 1)[0] in THREADED_IMPORTS and not threads and not capped:
+            out.append(Finding("warning", "python.preload",
+                               f"{name!r} starts a thread pool at import, and this policy grants no threads: on root hosts "
+                               'the preload fails; set environment.set OPENBLAS_NUM_THREADS = "1" (and '
+                               "OMP_NUM_THREADS) or grant threads"))
         top = name.split(".", 1)[0]
         try:
             found = importlib.util.find_spec(top) is not None

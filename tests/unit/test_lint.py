@@ -115,3 +115,11 @@ def test_json_output(write, capsys):
     assert out["file"] == path
     assert out["findings"][0] == {"level": "error", "key": "network.families",
                                   "message": "families ['inet'] have no effect without network.allow = true"}
+
+
+def test_a_thread_starting_preload_without_threads(write):
+    found = lint(write('[python]\npreload = ["numpy"]\n'))
+    assert any(f.key == "python.preload" and "starts a thread pool" in f.message for f in found)
+    capped = lint(write('[python]\npreload = ["numpy"]\n[environment]\nset = { OPENBLAS_NUM_THREADS = "1" }\n',
+                        name="q.toml"))
+    assert not any("thread pool" in f.message for f in capped)
