@@ -275,6 +275,8 @@ class Recorder:
         if granted:
             if name == "clone" and args[0] & decode.CLONE_THREAD:
                 self._count_thread(n, report)
+            elif name in ("connect", "bind") and report.path and report.benign_note is None:
+                self._note(self.destinations, report.path, report)  # the policy's network: where to
             return "continue"
         return self._ungranted(n, name, args, report, read_memory)
 
@@ -719,12 +721,11 @@ def propose(rec: Recorder, *, out_path: str | None, outcomes: list[tuple[str, st
                  f"{_clean(path)} ({_why(seen)}); add its folder to filesystem.writable only if the plugin needs it")
 
     fams = sorted(rec.families)
-    if fams or rec.destinations:
-        L += ["", "[network]", "allow = true  # NETWORK: " + "; ".join(_why(rec.families[f]) for f in fams)]
-        if fams:
-            L.append(f"families = [{', '.join(_q(f) for f in fams)}]")
-        for dest, seen in sorted(rec.destinations.items()):
-            L.append(f"# destination: {_clean(dest)} ({_why(seen)})")
+    if fams:
+        L += ["", "[network]", "allow = true  # NETWORK: " + "; ".join(_why(rec.families[f]) for f in fams),
+              f"families = [{', '.join(_q(f) for f in fams)}]"]
+    for dest, seen in sorted(rec.destinations.items()):
+        L.append(f"# destination: {_clean(dest)} ({_why(seen)})")
 
     have = set(rec.base.preload)
     asked = _imports_of([rec.plugin] + sorted(rec.own_files))

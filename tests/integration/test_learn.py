@@ -174,3 +174,26 @@ def test_cli_main_writes_the_file_and_reports_each_call(plugin, plugin_dir, caps
     assert Policy.load(out).seccomp.default_action == "kill"
     assert L.main([plugin, "--call", "gather", "{bad", "--out", out]) != 0
     assert "not valid JSON" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="reading a non-dumpable worker's memory needs root")
+def test_network_use_is_learned_with_its_destination_and_nothing_leaves(plugin_dir, make_plugin):
+    worker_py, _ = make_plugin("""
+        import socket
+
+        def ping():
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                s.connect(("127.0.0.1", 9))
+                return "connected"
+            except OSError as e:
+                return e.errno
+            finally:
+                s.close()
+        """)
+    out = os.path.join(plugin_dir, "p.toml")
+    result = L.learn(worker_py, [("ping", [])], out=out)
+    assert result.ok, result.outcomes
+    e = Policy.load(out).explain()
+    assert e["network"]["allow"] is True and e["network"]["families"] == ["inet"]
+    assert "# destination: AF_INET:127.0.0.1:9" in result.text
