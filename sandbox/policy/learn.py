@@ -68,7 +68,6 @@ PID_TARGET = {"kill": 0, "tkill": 0, "tgkill": 1, "rt_sigqueueinfo": 0, "rt_tgsi
               "prlimit64": 0, "sched_setaffinity": 0, "sched_setparam": 0, "sched_setscheduler": 0,
               "sched_setattr": 0, "migrate_pages": 0, "move_pages": 0, "get_robust_list": 0,
               "setpriority": 1, "ioprio_set": 1, "process_madvise": None, "pidfd_send_signal": None}
-NETWORK_CALLS = frozenset({"connect", "bind", "sendto", "sendmsg", "sendmmsg", "listen", "accept", "accept4"})
 PROCESS_CALLS = frozenset({"fork", "vfork", "execve", "execveat"})
 NEVER = frozenset({"seccomp"})  # a plugin must never install filters of its own
 # Why common system files get read, and what to do instead of granting them.
@@ -309,14 +308,19 @@ class Recorder:
             if report.benign_note is None:
                 self._note(self.families, fam, report)
             return "continue"
-        if name in NETWORK_CALLS:
+        addressed = name in ("connect", "bind") or (name == "sendto" and args[4] != 0)
+        if addressed or name in ("sendmsg", "sendmmsg"):
+            # Decided on registers only: memory the task can change after we read it never decides.
             dest = report.path if name in ("connect", "bind") else None
-            if name == "sendto" and args[4]:
+            if name == "sendto":
                 dest = decode.sockaddr_text(read_memory(args[4], min(args[5], 128)))
             if dest and report.benign_note is None:
                 self._note(self.destinations, dest, report)
             if not self._network:
-                # no network in the policy: nothing leaves, not even to the host's unix sockets
+                # no network in the policy: nothing leaves, not even to the host's unix sockets;
+                # sendmsg's destination lives in memory, so it is refused whatever it says
+                if name in ("sendmsg", "sendmmsg"):
+                    self._note(self.refused, f"{name} without network (its address is in memory)", report)
                 unix = (dest or "").startswith("AF_UNIX")
                 return ("deny", errno_mod.ECONNREFUSED if unix else errno_mod.ENETUNREACH)
             self._note(self.syscalls, name, report)
@@ -623,7 +627,9 @@ def _choose(rec: Recorder) -> tuple[dict, dict]:
     already = set(rec._allow)
     if rec.threads:  # limits.threads (or processes) brings @threads with it
         already |= set(expand(["@threads"])[0])
-    wanted = {n: s for n, s in rec.syscalls.items() if n not in PROCESS_CALLS and n not in NETWORK_CALLS
+    if rec.families:  # network.allow brings @network-client with it
+        already |= set(expand(["@network-client"])[0])
+    wanted = {n: s for n, s in rec.syscalls.items() if n not in PROCESS_CALLS
               and n not in already and n not in BENIGN_ERRNO}
     groups: dict[str, list[str]] = {}
     for name in sorted(wanted):

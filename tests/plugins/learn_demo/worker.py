@@ -19,6 +19,17 @@ def gather(n):
     return asyncio.run(main())
 
 
+def wake(value):
+    """The loop's self-pipe: a socketpair written with send() (sendto without an address)."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        loop.call_soon_threadsafe(fut.set_result, value)
+        return await fut
+
+    return asyncio.run(main())
+
+
 def scratch_roundtrip(text):
     with tempfile.TemporaryFile() as f:
         f.write(text.encode())
