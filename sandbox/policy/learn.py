@@ -78,6 +78,8 @@ READ_HINTS = {
     "/etc/group": "glibc's getgrgid",
 }
 PROC_SELF = re.compile(r"^/proc/(self|thread-self|\d+)(/|$)")
+# Without network, these are granted only in the shape that was used: no destination address.
+NO_ADDRESS_RULES = {"sendto": "arg4 == 0"}
 # Harmless probes the kernel may refuse without harm to the caller: answered with an errno, not granted.
 BENIGN_ERRNO = {"mbind": "EPERM"}  # OpenBLAS' NUMA placement; Docker's default answers it with EPERM
 O_PATH = 0x200000
@@ -746,6 +748,8 @@ def propose(rec: Recorder, *, out_path: str | None, outcomes: list[tuple[str, st
               + "); preloads are imported before the filter, in every worker"]
 
     groups, allow = _choose(rec)
+    no_address = {n: c for n, c in NO_ADDRESS_RULES.items() if n in allow and not fams}
+    allow = {n: v for n, v in allow.items() if n not in no_address}
     sec = []
     group_lines = {g: "; ".join(_why(rec.syscalls[n]) for n in names) for g, names in groups.items()}
     if rec.process_seen and "@process" not in rec.base.seccomp.groups:
@@ -769,6 +773,9 @@ def propose(rec: Recorder, *, out_path: str | None, outcomes: list[tuple[str, st
                    f"learning): {_why(seen)}")
     if sec:
         L += ["", "[seccomp]"] + sec
+    for name, cond in sorted(no_address.items()):
+        L += ["", f"[[seccomp.rule]]  # {_why(rec.syscalls[name])}; only without a destination address",
+              f"syscall = {_q(name)}", f"when = [{_q(cond)}]"]
     for req, seen in sorted(rec.ioctls.items()):
         L += ["", f"[[seccomp.rule]]  # ioctl {decode.ioctl_name(req)}: {_why(seen)}",
               'syscall = "ioctl"', f'when = ["arg1 == {req:#x}"]']
