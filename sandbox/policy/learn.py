@@ -226,7 +226,12 @@ def learn(worker_py, calls=(), *, script: str | None = None, extends=None, out: 
     plugin = os.path.abspath(os.fspath(worker_py))
     if not os.path.isfile(plugin):
         raise UsageError(f"plugin file not found: {plugin}")
-    base = Policy.load(extends if extends is not None else SHIPPED_DEFAULT)
+    if extends is None:
+        extends = SHIPPED_DEFAULT
+    elif "/" not in os.fspath(extends) and not os.fspath(extends).endswith(".toml"):
+        from .loader import resolve_extends  # "default", or a policy's name next to the current folder
+        extends = resolve_extends(os.fspath(extends), os.getcwd(), None)
+    base = Policy.load(extends)
     if base.path is None:
         raise UsageError("learn extends a policy file; an inline policy has no path to extend")
     view_read, view_write = _view(base, plugin)

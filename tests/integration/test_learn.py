@@ -167,7 +167,7 @@ def test_dangerous_and_foreign_calls_are_refused_while_learning_and_never_grante
 
 def test_cli_main_writes_the_file_and_reports_each_call(plugin, plugin_dir, capsys):
     out = os.path.join(plugin_dir, "cli.toml")
-    code = L.main([plugin, "--call", "gather", "3", "--call", "data_lines", "--out", out])
+    code = L.main([plugin, "--call", "gather", "3", "--call", "data_lines", "--extends", "default", "--out", out])
     assert code == 0
     err = capsys.readouterr().err
     assert "call gather(3): ok" in err and f"wrote {out}" in err
