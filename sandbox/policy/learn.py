@@ -207,6 +207,7 @@ class LearnResult:
     outcomes: list[tuple[str, str | None]]      # (call, None or the error it ended in)
     recorder: Recorder
     hooked: bool                                # ran through Worker's _on_syscall hook
+    results: list = None                        # what each successful call returned, in order
 
     @property
     def ok(self) -> bool:
@@ -239,6 +240,7 @@ def learn(worker_py, calls=(), *, script: str | None = None, extends=None, out: 
     LearningWorker, hooked = _worker_class()
     policy = learning_policy(base, learning_bpf(base))
     outcomes: list[tuple[str, str | None]] = []
+    results: list = []
     worker = None
     try:
         worker = LearningWorker(plugin, policy, rec, start_timeout=LEARN_TIMEOUT)
@@ -246,7 +248,7 @@ def learn(worker_py, calls=(), *, script: str | None = None, extends=None, out: 
         for name, args in calls:
             rec.current = "call " + _label(name, args)
             try:
-                worker.invoke(name, tuple(args), timeout=LEARN_TIMEOUT)
+                results.append(worker.invoke(name, tuple(args), timeout=LEARN_TIMEOUT))
                 outcomes.append((rec.current, None))
             except SandboxError as e:
                 outcomes.append((rec.current, f"{type(e).__name__}: {e}"))
@@ -274,7 +276,7 @@ def learn(worker_py, calls=(), *, script: str | None = None, extends=None, out: 
         with open(tmp, "w") as f:
             f.write(text)
         os.replace(tmp, out)
-    return LearnResult(text, outcomes, rec, hooked)
+    return LearnResult(text, outcomes, rec, hooked, results)
 
 
 def _json_arg(text: str):

@@ -197,3 +197,31 @@ def test_network_use_is_learned_with_its_destination_and_nothing_leaves(plugin_d
     e = Policy.load(out).explain()
     assert e["network"]["allow"] is True and e["network"]["families"] == ["inet"]
     assert "# destination: AF_INET:127.0.0.1:9" in result.text
+
+
+@pytest.mark.unpriv
+def test_learning_keeps_the_confinement(make_plugin, plugin_dir):
+    """Learning changes the filter's answers, nothing else: no privileges, the policy's rlimits,
+    no_new_privs, a seccomp filter."""
+    worker_py, _ = make_plugin("""
+        import os, resource
+
+        def who():
+            with open("/proc/self/status") as f:
+                status = dict(line.split(":", 1) for line in f if ":" in line)
+            return {"euid": os.geteuid(), "as": resource.getrlimit(resource.RLIMIT_AS)[0],
+                    "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                    "seccomp": status["Seccomp"].strip(), "nnp": status["NoNewPrivs"].strip(),
+                    "capeff": status["CapEff"].strip()}
+        """)
+    result = L.learn(worker_py, [("who", [])], out=os.path.join(plugin_dir, "p.toml"))
+    assert result.ok, result.outcomes
+    seen = result.results[0]
+    base = Policy.default()
+    assert seen["seccomp"] == "2" and seen["nnp"] == "1" and int(seen["capeff"], 16) == 0
+    assert seen["as"] == base.limits.memory_bytes and seen["nofile"] == base.limits.open_files
+    if IS_ROOT:
+        lo, hi = base.uid_range
+        assert lo <= seen["euid"] <= hi
+    else:
+        assert seen["euid"] == os.geteuid()
