@@ -102,6 +102,9 @@ def child_main(plan: dict, fds: list, ruleset: int | None = None) -> None:
         _serve(module, plan["max_frame"])
         code = 0
     except confine.StepFailed as e:
+        if isinstance(e.error, confine.PreloadFailed):  # a load error naming the module, not a layer
+            _report_early(framing.LOADERR, _describe(e.error))
+            os._exit(code)
         tb = "".join(traceback.format_exception(type(e.error), e.error, e.error.__traceback__))
         _report_early(framing.LOADERR, {"type": "ConfinementError", "message": str(e), "traceback": _cap(tb),
                                         "layer": e.step})

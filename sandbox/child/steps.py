@@ -196,9 +196,23 @@ def die_with_parent(plan, state):
     prctl.set_dumpable(False)
 
 
+class PreloadFailed(Exception):
+    """A `[python] preload` module failed to import: reported as a load error naming it, whatever
+    it raised (OpenBLAS that cannot start its threads raises SIGINT: a KeyboardInterrupt here)."""
+
+    def __init__(self, module: str, error: BaseException):
+        hint = (" (a SIGINT during the import: OpenBLAS sends one when it cannot start its threads; "
+                "grant threads or set OPENBLAS_NUM_THREADS=1)") if isinstance(error, KeyboardInterrupt) else ""
+        super().__init__(f"preload {module!r} failed: {type(error).__name__}: {error}{hint}")
+        self.module = module
+
+
 def preload_modules(plan, state):
     for name in plan.get("preload", ()):
-        importlib.import_module(name)
+        try:
+            importlib.import_module(name)
+        except BaseException as e:  # noqa: BLE001 - named and reported, never swallowed
+            raise PreloadFailed(name, e) from e
 
 
 def no_new_privs(plan, state):
