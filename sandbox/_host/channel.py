@@ -133,10 +133,8 @@ def plugin_error(d: dict) -> SandboxError:
 
 
 def load_error(d: dict, plugin: str) -> SandboxError:
-    if d["type"] == "ConfinementError":
-        e = ConfinementError(d["message"], layer=d.get("layer"))
-        e.traceback = d["traceback"]
-        return e
+    # A load-error frame comes from the worker's output pipe, which plugin code can write: it is
+    # never a ConfinementError, whatever it calls itself (those come on the handoff socket only).
     return LoadError(d["type"], f"could not load {plugin}: {d['message']}", d["traceback"])
 
 
