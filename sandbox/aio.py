@@ -175,7 +175,8 @@ class AsyncWorker(WorkerHandle):
         self._want = (S.READY,)
         timer = loop.call_later(self._start_timeout, self._on_start_timeout, fut)
         try:
-            await fut
+            _, ready = await fut
+            self.exports = S.exports_of(ready)
         except asyncio.CancelledError:
             self._kill(WorkerClosed(f"the start of worker {self.name} was cancelled"))
             raise

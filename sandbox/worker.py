@@ -138,8 +138,9 @@ class Worker(WorkerHandle):
             self._handoff_fd = sp.handoff.fileno()
             self._get_poller().register(self._handoff_fd, select.POLLIN)
             try:
-                self._pump(None, time.monotonic() + start_timeout, start_timeout,
-                           want=(S.READY,), starting=True)
+                _, ready = self._pump(None, time.monotonic() + start_timeout, start_timeout,
+                                      want=(S.READY,), starting=True)
+                self.exports = S.exports_of(ready)
             finally:
                 if self._handoff_fd is not None:
                     self._take_listener()

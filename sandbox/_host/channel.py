@@ -132,6 +132,17 @@ def plugin_error(d: dict) -> SandboxError:
     return PluginError(d["type"], d["message"], d["traceback"])
 
 
+MAX_EXPORTS = 10_000
+
+
+def exports_of(ready) -> tuple[str, ...]:
+    """The names a READY frame says the plugin exports (the worker refuses calls to others)."""
+    names = ready.get("exports") if isinstance(ready, dict) else None
+    if not isinstance(names, list) or len(names) > MAX_EXPORTS:
+        return ()
+    return tuple(n for n in names if isinstance(n, str) and len(n) <= 1000)
+
+
 def load_error(d: dict, plugin: str) -> SandboxError:
     # A load-error frame comes from the worker's output pipe, which plugin code can write: it is
     # never a ConfinementError, whatever it calls itself (those come on the handoff socket only).
