@@ -129,7 +129,7 @@ class Zygote:
                     msg, got, _, _ = socket.recv_fds(self._ctl, MAX_REPLY, 1)
                 except socket.timeout:
                     self._retire()
-                    err = ZygoteDied(f"the zygote did not answer within {timeout:g} s (stopped or "
+                    err = ZygoteDied(f"the zygote did not answer within {timeout:.2g} s (stopped or "
                                      "overloaded); it takes no more requests and the next worker "
                                      "starts on a new zygote")
                     err.may_fork_later = True  # it may still fork this request when it resumes
