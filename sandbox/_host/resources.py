@@ -16,7 +16,7 @@ import msgpack
 from ..errors import ConfinementError, HostResourceError, SandboxError, ZygoteDied
 from ..protocol import plan as plan_wire
 from ..protocol.zygote import MAX_PLAN, STATUS, SpawnFds, SpawnRequest, plan_frame
-from . import plan as plans, uids
+from . import plan as plans, rulesets, uids
 from . import zygote_client as zygote
 
 F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
@@ -109,23 +109,25 @@ class Spawned:
             if fcntl.fcntl(to_w, F_GETPIPE_SZ) < len(frame):
                 raise SandboxError(f"the plan for {plugin} ({len(frame)} bytes) does not fit in the "
                                    "worker's input pipe")
+            # Into the empty pipe before the fork, so the worker finds it at once (the whole frame
+            # fits: checked above); a worker the zygote never forks never reads it.
+            if os.write(to_w, frame) != len(frame):
+                raise SandboxError("the plan could not be written to the worker's input at once")
             request = SpawnRequest(uid=self.uid, may_fork=self.plan.may_fork)
             fds = list(SpawnFds(**child))
+            ruleset = rulesets.shared_ruleset(self.plan.landlock)  # the cache's: not closed here
+            if ruleset is not None:
+                fds.append(ruleset)
             try:
                 self.pid, self.pidfd, self.zygote_proc = zygote.get(bool(policy.network.allow)).spawn(
                     request, fds, max(deadline - time.monotonic(), 0.001))
             except ZygoteDied as e:
                 if getattr(e, "may_fork_later", False):
-                    # A stalled zygote may still fork this request when it resumes; the worker
-                    # then finds EOF instead of a plan and exits, but its uid must not go to
-                    # another worker meanwhile (the zygote kills leftovers by uid).
+                    # A stalled zygote may still fork this request when it resumes: that worker
+                    # is confined as usual and dies at its first write (nobody reads), and its
+                    # uid never goes to another worker (the zygote kills leftovers by uid).
                     self.uid = None
                 raise
-            # Only now, to a worker that exists: a worker forked after the host gave up finds
-            # EOF instead of a plan, and exits before doing anything.
-            written = os.write(to_w, frame)
-            if written != len(frame):
-                raise SandboxError("the plan could not be written to the worker's input at once")
         except OSError as e:
             self.release()
             raise _host_short_of(e) from None

@@ -75,17 +75,22 @@ def _builtins_changed() -> bool:
 
 
 class _OwnBuiltins:
-    """While the library works: the builtins as they were before the plugin loaded."""
+    """While the library works: the builtins as they were before the plugin loaded (a no-op,
+    and no write to the builtins' pages, unless the plugin changed one)."""
     __slots__ = ("_theirs",)
 
     def __enter__(self):
-        self._theirs = dict(_BUILTINS)
-        _BUILTINS.clear()
-        _BUILTINS.update(_ORIGINAL)
+        self._theirs = None
+        if _BUILTINS != _ORIGINAL:
+            self._theirs = dict(_BUILTINS)
+            _BUILTINS.clear()
+            _BUILTINS.update(_ORIGINAL)
 
     def __exit__(self, *exc):
-        _BUILTINS.clear()
-        _BUILTINS.update(self._theirs)
+        if self._theirs is not None:
+            _BUILTINS.clear()
+            _BUILTINS.update(self._theirs)
+            self._theirs = None
         return False
 
 
@@ -162,9 +167,10 @@ class Writer:
 
 
 # ---- the child's entry ----------------------------------------------------------------------
-def child_main(fds: list[int], zygote_pid: int) -> None:
+def child_main(fds: list[int], zygote_pid: int, ruleset: int | None = None) -> None:
     """Entry from the zygote's fork (or a spare): `fds` are the worker's own, in SpawnFds order
-    (from_host, to_host, handoff, log). Never returns."""
+    (from_host, to_host, handoff, log); `ruleset`, the host's Landlock ruleset for the plan's
+    paths, if it sent one. Never returns."""
     global _writer
     code = 70
     try:
@@ -174,7 +180,7 @@ def child_main(fds: list[int], zygote_pid: int) -> None:
             raise confine.StepFailed("read_plan", e) from None
         _set_title(plan.title)
         source, problem = _read_source(plan)
-        state = {"fds": fds, "ruleset": None, "zygote_pid": zygote_pid}
+        state = {"fds": fds, "ruleset": ruleset, "zygote_pid": zygote_pid}
         confine.apply(plan, state)
         _writer = Writer(TO_HOST, plan.max_frame)
         if problem is not None:  # reported now, confined, like any other load error
@@ -223,9 +229,7 @@ def _set_title(title: str) -> None:
     /proc/<pid>/cmdline, overwritten in place (it is this process's own copy of the stack)."""
     try:
         prctl.set_name(title[:15])
-        with open("/proc/self/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end (fields 48 and 49)
+        start, end = _ARGS
         size = end - start
         if size < 2:
             return
@@ -234,6 +238,20 @@ def _set_title(title: str) -> None:
         ctypes.memmove(start, text + b" " * (size - _len(text)), size)
     except Exception:  # noqa: BLE001 - a name is a convenience, never a reason not to start
         pass
+
+
+def _argument_area() -> tuple[int, int]:
+    """arg_start and arg_end (fields 48 and 49 of /proc/self/stat), read once in the zygote:
+    every child it forks has the same addresses."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return int(fields[45]), int(fields[46])
+    except (OSError, ValueError, IndexError):
+        return 0, 0
+
+
+_ARGS = _argument_area()
 
 
 # ---- reading worker.py: no symlink, a regular file, the worker's own rights --------------------
@@ -268,7 +286,8 @@ class _WorkerRights:
     def __enter__(self):
         if self.ids is not None:
             uid, gid = self.ids
-            os.setgroups([])  # the worker has none: they must not widen this read either
+            if os.getgroups():
+                os.setgroups([])  # the worker has none: they must not widen this read either
             _sys.libc.setfsgid(gid)
             _sys.libc.setfsuid(uid)
             if _sys.libc.setfsuid(uid) != uid or _sys.libc.setfsgid(gid) != gid:  # returns the current one
@@ -286,30 +305,36 @@ def _read_source(plan) -> tuple[bytes | None, dict | None]:
     confinement (seccomp may not allow openat2) but with the worker's rights: the plugin's
     folder is opened without following its last component, worker.py below it the same way."""
     path = plan.plugin
+    try:
+        with _WorkerRights(plan.uid, plan.gid):
+            return read_plugin_file(path)
+    except OSError as e:
+        return None, _problem(type(e).__name__, _why_not(e, path))
+
+
+def read_plugin_file(path: str) -> tuple[bytes | None, dict | None]:
+    """The file's bytes, opened as described above; OSError when it can't be opened."""
     folder, name = os.path.split(path)
     parent, folder_name = os.path.split(folder)
     fds: list[int] = []
     try:
-        with _WorkerRights(plan.uid, plan.gid):
-            # Up to the plugin's folder, the path is the operator's; the folder and what is in it
-            # are the plugin's, and a link there could point anywhere.
-            fds.append(os.open(parent or "/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
-            if folder_name:
-                fds.append(_open_beneath(fds[-1], folder_name, os.O_PATH | os.O_DIRECTORY))
-            fds.append(_open_beneath(fds[-1], name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY))
-            st = os.fstat(fds[-1])
-            if not stat.S_ISREG(st.st_mode):
-                return None, _problem("OSError", f"{path} is not a regular file")
-            if st.st_size > MAX_SOURCE:
-                return None, _problem("OSError", f"{path} is larger than {MAX_SOURCE} bytes")
-            data = os.read(fds[-1], MAX_SOURCE + 1)
-            while _len(data) <= MAX_SOURCE:
-                more = os.read(fds[-1], MAX_SOURCE + 1 - _len(data))
-                if not more:
-                    break
-                data += more
-    except OSError as e:
-        return None, _problem(type(e).__name__, _why_not(e, path))
+        # Up to the plugin's folder, the path is the operator's; the folder and what is in it
+        # are the plugin's, and a link there could point anywhere.
+        fds.append(os.open(parent or "/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+        if folder_name:
+            fds.append(_open_beneath(fds[-1], folder_name, os.O_PATH | os.O_DIRECTORY))
+        fds.append(_open_beneath(fds[-1], name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY))
+        st = os.fstat(fds[-1])
+        if not stat.S_ISREG(st.st_mode):
+            return None, _problem("OSError", f"{path} is not a regular file")
+        if st.st_size > MAX_SOURCE:
+            return None, _problem("OSError", f"{path} is larger than {MAX_SOURCE} bytes")
+        data = os.read(fds[-1], MAX_SOURCE + 1)
+        while _len(data) <= MAX_SOURCE:
+            more = os.read(fds[-1], MAX_SOURCE + 1 - _len(data))
+            if not more:
+                break
+            data += more
     finally:
         for fd in fds:
             os.close(fd)

@@ -23,6 +23,9 @@ class SpawnFds(NamedTuple):
 
 SPAWN_FD_COUNT = len(SpawnFds._fields)
 WORKER_FD_COUNT = SPAWN_FD_COUNT - 1  # all but `status`, in the same order
+# After them, optionally, a Landlock ruleset the host built for the worker's paths: the zygote
+# relays it as a descriptor and never learns a path.
+MAX_SPAWN_FDS = SPAWN_FD_COUNT + 1
 
 # The fixed descriptor numbers inside a worker, once its first step has arranged them.
 STDIN, STDOUT, STDERR, FROM_HOST, TO_HOST, HANDOFF = 0, 1, 2, 3, 4, 5

@@ -22,8 +22,8 @@ import msgpack
 import prctl
 
 from ..child import serve, steps  # imported here so children never import after fork
-from ..protocol.zygote import (MAX_REQUEST, SPAWN_FD_COUNT, STATUS, WORKER_FD_COUNT, SpawnFds,
-                               decode_request, encode_reply)
+from ..protocol.zygote import (MAX_REQUEST, MAX_SPAWN_FDS, SPAWN_FD_COUNT, STATUS, WORKER_FD_COUNT,
+                               SpawnFds, decode_request, encode_reply)
 from .leftovers import Leftovers
 from .spare import Spare
 
@@ -119,12 +119,13 @@ def _handle_request(ctl, status_fds, wake_fds) -> bool:
 
 
 def _spawn(ctl, status_fds, msg, fds: list[int], flags) -> None:
-    if len(fds) != SPAWN_FD_COUNT or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-        raise ValueError(f"a spawn request is {SPAWN_FD_COUNT} descriptors and at most {MAX_REQUEST} bytes "
-                         f"(got {len(fds)} descriptors{', truncated' if flags else ''})")
+    if len(fds) not in (SPAWN_FD_COUNT, MAX_SPAWN_FDS) or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        raise ValueError(f"a spawn request is {SPAWN_FD_COUNT} descriptors (and a ruleset) and at most "
+                         f"{MAX_REQUEST} bytes (got {len(fds)} descriptors{', truncated' if flags else ''})")
     request = decode_request(msg)
-    worker = SpawnFds(*fds)
-    own = fds[:WORKER_FD_COUNT]
+    worker = SpawnFds(*fds[:SPAWN_FD_COUNT])
+    ruleset = fds[SPAWN_FD_COUNT] if len(fds) > SPAWN_FD_COUNT else None
+    own = fds[:WORKER_FD_COUNT] + ([ruleset] if ruleset is not None else [])  # what the worker gets
     pid = _spare.hand_off(own)
     if pid is None:
         zygote = os.getpid()  # taken here: in the child, getppid() may already be 1
@@ -133,7 +134,7 @@ def _spawn(ctl, status_fds, msg, fds: list[int], flags) -> None:
         except OSError as e:  # no memory, no pids: this request fails, the zygote and its workers don't
             raise OSError(e.errno, f"fork failed: {e.strerror}") from None
         if pid == 0:
-            _in_child(worker, zygote)
+            _in_child(worker, ruleset, zygote)
     try:
         pidfd = os.pidfd_open(pid)
         try:
@@ -188,14 +189,14 @@ def _answer(ctl, error: str) -> None:
         pass  # the host is gone: the next poll sees EOF
 
 
-def _in_child(worker: SpawnFds, zygote: int):
+def _in_child(worker: SpawnFds, ruleset: int | None, zygote: int):
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     os.close(worker.status)  # the status pipe is the zygote's to write
     # The remaining zygote fds (ctl, wake pipe, other workers' status pipes) are closed by the
     # first confinement step, which keeps only the worker's own descriptors.
     try:
-        serve.child_main(list(worker[:WORKER_FD_COUNT]), zygote)
+        serve.child_main(list(worker[:WORKER_FD_COUNT]), zygote, ruleset)
     finally:
         os._exit(70)  # never back into the zygote's loop
 

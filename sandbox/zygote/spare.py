@@ -16,12 +16,13 @@ import os
 import resource
 import signal
 import socket
+import types
 
 import prctl
 
 from .. import protocol
 from ..child import landlock, seccomp, serve, steps, syscalls as _sys
-from ..protocol import framing
+from ..protocol import framing, plan as plan_wire
 from ..protocol.zygote import WORKER_FD_COUNT
 
 
@@ -50,7 +51,8 @@ class Spare:
         self.pid, self._sock = pid, ours
 
     def hand_off(self, fds: list[int]) -> int | None:
-        """Give the spare a worker's descriptors (it reads its plan from the first): its pid, or
+        """Give the spare a worker's descriptors (it reads its plan from the first; a Landlock
+        ruleset may follow them): its pid, or
         None when a fresh fork must serve instead."""
         if self.pid is None:
             return None
@@ -99,12 +101,12 @@ def _spare_main(sock: socket.socket, zygote: int) -> None:
             _warm_up()
         except Exception:  # noqa: BLE001 - only a speed-up: a spare that skipped it is still sound
             pass
-        msg, fds, _, _ = socket.recv_fds(sock, 1, WORKER_FD_COUNT)
+        msg, fds, _, _ = socket.recv_fds(sock, 1, WORKER_FD_COUNT + 1)
         sock.close()
-        if msg != b"W" or len(fds) != WORKER_FD_COUNT:
+        if msg != b"W" or len(fds) not in (WORKER_FD_COUNT, WORKER_FD_COUNT + 1):
             os._exit(0)  # the zygote is closing, or sent nonsense: nothing to become
         # if the zygote died meanwhile, getppid() differs and die_with_parent exits
-        serve.child_main(fds, zygote)
+        serve.child_main(fds[:WORKER_FD_COUNT], zygote, fds[WORKER_FD_COUNT] if len(fds) > WORKER_FD_COUNT else None)
     except BaseException:  # noqa: BLE001 - a spare must never fall back into zygote code
         code = 70
     os._exit(code)
@@ -121,6 +123,24 @@ def _warm_up() -> None:
         protocol.loads(f.payload, limits)
     compile("def f(x):\n    return x\n", "<warm-up>", "exec")
     _warm_up_steps()
+    _warm_up_serve()
+
+
+def _warm_up_serve() -> None:
+    """The child's own first steps: a plan decoded (a made-up one: the spare has none), a file
+    read the way worker.py is (this module's own source), a module's exports listed."""
+    sample = plan_wire.Plan(
+        plugin="/nonexistent/worker.py", module_name="warm_up", title="sandbox: warm-up", uid=None,
+        gid=None, rlimits={"core": 0, "nproc": None}, env={"K": "v"}, preload=(),
+        landlock=plan_wire.Landlock(read=("/usr/lib",), write=(), network=False, abstract_unix=False),
+        bpf=b"\0" * 64, notify=True, max_frame=1 << 20, own_userns=False, may_fork=False, cwd="/")
+    plan_wire.decode(plan_wire.encode(sample))
+    serve.read_plugin_file(os.path.abspath(__file__))
+    _sys.libc.setfsuid(-1), _sys.libc.setfsgid(-1)  # -1 changes nothing: only the lookups are paid
+    os.getgroups()
+    module = types.ModuleType("warm_up")
+    exec(compile("def f(x):\n    return x\n", "<warm-up>", "exec"), module.__dict__)
+    serve._exports(module)
 
 
 def _warm_up_steps() -> None:
