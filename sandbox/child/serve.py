@@ -48,16 +48,15 @@ _callable, _isinstance, _type, _str, _len, _sorted = callable, isinstance, type,
 _BaseException, _AttributeError = BaseException, AttributeError
 
 
-def _names_used(*modules) -> tuple[str, ...]:
-    """Builtins the functions of these modules look up (their code's global names)."""
+def _names_used(*functions) -> tuple[str, ...]:
+    """Builtins these functions (and the code nested in them) look up: the ones the serve loop
+    runs on every frame. Error paths swap all builtins back instead (_OwnBuiltins)."""
     seen: set[str] = set()
-    for module in modules:
-        stack = [v.__code__ for v in vars(module).values() if _isinstance(v, types.FunctionType)]
-        for cls in (v for v in vars(module).values() if _isinstance(v, type)):
-            stack += [f.__code__ for f in vars(cls).values() if _isinstance(f, types.FunctionType)]
+    for fn in functions:
+        stack, own_globals = [fn.__code__], fn.__globals__
         while stack:
             code = stack.pop()
-            seen.update(n for n in code.co_names if n in _ORIGINAL and n not in vars(module))
+            seen.update(n for n in code.co_names if n in _ORIGINAL and n not in own_globals)
             stack += [c for c in code.co_consts if _isinstance(c, types.CodeType)]
     return tuple(sorted(seen))
 
@@ -69,9 +68,17 @@ _expected: tuple = ()
 
 def _builtins_changed() -> bool:
     try:
-        return _current(_BUILTINS) != _expected
+        changed = _current(_BUILTINS) != _expected
     except Exception:  # noqa: BLE001 - a watched builtin was deleted
-        return True
+        changed = True
+    _seen[0] = changed
+    return changed
+
+
+# What the last check found. Every reply is sent after the plugin's code for that call has
+# run, and checks; no plugin code runs between a reply and the next read (an on_message
+# handler checks again after it), so the serve loop reads this instead of checking twice.
+_seen = [False]
 
 
 class _OwnBuiltins:
@@ -417,10 +424,11 @@ def _serve(module, exports: frozenset, max_frame: int) -> None:
     payload_view, read_size, feed, advance = decoder.payload_view, decoder.read_size, decoder.feed, decoder.advance
     loads, read, readv, CALL, POST = _loads, _read, _readv, framing.CALL, framing.POST
     at_boundary, single_frame, HEADER_SIZE = decoder.at_boundary, framing.single_frame, framing.HEADER_SIZE
-    changed, own = _builtins_changed, _OwnBuiltins
+    seen, own = _seen, _OwnBuiltins
     functions = module.__dict__
+    _builtins_changed()  # loading ran plugin code
     while True:
-        if changed():  # the plugin replaced a builtin this code uses: read with the originals
+        if seen[0]:  # the plugin replaced a builtin this code uses: read with the originals
             with own():
                 frames = _read_decoded(decoder, limits)
             if frames is None:
@@ -494,7 +502,9 @@ def _deliver(module, obj):
     try:
         handler(obj)
     except Exception:
-        traceback.print_exc()
+        with _OwnBuiltins():
+            traceback.print_exc()
+    _builtins_changed()
 
 
 def post(obj) -> None:
@@ -504,6 +514,10 @@ def post(obj) -> None:
 
 
 _loads, _read, _readv = codec.loads, os.read, os.readv
-_WATCHED = _names_used(sys.modules[__name__], codec, framing)
+_WATCHED = _names_used(
+    _serve, _dispatch, _answer_call, Writer.send, Writer._send, Writer._write_all, post,
+    codec.loads, codec.check_depth, codec._check_keys, codec.Encoder.encode, codec.Encoder.encode_call,
+    codec.Encoder._packed_quick, codec.Encoder._packed, codec.Encoder.release, framing.single_frame,
+    *(f for f in vars(framing.FrameDecoder).values() if _isinstance(f, types.FunctionType)))
 _current = operator.itemgetter(*_WATCHED)
 _expected = _current(_BUILTINS)

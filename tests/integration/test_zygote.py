@@ -80,7 +80,7 @@ with sandbox.Worker({plugin!r}, policy={policy!r}) as w:
 
 def test_spare_holds_no_descriptor_of_the_zygote(make_plugin, plugin_dir):
     """The spare waits for a plan holding only stdio and its own socket: not the host's control
-    socket, not other workers' status pipes, not the cached Landlock rulesets. (A host of its
+    socket, not other workers' status pipes, not another worker's ruleset. (A host of its
     own, in a subprocess: this process's zygote may have other tests' workers as children.)"""
     path, policy = make_plugin(PLUGIN)
     host = os.path.join(plugin_dir, "spare_probe.py")
