@@ -121,8 +121,8 @@ class Spawned:
             try:
                 self.pid, self.pidfd, self.zygote_proc = zygote.get(bool(policy.network.allow)).spawn(
                     request, fds, max(deadline - time.monotonic(), 0.001))
-            except ZygoteDied as e:
-                if getattr(e, "may_fork_later", False):
+            except SandboxError as e:
+                if getattr(e, "worker_may_run", False):
                     # A stalled zygote may still fork this request when it resumes: that worker
                     # is confined as usual and dies at its first write (nobody reads), and its
                     # uid never goes to another worker (the zygote kills leftovers by uid).

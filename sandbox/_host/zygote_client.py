@@ -132,7 +132,7 @@ class Zygote:
                     err = ZygoteDied(f"the zygote did not answer within {timeout:.2g} s (stopped or "
                                      "overloaded); it takes no more requests and the next worker "
                                      "starts on a new zygote")
-                    err.may_fork_later = True  # it may still fork this request when it resumes
+                    err.worker_may_run = True  # it may still fork this request when it resumes
                     raise err from None
                 except OSError as e:
                     why = self._bury(e.strerror or str(e))
@@ -141,6 +141,13 @@ class Zygote:
                     why = self._bury("it closed the control socket")
                     continue
                 pid, error = decode_reply(msg)
+                if pid is not None and len(got) != 1:
+                    for fd in got:
+                        os.close(fd)
+                    err = HostResourceError("the host is out of file descriptors: the new worker's pidfd "
+                                            "could not be received", resource="file descriptors")
+                    err.worker_may_run = True  # forked: it dies at its first write, nobody reads
+                    raise err
                 if pid is None or len(got) != 1:
                     for fd in got:
                         os.close(fd)

@@ -137,12 +137,16 @@ def _spawn(ctl, status_fds, msg, fds: list[int], flags) -> None:
             _in_child(worker, ruleset, zygote)
     try:
         pidfd = os.pidfd_open(pid)
+    except OSError as e:  # the worker is reaped and reported as usual; the host hears why now
+        os.kill(pid, signal.SIGKILL)
+        _answer(ctl, error=f"no pidfd for the worker: {e.strerror} (out of file descriptors?)")
+    else:
         try:
             socket.send_fds(ctl, [encode_reply(pid)], [pidfd])
+        except OSError:
+            os.kill(pid, signal.SIGKILL)  # the host is gone: the next poll sees EOF
         finally:
             os.close(pidfd)
-    except OSError:
-        os.kill(pid, signal.SIGKILL)
     fds.clear()  # from here on, they are the worker's (and the status pipe is ours to report on)
     for fd in own:
         _close(fd)
@@ -161,7 +165,7 @@ def _close(fd: int) -> None:
 # Allocated once and small: a request is a few bytes (uid, may_fork) and holds nothing of a plan.
 # MAP_PRIVATE because every worker inherits it: a shared mapping would let one write the next.
 _request = mmap.mmap(-1, MAX_REQUEST, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-_FDS_SPACE = socket.CMSG_SPACE(SPAWN_FD_COUNT * 4)
+_FDS_SPACE = socket.CMSG_SPACE(MAX_SPAWN_FDS * 4)
 
 
 def _receive(ctl):
