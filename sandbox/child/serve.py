@@ -45,6 +45,7 @@ _write = os.write
 _BUILTINS = builtins.__dict__
 _ORIGINAL = dict(_BUILTINS)
 _callable, _isinstance, _type, _str, _len, _sorted = callable, isinstance, type, str, len, sorted
+_getattr, _frozenset, _list, _tuple = getattr, frozenset, list, tuple
 _BaseException, _AttributeError = BaseException, AttributeError
 
 
@@ -82,13 +83,18 @@ _seen = [False]
 
 
 class _OwnBuiltins:
-    """While the library works: the builtins as they were before the plugin loaded (a no-op,
-    and no write to the builtins' pages, unless the plugin changed one)."""
-    __slots__ = ("_theirs",)
+    """While the library works: the builtins as they were before the plugin loaded (a no-op
+    unless the plugin changed one). Comparing every builtin touches each one's refcount, a
+    write to pages every worker would otherwise share: only error paths do (`every=True`);
+    the others check the builtins the serve loop uses."""
+    __slots__ = ("_theirs", "_every")
+
+    def __init__(self, every: bool = False):
+        self._every = every
 
     def __enter__(self):
         self._theirs = None
-        if _BUILTINS != _ORIGINAL:
+        if (_BUILTINS != _ORIGINAL) if self._every else _builtins_changed():
             self._theirs = dict(_BUILTINS)
             _BUILTINS.clear()
             _BUILTINS.update(_ORIGINAL)
@@ -106,7 +112,7 @@ def _cap(text: str) -> str:
 
 
 def _describe(exc: BaseException) -> dict:
-    with _OwnBuiltins():
+    with _OwnBuiltins(every=True):
         try:
             message = _str(exc)
         except _BaseException:  # noqa: BLE001
@@ -399,21 +405,20 @@ def export(fn):
 def _exports(module) -> frozenset:
     """What the host may call: `__all__` if the plugin defines it; else the functions it marked
     with @export, if it marked any; else every public function. Decided once, at load."""
-    with _OwnBuiltins():
-        namespace = module.__dict__
-        public = [(k, v) for k, v in namespace.items()
-                  if _type(k) is str and k[:1] != "_" and _callable(v) and not _isinstance(v, type)]
-        declared = namespace.get("__all__")
-        if declared is not None:
-            if not _isinstance(declared, (list, tuple)):
-                return frozenset()
-            return frozenset(k for k in declared if _type(k) is str and _callable(namespace.get(k))
-                             and not _isinstance(namespace.get(k), type))
-        marked = [k for k, v in public if getattr(v, EXPORT_MARK, False) is True]
-        if marked:
-            return frozenset(marked)
-        api = (post, export)  # what `from sandbox.plugin import ...` brings in is not the plugin's
-        return frozenset(k for k, v in public if k != "on_message" and not any(v is f for f in api))
+    namespace = module.__dict__
+    public = [(k, v) for k, v in namespace.items()
+              if _type(k) is _str and k[:1] != "_" and _callable(v) and not _isinstance(v, _type)]
+    declared = namespace.get("__all__")
+    if declared is not None:
+        if not _isinstance(declared, (_list, _tuple)):
+            return _frozenset()
+        return _frozenset(k for k in declared if _type(k) is _str and _callable(namespace.get(k))
+                          and not _isinstance(namespace.get(k), _type))
+    marked = [k for k, v in public if _getattr(v, EXPORT_MARK, False) is True]
+    if marked:
+        return _frozenset(marked)
+    # what `from sandbox.plugin import ...` brings in is not the plugin's
+    return _frozenset(k for k, v in public if k != "on_message" and v is not post and v is not export)
 
 
 # ---- the serve loop ---------------------------------------------------------------------------
@@ -502,7 +507,7 @@ def _deliver(module, obj):
     try:
         handler(obj)
     except Exception:
-        with _OwnBuiltins():
+        with _OwnBuiltins(every=True):
             traceback.print_exc()
     _builtins_changed()
 
