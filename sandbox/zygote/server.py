@@ -175,7 +175,9 @@ def _receive(ctl):
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds += list(struct.unpack(f"{len(data) // 4}i", data[:len(data) - len(data) % 4]))
-    return bytes(_request[:n]), fds, flags
+    data = bytes(_request[:n])
+    _request[:n] = bytes(n)  # not retained: the next spare or worker finds zeros here
+    return data, fds, flags
 
 
 _spare = Spare()

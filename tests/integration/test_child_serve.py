@@ -136,3 +136,18 @@ def test_the_worker_is_named_in_ps(make_plugin):
     policy_name = os.path.splitext(os.path.basename(policy))[0]
     assert cmdline.split(b"\0")[0] == f"sandbox: textstats (policy {policy_name})".encode()
     assert comm == "sandbox: textstats (policy"[:15]
+
+
+def test_the_async_worker_knows_the_exports_and_the_refusal_holds(make_plugin):
+    import asyncio
+
+    path, policy = make_plugin(EXPORTS["all"])
+
+    async def main():
+        async with sandbox.AsyncWorker(path, policy=policy) as w:
+            assert w.exports == ("a",)
+            assert await w.call("a") == "a"
+            with pytest.raises(PluginError, match="no public function"):
+                await w.call("b")
+
+    asyncio.run(main())
