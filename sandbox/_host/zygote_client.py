@@ -223,7 +223,7 @@ def describe_exit(returncode: int | None) -> str:
     return f"exited with code {returncode}"
 
 
-def zygote_death(proc: subprocess.Popen | None, wait: float = 0.2) -> ZygoteDied:
+def zygote_death(proc: subprocess.Popen | None, wait: float = 0.05) -> ZygoteDied:
     """What a worker's caller is told when its status never came: the zygote that would have
     written it died (the worker dies with it), and how, if that can be known in `wait` s."""
     if proc is None:
