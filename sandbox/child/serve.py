@@ -39,9 +39,10 @@ _write = os.write
 # ---- what the serve loop needs, held before the plugin can change it ---------------------------
 # A plugin may replace builtins (say `builtins.len`) or sys.modules entries; the code that reads
 # frames, encodes replies and reports errors must keep working. Modules are held here by
-# reference (never looked up in sys.modules again), and builtins are checked before each frame:
-# if the plugin changed one this code uses, the originals are put back while the library works
-# and the plugin's are restored before its code runs again.
+# reference (never looked up in sys.modules again), and the builtins the serve loop uses are
+# checked whenever plugin code has run (at each reply, event and message): if the plugin changed
+# one, the originals are put back while the library works and the plugin's are restored before
+# its code runs again, so the plugin still sees its own changes.
 _BUILTINS = builtins.__dict__
 _ORIGINAL = dict(_BUILTINS)
 _callable, _isinstance, _type, _str, _len, _sorted = callable, isinstance, type, str, len, sorted
