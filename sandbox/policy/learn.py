@@ -144,9 +144,9 @@ def _view(base, plugin: str) -> tuple[list[str], list[str]]:
     """The read and write paths a worker of `base` sees (as the plan builder computes them)."""
     from .._host import plan as plans
     plan = plans.build(base, plugin, "learn", None, None)
-    ll = plan["landlock"]
-    return ([os.path.realpath(p) for p in ll["read"]] + list(ll["read"]),
-            [os.path.realpath(p) for p in ll["write"]] + list(ll["write"]))
+    ll = plan.landlock
+    return ([os.path.realpath(p) for p in ll.read] + list(ll.read),
+            [os.path.realpath(p) for p in ll.write] + list(ll.write))
 
 
 def _worker_class():
