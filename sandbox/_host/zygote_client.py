@@ -265,6 +265,26 @@ def get(network: bool) -> Zygote:
         return z
 
 
+_inherited: list = []  # a forked child's copies of the parent's zygotes: kept, never used
+
+
+def _after_fork_in_child() -> None:
+    # The parent's zygotes are the parent's: requests from the child on the same control socket
+    # would interleave with the parent's. Close the child's copy (so that a zygote still sees EOF
+    # when its host ends) and let the child start its own on first use.
+    global _zlock
+    _zlock = threading.Lock()
+    for z in _zygotes.values():
+        if z._ctl is not None:
+            z._ctl.close()
+            z._ctl = None
+        _inherited.append(z)
+    _zygotes.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def shutdown_all():
     with _zlock:
         for z in _zygotes.values():
