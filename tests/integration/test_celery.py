@@ -121,7 +121,7 @@ def _poll(condition, limit: float, step: float = 0.05):
 def project():
     base = tempfile.mkdtemp(prefix="sandbox-celery-")
     os.chmod(base, 0o755)
-    for name, (source, policy) in PLUGINS.items():
+    for name, (source, _) in PLUGINS.items():
         os.makedirs(os.path.join(base, "plugins", name))
         with open(os.path.join(base, "plugins", name, "worker.py"), "w") as f:
             f.write(textwrap.dedent(source))
@@ -208,7 +208,7 @@ class CeleryWorker:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-            raise AssertionError("the Celery worker did not stop within 60 s:\n" + self.text()[-3000:])
+            raise AssertionError("the Celery worker did not stop within 60 s:\n" + self.text()[-3000:]) from None
         finally:
             self.log.close()
 
@@ -236,23 +236,29 @@ def _workload(tasks, count: int) -> list[tuple]:
     return out
 
 
+def _error_is_right(kind: str, e: sandbox.SandboxError, expected) -> bool:
+    if kind == "boom":
+        return (isinstance(e, sandbox.PluginError) and not isinstance(e, sandbox.LoadError)
+                and e.type == "ValueError" and e.message == f"bad input {expected}" and "ValueError" in e.traceback)
+    if kind == "spin":
+        return isinstance(e, sandbox.PluginTimeout) and e.timeout == 0.5
+    if kind == "violate":
+        return (isinstance(e, sandbox.PolicyViolation) and e.syscall == "socket" and e.plugin == "violate"
+                and e.policy.endswith("violate.toml"))
+    if kind == "crash":
+        return isinstance(e, sandbox.PluginCrashed) and e.exit_code == 3 and e.signal is None
+    if kind == "memory":
+        return isinstance(e, sandbox.PluginMemoryError)
+    return False
+
+
 def _check(kind: str, result, expected) -> str | None:
     """None when the task's outcome is right, else what was wrong."""
     try:
         value = result.get(timeout=120)
     except sandbox.SandboxError as e:
-        checks = {
-            "boom": lambda: isinstance(e, sandbox.PluginError) and not isinstance(e, sandbox.LoadError)
-            and e.type == "ValueError" and e.message == f"bad input {expected}" and "ValueError" in e.traceback,
-            "spin": lambda: isinstance(e, sandbox.PluginTimeout) and e.timeout == 0.5,
-            "violate": lambda: isinstance(e, sandbox.PolicyViolation) and e.syscall == "socket"
-            and e.plugin == "violate" and e.policy.endswith("violate.toml"),
-            "crash": lambda: isinstance(e, sandbox.PluginCrashed) and e.exit_code == 3 and e.signal is None,
-            "memory": lambda: isinstance(e, sandbox.PluginMemoryError),
-        }
-        ok = checks.get(kind, lambda: False)()
-        return None if ok else f"{kind}: {type(e).__name__} {e!r} {e.to_dict()}"
-    except Exception as e:  # noqa: BLE001  (anything else is a wrong outcome, reported whole)
+        return None if _error_is_right(kind, e, expected) else f"{kind}: {type(e).__name__} {e!r} {e.to_dict()}"
+    except Exception as e:  # anything else is a wrong outcome, reported whole
         return f"{kind}: not a SandboxError: {type(e).__name__}: {e}"
     if kind in ("add", "echo") and value == expected:
         return None
