@@ -3,11 +3,12 @@ import io
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 import sandbox
-from conftest import POLICIES, ROOT
+from conftest import POLICIES, ROOT, children_of
 
 pytestmark = pytest.mark.unpriv
 PLUGINS = os.path.join(ROOT, "examples", "plugins")
@@ -82,3 +83,60 @@ def test_demo_runs_end_to_end():
                          text=True, timeout=180, cwd="/")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "All plugins behaved as expected" in out.stdout
+
+
+def _recipe(name):
+    return os.path.join(ROOT, "examples", "recipes", name)
+
+
+def test_dask_recipe_runs_and_stops_what_it_started():
+    pytest.importorskip("distributed")
+    proc = subprocess.Popen([sys.executable, _recipe("dask_workers.py")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd="/")
+    seen, zygotes = {}, set()
+    while proc.poll() is None:  # note every process the recipe's cluster starts, zygotes included
+        for pid in children_of(proc.pid):
+            if pid not in seen:
+                seen[pid] = _start_time(pid)
+                if b"sandbox/zygote" in _cmdline(pid):
+                    zygotes.add(pid)
+        time.sleep(0.02)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out + err
+    assert out.count(" words") == 8 and "stopped, PolicyViolation syscall=socket" in out
+    assert zygotes, "no zygote seen: no pool was made"
+
+    def left():
+        return [pid for pid, started in seen.items() if started is not None and _start_time(pid) == started]
+    deadline = time.monotonic() + 15
+    while left() and time.monotonic() < deadline:  # the zygotes go when their Dask worker has gone
+        time.sleep(0.05)
+    assert not left(), f"left running: {[(pid, _cmdline(pid)[:120]) for pid in left()]}"
+
+
+def test_celery_recipe_declares_tasks_with_agreeing_limits():
+    pytest.importorskip("celery")
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("celery_recipe", _recipe("celery_tasks.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    textstats = sandbox.Policy.load(os.path.join(POLICIES, "textstats.toml")).limits.timeout
+    assert module.textstats.name == "plugins.textstats.stats"
+    task = module.textstats
+    assert task.soft_time_limit > textstats and task.time_limit > task.soft_time_limit
+
+
+def _start_time(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except OSError:
+        return None
+
+
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
