@@ -140,3 +140,14 @@ def _cmdline(pid):
             return f.read()
     except OSError:
         return b""
+
+
+def test_the_readme_first_example_runs():
+    # The README's opening example, as written, from the examples folder (where plugins/ is).
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=os.path.join(ROOT, "examples"))
+    assert out.returncode == 0, out.stderr
+    assert "'words': 6" in out.stdout and "counted words" in out.stdout
