@@ -13,7 +13,7 @@ The fields each event carries (every one has `plugin` and `policy`; any may add 
 | event | when | fields |
 |---|---|---|
 | started | a worker was forked | pid, uid |
-| ready | it loaded worker.py and answers | pid, uid, duration (seconds since the start was asked) |
+| ready | it loaded worker.py and answers | pid, uid; duration (seconds since the start was asked) if known |
 | call | a call ended, however it ended | pid, function, duration, outcome ("ok" or the error's `kind`) |
 | ended | the worker is gone and reaped | pid, reason ("closed" or the error's `kind`) |
 | violation | a forbidden syscall stopped it | pid, syscall |
@@ -39,11 +39,15 @@ NAMES = ("started", "ready", "call", "ended", "violation", "denied", "timeout", 
          "cancelled", "load-error")
 
 
+_monotonic = time.monotonic  # (inside Event, `time` is the field)
+
+
 @dataclass(frozen=True)
 class Event:
     name: str
     fields: dict[str, Any] = field(default_factory=dict)
     time: float = field(default_factory=time.time)
+    monotonic: float = field(default_factory=_monotonic)  # for durations between events
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.fields.get(key, default)

@@ -13,7 +13,7 @@ nothing else: it sees what every Worker, AsyncWorker and pool emits, without hoo
 | sandbox_workers_alive | gauge | plugin |
 | sandbox_worker_starts_total | counter | plugin |
 | sandbox_worker_ends_total | counter | plugin, reason ("closed" or an error kind) |
-| sandbox_worker_start_duration_seconds | histogram | plugin |
+| sandbox_worker_start_duration_seconds | histogram | plugin (the `ready` event's duration, else started -> ready) |
 | sandbox_calls_total | counter | plugin, outcome ("ok" or an error kind) |
 | sandbox_call_duration_seconds | histogram | plugin |
 | sandbox_violations_total | counter | plugin, syscall |
@@ -65,6 +65,7 @@ class Collector:
         self.denied = Counter("sandbox_denied_syscalls", "Syscalls the policy answered with an errno.",
                               ["plugin", "syscall"], registry=registry)
         self._alive: dict[str, set[Any]] = {}
+        self._starting: dict[Any, float] = {}  # pid -> monotonic time of its `started` event
         self._alive_lock = threading.Lock()
         self._families = [self.workers_alive, self.starts, self.ends, self.start_seconds, self.calls,
                           self.call_seconds, self.violations, self.denied]
@@ -89,15 +90,23 @@ class Collector:
 
     def _started(self, plugin: str, event: events.Event) -> None:
         self.starts.labels(plugin).inc()
+        with self._alive_lock:
+            self._starting[event.get("pid")] = event.monotonic
         self._set_alive(plugin, event.get("pid"), True)
 
     def _ready(self, plugin: str, event: events.Event) -> None:
+        with self._alive_lock:
+            since = self._starting.pop(event.get("pid"), None)
         duration = event.get("duration")
-        if isinstance(duration, (int, float)):
+        if not isinstance(duration, (int, float)):  # the emitter's own figure, else started -> ready
+            duration = event.monotonic - since if since is not None else None
+        if duration is not None:
             self.start_seconds.labels(plugin).observe(duration)
 
     def _ended(self, plugin: str, event: events.Event) -> None:
         self.ends.labels(plugin, _label(event.get("reason"), "closed")).inc()
+        with self._alive_lock:
+            self._starting.pop(event.get("pid"), None)
         self._set_alive(plugin, event.get("pid"), False)
 
     def _call(self, plugin: str, event: events.Event) -> None:
