@@ -36,6 +36,7 @@ def test_type_checkers_see_the_real_classes(tmp_path):
         reveal_type(sandbox.__version__)
     """))
     out = subprocess.run([sys.executable, "-m", "mypy", "--no-incremental", "--follow-imports=silent",
+                          "--cache-dir", str(tmp_path / "mypy-cache"),
                           "--config-file", os.path.join(ROOT, "pyproject.toml"), str(probe)],
                          capture_output=True, text=True, timeout=180, cwd=ROOT)
     revealed = [line.split("Revealed type is ", 1)[1] for line in out.stdout.splitlines() if "Revealed type" in line]
