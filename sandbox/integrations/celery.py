@@ -124,7 +124,7 @@ class PluginSpec:
                 _registry.pools[self.key] = pool
             return pool
 
-    def run(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+    def run(self, args: tuple, kwargs: dict[str, Any], eager: bool = False) -> Any:
         pool = self.pool()
         invoke = getattr(pool, "invoke", None)
         try:
@@ -132,6 +132,8 @@ class PluginSpec:
                 return invoke(self.function, args, kwargs, timeout=self.timeout)
             return pool.call(self.function, *args, timeout=self.timeout, **kwargs)
         except SandboxError as e:
+            if eager:  # task_always_eager / apply(): no backend in between, the error as it is
+                raise
             raise RemoteSandboxError.carrying(e) from None
 
 
@@ -180,18 +182,19 @@ def plugin_task(app: Any, worker_py: str, function: str, *, policy: Any = None, 
     task_name = name or f"sandbox.{plugin_dir}.{function}"
     throws = tuple(task_options.pop("throws", ())) + (RemoteSandboxError,)  # logged without a traceback
 
-    def run_plugin(*args: Any, **kwargs: Any) -> Any:
-        return spec.run(args, kwargs)
+    def run_plugin(task: Any, *args: Any, **kwargs: Any) -> Any:
+        return spec.run(args, kwargs, eager=bool(getattr(task.request, "is_eager", False)))
 
     run_plugin.__name__ = run_plugin.__qualname__ = f"{plugin_dir}_{function}"
     run_plugin.__doc__ = f"Calls {function}() of {spec.worker_py} in a sandbox worker."
-    task = app.task(name=task_name, throws=throws, **task_options)(run_plugin)
+    task = app.task(name=task_name, throws=throws, bind=True, **task_options)(run_plugin)
     task.sandbox_spec = spec
     return task
 
 
 def shutdown(timeout: float = CLOSE_TIMEOUT) -> None:
-    """Close this process's pools (calls in flight get `timeout` s) and stop its zygotes."""
+    """Close this process's pools (calls in flight get `timeout` s) and stop its zygotes, which ends
+    every other worker of this process too: meant for the process's own shutdown."""
     with _registry.lock:
         pools = list(_registry.pools.values())
         _registry.pools.clear()

@@ -336,3 +336,24 @@ def test_celery_time_limits_leave_the_sandbox_deadline_room(tasks):
         plugin_task(tasks.app, "/nonexistent/worker.py", "f", timeout=30, soft_time_limit=5)
     with pytest.raises(sandbox.UsageError, match="time_limit"):
         plugin_task(tasks.app, "/nonexistent/worker.py", "f", timeout=30, time_limit=20)
+
+
+def test_eager_tasks_raise_the_error_itself(tasks, plugin_dir):
+    # task_always_eager (a project's own unit tests): no backend in between, same classes.
+    from sandbox.integrations import celery as integration
+    eager = celery.Celery("sandbox_eager_test")
+    eager.conf.task_always_eager = True
+    path = os.path.join(plugin_dir, "p", "worker.py")
+    os.makedirs(os.path.dirname(path))
+    with open(path, "w") as f:
+        f.write("def add(a, b):\n    return a + b\n\ndef net():\n    import socket\n    socket.socket()\n")
+    subprocess.run(["chmod", "-R", "a+rX", plugin_dir], check=True)
+    add = plugin_task(eager, path, "add", name="eager.add")
+    net = plugin_task(eager, path, "net", name="eager.net")
+    try:
+        assert add.delay(2, 3).get() == 5
+        with pytest.raises(sandbox.PolicyViolation) as ei:
+            net.delay().get()
+        assert ei.value.syscall == "socket"
+    finally:
+        integration.shutdown()
