@@ -1,9 +1,9 @@
 """Recipe: plugin calls from Ray, through an async actor that holds a sandbox AsyncPool.
 
-    pip install ray; python examples/recipes/ray_actors.py
+    pip install ray; python examples/recipes/ray_actors.py      # a local Ray instance
 
-Not run by the test suite (starting Ray costs more than the rest of the suite); the same
-AsyncPool calls are tested on their own. What to watch for:
+Tested when Ray is installed (`pip install ray`; a local Ray instance starts in a few seconds).
+What to watch for:
 - Each actor is a process of its own with its own zygote: one actor per plugin and machine,
   holding an AsyncPool sized to the concurrency you give it, beats many small actors.
 - Make the pool inside the actor (on its event loop, on first use or in an async init method),
@@ -58,6 +58,17 @@ def main() -> int:
         for text, result in zip(texts, ray.get([actor.call.remote("stats", t) for t in texts]), strict=True):
             print(f"{text!r}: {result['words']} words")
         ray.get(actor.close.remote())
+        import sandbox
+        hostile = PluginActor.remote(os.path.join(ROOT, "examples", "plugins", "hostile_phone_home", "worker.py"),
+                                     os.path.join(ROOT, "policies", "hostile_phone_home.toml"), 1)
+        try:
+            ray.get(hostile.call.remote("run"))
+            print("hostile_phone_home: not stopped (!)")
+            return 1
+        except sandbox.PolicyViolation as e:  # Ray hands back the actor's exception, pickled
+            print(f"hostile_phone_home: stopped, PolicyViolation syscall={e.syscall}")
+        finally:
+            ray.get(hostile.close.remote())
     finally:
         ray.shutdown()
     return 0

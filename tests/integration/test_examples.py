@@ -89,10 +89,13 @@ def _recipe(name):
     return os.path.join(ROOT, "examples", "recipes", name)
 
 
-def test_dask_recipe_runs_and_stops_what_it_started():
-    pytest.importorskip("distributed")
-    proc = subprocess.Popen([sys.executable, _recipe("dask_workers.py")], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd="/")
+@pytest.mark.parametrize("recipe,engine", [("dask_workers.py", "distributed"), ("ray_actors.py", "ray")])
+def test_recipe_runs_and_stops_what_it_started(recipe, engine, plugin_dir):
+    pytest.importorskip(engine)
+    # Ray keeps its session files (sockets: a short path) under $RAY_TMPDIR and a token under $HOME
+    env = dict(os.environ, RAY_TMPDIR=plugin_dir, HOME=plugin_dir)
+    proc = subprocess.Popen([sys.executable, _recipe(recipe)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd="/", env=env)
     seen, zygotes = {}, set()
     while proc.poll() is None:  # note every process the recipe's cluster starts, zygotes included
         for pid in children_of(proc.pid):
@@ -109,7 +112,7 @@ def test_dask_recipe_runs_and_stops_what_it_started():
     def left():
         return [pid for pid, started in seen.items() if started is not None and _start_time(pid) == started]
     deadline = time.monotonic() + 15
-    while left() and time.monotonic() < deadline:  # the zygotes go when their Dask worker has gone
+    while left() and time.monotonic() < deadline:  # the zygotes go when their engine's worker has gone
         time.sleep(0.05)
     assert not left(), f"left running: {[(pid, _cmdline(pid)[:120]) for pid in left()]}"
 
