@@ -50,6 +50,7 @@ class PluginActor:
 
 
 def main() -> int:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a local demo reports nothing anywhere
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         actor = PluginActor.remote(os.path.join(ROOT, "examples", "plugins", "textstats", "worker.py"),

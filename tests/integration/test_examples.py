@@ -93,7 +93,8 @@ def _recipe(name):
 def test_recipe_runs_and_stops_what_it_started(recipe, engine, plugin_dir):
     pytest.importorskip(engine)
     # Ray keeps its session files (sockets: a short path) under $RAY_TMPDIR and a token under $HOME
-    env = dict(os.environ, RAY_TMPDIR=plugin_dir, HOME=plugin_dir)
+    # (and never reports usage statistics anywhere)
+    env = dict(os.environ, RAY_TMPDIR=plugin_dir, HOME=plugin_dir, RAY_USAGE_STATS_ENABLED="0")
     proc = subprocess.Popen([sys.executable, _recipe(recipe)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd="/", env=env)
     seen, zygotes = {}, set()
