@@ -79,8 +79,6 @@ def _seconds(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sandbox", description="Run untrusted Python plugins in confined workers.")
-    from .__about__ import __title__, __version__
-    p.add_argument("--version", action="version", version=f"{__title__} {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     c = sub.add_parser("call", help="start a worker, call one function, print its JSON result")
