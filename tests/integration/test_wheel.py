@@ -26,7 +26,9 @@ def add(a, b):
 
 def _run(argv, **kw):
     kw.setdefault("timeout", 300)
-    return subprocess.run(argv, capture_output=True, text=True, **kw)
+    # a user's shell: nothing that would put the checkout (or another install) on the venv's path
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
+    return subprocess.run(argv, capture_output=True, text=True, env=env, **kw)
 
 
 @pytest.fixture(scope="module")
