@@ -35,14 +35,16 @@ import threading
 from typing import Any
 
 from celery import signals
+from celery.exceptions import SoftTimeLimitExceeded
 
-from ..errors import SandboxError, UsageError
+from ..errors import PluginTimeout, SandboxError, UsageError
 
 log = logging.getLogger("sandbox.integrations.celery")
 
 START_ALLOWANCE = 10.0  # seconds a call may spend waiting for a (replacement) worker before its deadline runs
 HARD_GRACE = 5.0  # between Celery's soft limit (an exception in the task) and its hard one (SIGKILL of the child)
 CLOSE_TIMEOUT = 5.0  # how long shutdown lets calls in flight finish
+DISCARD_GRACE = 0.1  # a pool given up on after Celery's soft limit: its calls are killed at once
 
 
 class RemoteSandboxError(Exception):
@@ -124,17 +126,32 @@ class PluginSpec:
                 _registry.pools[self.key] = pool
             return pool
 
-    def run(self, args: tuple, kwargs: dict[str, Any], eager: bool = False) -> Any:
+    def run(self, args: tuple, kwargs: dict[str, Any], eager: bool = False, soft_limit: float | None = None) -> Any:
         pool = self.pool()
         invoke = getattr(pool, "invoke", None)
         try:
             if invoke is not None:
                 return invoke(self.function, args, kwargs, timeout=self.timeout)
             return pool.call(self.function, *args, timeout=self.timeout, **kwargs)
+        except SoftTimeLimitExceeded:
+            # Celery's backstop fired inside the pool (the sandbox's own deadline should have come
+            # first): the pool may be mid-call, so it is replaced, and the caller gets a timeout.
+            self.discard(pool)
+            error: SandboxError = PluginTimeout(
+                f"{self.function}() of {self.worker_py} passed the task's soft time limit ({soft_limit} s)",
+                timeout=soft_limit)
         except SandboxError as e:
-            if eager:  # task_always_eager / apply(): no backend in between, the error as it is
-                raise
-            raise RemoteSandboxError.carrying(e) from None
+            error = e
+        if eager:  # task_always_eager / apply(): no backend in between, the error as it is
+            raise error
+        raise RemoteSandboxError.carrying(error)
+
+    def discard(self, pool: Any) -> None:
+        with _registry.lock:
+            if _registry.pools.get(self.key) is pool:
+                del _registry.pools[self.key]
+        # closed off the task's thread: whatever held it up may hold up the close too
+        threading.Thread(target=pool.close, args=(DISCARD_GRACE,), name="sandbox-pool-discard", daemon=True).start()
 
 
 def _deadline(policy: Any, timeout: float | None) -> float | None:
@@ -183,7 +200,10 @@ def plugin_task(app: Any, worker_py: str, function: str, *, policy: Any = None, 
     throws = tuple(task_options.pop("throws", ())) + (RemoteSandboxError,)  # logged without a traceback
 
     def run_plugin(task: Any, *args: Any, **kwargs: Any) -> Any:
-        return spec.run(args, kwargs, eager=bool(getattr(task.request, "is_eager", False)))
+        request = task.request
+        sent = getattr(request, "timelimit", None)  # (hard, soft) when the client set its own
+        soft_limit = sent[1] if sent and len(sent) == 2 and sent[1] else soft
+        return spec.run(args, kwargs, eager=bool(getattr(request, "is_eager", False)), soft_limit=soft_limit)
 
     run_plugin.__name__ = run_plugin.__qualname__ = f"{plugin_dir}_{function}"
     run_plugin.__doc__ = f"Calls {function}() of {spec.worker_py} in a sandbox worker."
