@@ -21,6 +21,8 @@ How it behaves:
   `limits.timeout`) kills the plugin first; the task's soft limit is that deadline plus
   `START_ALLOWANCE` (a replacement worker's start), the hard limit `HARD_GRACE` later. Limits
   given in `task_options` must leave that room, or the declaration fails with `UsageError`.
+  If the soft limit fires inside a call anyway (a client's shorter per-call limit), the task
+  fails with `PluginTimeout` and the process's pool for that plugin is replaced.
 - Worker shutdown (`worker_process_shutdown` in each prefork child, `worker_shutdown` in the
   main process) closes every pool and the zygotes: no worker, zygote or scratch folder is left.
 
