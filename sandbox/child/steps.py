@@ -22,7 +22,8 @@ import socket
 
 import prctl
 
-from . import landlock, seccomp, syscalls as _sys
+from ..zygote import pidns
+from . import landlock, mounts, seccomp, syscalls as _sys
 
 # Fixed descriptor numbers inside the worker.
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
@@ -61,6 +62,21 @@ def _dup_high(fd):
     return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100)
 
 
+def pid_namespace(plan, state):
+    """The zygote forked us as pid 1 of a PID namespace of our own (zygote/pidns.py): no other
+    process on the machine can be addressed from here, and all we start dies with us. The
+    evidence is our own pid, which only the first process of a new namespace has."""
+    if not pidns.in_own_namespace():
+        raise OSError(f"the worker has no PID namespace of its own: {pidns.refusal or 'it is not pid 1'}")
+
+
+def watch_self(plan, state):
+    """Open what later steps read about this very process while /proc is still reachable:
+    Landlock may grant no /proc at all, and an open descriptor keeps answering."""
+    state["self_stat"] = os.open("/proc/self/stat", os.O_RDONLY | os.O_CLOEXEC)
+    state["self_tasks"] = os.open("/proc/self/task", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
 def new_session(plan, state):
     """No controlling terminal (TIOCSTI needs one) and out of the host's process group."""
     os.setsid()
@@ -93,6 +109,30 @@ def own_user_namespace(plan, state):
             os.close(fd)
 
 
+def scratch_path(plan) -> str | None:
+    """The worker's scratch folder: the plan's "scratch", else its cwd when that is one of the
+    writable paths (which is where the host puts the scratch folder)."""
+    if "scratch" in plan:
+        return plan["scratch"] or None
+    cwd, ll = plan.get("cwd"), plan.get("landlock") or {}
+    return cwd if cwd and cwd != "/" and cwd in ll.get("write", ()) else None
+
+
+def read_only_view(plan, state):
+    """A mount namespace where all is read-only but the writable paths, and scratch is a tmpfs
+    with a quota (child/mounts.py says why). Before Landlock, which forbids mount changes."""
+    ll = plan.get("landlock") or {}
+    scratch = scratch_path(plan)
+    uid = plan.get("uid")
+    owner = (uid, plan.get("gid", uid)) if uid is not None else (os.geteuid(), os.getegid())
+    mounts.read_only_view(ll.get("write", ()), scratch, owner=owner,
+                          scratch_bytes=plan.get("scratch_bytes", mounts.DEFAULT_SCRATCH_BYTES),
+                          scratch_inodes=plan.get("scratch_inodes", mounts.DEFAULT_SCRATCH_INODES))
+    if scratch:
+        state["scratch_mounted"] = True
+        os.chdir(plan.get("cwd") or scratch)  # the old cwd is the host folder now hidden beneath
+
+
 def set_rlimits(plan, state):
     for name, value in plan["rlimits"].items():
         res = getattr(resource, "RLIMIT_" + name.upper())
@@ -108,13 +148,16 @@ def restrict_filesystem(plan, state):
     if ll is None:
         return
     ruleset = state.pop("ruleset", None)
+    if ruleset is not None and state.get("scratch_mounted"):
+        os.close(ruleset)  # its scratch rule names the host folder, not the tmpfs over it
+        ruleset = None
     if ruleset is not None:
         try:
             landlock.restrict_self(ruleset)
         finally:
             os.close(ruleset)
         return
-    abi = landlock.abi_version()
+    abi = landlock.abi_version(ll.get("abi_max"))
     if abi < 1:
         raise OSError("Landlock is not available in this kernel (the policy's filesystem rules need it)")
     landlock.restrict(ll["read"], ll["write"], abi=abi, deny_tcp=not ll["network"],
@@ -191,14 +234,43 @@ def _is_real_root():
 def die_with_parent(plan, state):
     """After the credential change, which clears PDEATHSIG and resets dumpable."""
     prctl.set_pdeathsig(signal.SIGKILL)
-    if os.getppid() != plan["zygote_pid"]:
+    if _parent_pid(state) != plan["zygote_pid"]:
         os._exit(1)  # the zygote died before PDEATHSIG was armed
     prctl.set_dumpable(False)
 
 
+def _parent_pid(state) -> int:
+    """Our parent's pid as the zygote numbers it. getppid() says 0 in a PID namespace of our
+    own (the parent lives outside it); /proc/self/stat, opened before Landlock, counts in the
+    namespace /proc was mounted for, the zygote's."""
+    fd = state.pop("self_stat", None)
+    if fd is None:
+        return os.getppid()
+    try:
+        data = os.pread(fd, 4096, 0)
+    finally:
+        os.close(fd)
+    return int(data.rsplit(b")", 1)[1].split()[1])
+
+
 def preload_modules(plan, state):
-    for name in plan.get("preload", ()):
-        importlib.import_module(name)
+    """Import the policy's preloads, then prove the worker is still one thread. Seccomp (without
+    TSYNC) and no_new_privs apply to the calling thread only: a thread a preload started now
+    would run beside the plugin, in its address space, without them. So a preload that leaves
+    a thread running is a refusal naming it (e.g. OpenBLAS: OPENBLAS_NUM_THREADS=1 avoids it)."""
+    tasks = state.pop("self_tasks", None)
+    try:
+        for name in plan.get("preload", ()):
+            importlib.import_module(name)
+            if tasks is not None:
+                count = len(os.listdir(tasks))
+                if count > 1:
+                    raise OSError(f"preloaded module {name!r} left {count - 1} thread(s) running; a thread "
+                                  "started before seccomp and no_new_privs would share the plugin's memory "
+                                  "unconfined (configure the module not to start threads at import)")
+    finally:
+        if tasks is not None:
+            os.close(tasks)
 
 
 def no_new_privs(plan, state):
@@ -225,9 +297,12 @@ def install_seccomp(plan, state):
 # The order is the kernel's, not taste (see the module docstring).
 STEPS = (
     ("arrange_fds", arrange_fds),
+    ("pid_namespace", pid_namespace),
+    ("watch_self", watch_self),
     ("new_session", new_session),
     ("clear_environment", clear_environment),
     ("own_user_namespace", own_user_namespace),
+    ("read_only_view", read_only_view),
     ("set_rlimits", set_rlimits),
     ("restrict_filesystem", restrict_filesystem),
     ("drop_privileges", drop_privileges),

@@ -16,10 +16,11 @@ def shared_ruleset(ll: dict | None) -> int | None:
     (paths under /proc/self mean the worker's own /proc entry, which only it can resolve)."""
     if ll is None or any(p == "/proc/self" or p.startswith("/proc/self/") for p in ll["read"] + ll["write"]):
         return None
-    key = (tuple(ll["read"]), tuple(ll["write"]), ll["network"], ll["abstract_unix"])
+    abi_max = ll.get("abi_max")  # a cap on the ABI used (tests simulate older kernels with it)
+    key = (tuple(ll["read"]), tuple(ll["write"]), ll["network"], ll["abstract_unix"], abi_max)
     fd = _cache.get(key)
     if fd is None:
-        abi = landlock.abi_version()
+        abi = landlock.abi_version(abi_max)
         if abi < 1:
             return None  # the child will fail closed with the reason
         if len(_cache) > MAX_CACHED:

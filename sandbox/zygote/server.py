@@ -18,6 +18,7 @@ import prctl
 
 from ..child import serve, steps  # imported here so children never import after fork
 from . import rulesets
+from .pidns import fork_worker
 from .leftovers import Leftovers
 from .spare import Spare
 
@@ -117,7 +118,7 @@ def _handle_request(ctl, status_fds, wake_fds) -> bool:
     if pid is None:
         plan["zygote_pid"] = os.getpid()  # taken here: in the child, getppid() may already be 1
         try:
-            pid = os.fork()
+            pid = fork_worker()  # a PID namespace of its own (pidns.py)
         except OSError as e:  # no memory, no pids: this request fails, the zygote and its workers don't
             for fd in fds:
                 os.close(fd)

@@ -22,6 +22,7 @@ import prctl
 from .. import protocol
 from ..child import landlock, seccomp, serve, steps, syscalls as _sys
 from ..protocol import framing
+from .pidns import fork_worker
 
 MAX_PLAN = 128 * 1024  # a bigger plan (very long path lists) goes to a fresh fork instead
 CHILD_FDS = 5  # from_host_r, to_host_w, handoff, log_w, and the Landlock ruleset if any
@@ -40,7 +41,7 @@ class Spare:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         zygote = os.getpid()
         try:
-            pid = os.fork()
+            pid = fork_worker()  # a PID namespace of its own (pidns.py)
         except OSError:  # none for now: the next request forks on demand, then tries again
             ours.close()
             theirs.close()

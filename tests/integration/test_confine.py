@@ -124,16 +124,28 @@ def test_opening_for_write_is_a_violation_by_default(probe):
     assert not os.path.exists(target)
 
 
-def test_landlock_keeps_the_plugin_folder_read_only_even_with_file_writes(make_plugin):
-    """@file-write lets openat(O_WRONLY) past seccomp: Landlock alone refuses the path."""
+def test_plugin_folder_stays_read_only_even_with_file_writes(make_plugin):
+    """@file-write lets openat(O_WRONLY) past seccomp: the read-only mount view (EROFS) and
+    Landlock (EACCES) each refuse the path."""
     path, policy = make_plugin(PROBE, '[seccomp]\ngroups = ["@file-write"]\n')
-    os.chmod(os.path.dirname(path), 0o777)  # DAC would allow it: only Landlock stands in the way
+    os.chmod(os.path.dirname(path), 0o777)  # DAC would allow it
     target = os.path.join(os.path.dirname(path), "dropped.txt")
     with sandbox.Worker(path, policy=policy) as w:
         with pytest.raises(sandbox.PluginError) as ei:
             w.call("write", target)
-    assert ei.value.type == "PermissionError"
+    assert ei.value.type in ("PermissionError", "OSError") and "Errno" in ei.value.message
     assert not os.path.exists(target)
+
+
+def test_landlock_alone_refuses_a_write_the_mount_allows(make_plugin):
+    """/proc stays a read-write mount in the worker's view, and DAC lets a process rewrite its
+    own /proc/self/comm: only Landlock (read-only grant of /proc/self) refuses it."""
+    path, policy = make_plugin(PROBE, PROC + '[seccomp]\ngroups = ["@file-write"]\n')
+    with sandbox.Worker(path, policy=policy) as w:
+        with pytest.raises(sandbox.PluginError) as ei:
+            w.call("write", "/proc/self/comm")
+        assert ei.value.type == "PermissionError"
+        assert w.call("read", "/proc/self/comm") != b"x"
 
 
 def test_forbidden_syscall_is_named(probe):
@@ -187,7 +199,10 @@ def test_scratch_dir_is_private_and_removed(make_plugin):
     path, policy = make_plugin(PROBE, "[filesystem]\nscratch = true\n[limits]\nfile_size_mb = 1\n")
     w = sandbox.Worker(path, policy=policy)
     scratch = w.call("cwd_write", "note.txt")
-    assert scratch != "/" and os.path.exists(os.path.join(scratch, "note.txt"))
+    # the worker's scratch is a tmpfs in its own mount namespace: the host's folder stays empty
+    assert scratch != "/" and os.listdir(scratch) == []
+    if IS_ROOT:  # (an unprivileged host may not look into a non-dumpable worker's root)
+        assert os.path.exists(f"/proc/{w.pid}/root{scratch}/note.txt")
     w.close()
     assert not os.path.exists(scratch)
 

@@ -29,8 +29,10 @@ PLUGIN = """
         time.sleep(s)
         return s
 
+    _ME = os.urandom(8).hex()  # one per worker (getpid() is 1 in each worker's PID namespace)
+
     def pid():
-        return os.getpid()
+        return _ME
 
     def spin():
         while True:

@@ -1,0 +1,74 @@
+"""The worker's own mount namespace: a read-only view of everything, writable only where granted.
+
+Landlock decides which paths a worker may write, but not everything that changes a file is a
+Landlock right: chmod, chown and utimes are not (a plugin with a grant to write one folder
+could re-mode and re-date files anywhere it can read). A read-only mount refuses all of them,
+and every other write, with EROFS, whatever the file's owner. So each worker gets:
+
+- its mount namespace, every mount private (nothing it does here propagates to the host);
+- every mount read-only (mount_setattr, recursively);
+- each writable path of the policy bound back over itself, read-write again only if it was
+  read-write before (a grant never makes a read-only host mount writable);
+- /proc left as it was: the steps that follow write the worker's own uid_map there, and
+  procfs refuses chmod/utimes by itself;
+- the scratch folder as a private tmpfs with a size and an inode quota: what the worker
+  writes there lives in its own memory-backed filesystem, gone with its last process, so the
+  host never walks (or removes) a tree a hostile plugin built.
+
+Runs while the worker may still mount: before Landlock (which forbids mount changes) and in
+whichever user namespace the worker is in (root host: the initial one; unprivileged host: the
+zygote's, or the worker's own).
+"""
+import ctypes
+import os
+
+from . import syscalls as _sys
+
+SYS_mount_setattr = 442
+AT_FDCWD, AT_RECURSIVE = -100, 0x8000
+MOUNT_ATTR_RDONLY = 0x00000001
+MS_NOSUID, MS_NODEV = 2, 4
+DEFAULT_SCRATCH_BYTES = 64 << 20
+DEFAULT_SCRATCH_INODES = 4096
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def _setattr(path: str, *, set_: int = 0, clr: int = 0, propagation: int = 0, recursive: bool) -> None:
+    attr = _MountAttr(set_, clr, propagation, 0)
+    flags = AT_RECURSIVE if recursive else 0
+    _sys.check(_sys.libc.syscall(SYS_mount_setattr, AT_FDCWD, path.encode(), flags, ctypes.byref(attr),
+                                 ctypes.sizeof(attr)), f"mount_setattr {path}")
+
+
+def _writable_now(path: str) -> bool:
+    return not os.statvfs(path).f_flag & os.ST_RDONLY
+
+
+def read_only_view(writable: list[str], scratch: str | None, *, scratch_bytes: int, scratch_inodes: int,
+                   owner: tuple[int, int]) -> None:
+    """Enter a new mount namespace and lay out the view described in the module docstring."""
+    keep_rw = []
+    for path in dict.fromkeys(list(writable) + ["/proc"]):
+        if path == scratch:
+            continue
+        try:
+            if _writable_now(path):
+                keep_rw.append(path)
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # nothing there: nothing to grant (Landlock skips it likewise)
+    _sys.unshare(_sys.CLONE_NEWNS)
+    # private first: no mount below may ever propagate back to the host's namespace
+    _setattr("/", set_=MOUNT_ATTR_RDONLY, propagation=_sys.MS_PRIVATE, recursive=True)
+    for path in keep_rw:
+        if path != "/proc":
+            _sys.mount(path.encode(), path.encode(), None, _sys.MS_BIND | _sys.MS_REC)
+        # only the top mount: a read-only mount beneath a writable path stays read-only
+        _setattr(path, clr=MOUNT_ATTR_RDONLY, recursive=False)
+    if scratch:
+        uid, gid = owner
+        options = f"size={int(scratch_bytes)},nr_inodes={int(scratch_inodes)},mode=0700,uid={uid},gid={gid}"
+        _sys.mount(b"tmpfs", scratch.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, options.encode())
