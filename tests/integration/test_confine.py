@@ -61,6 +61,9 @@ PROBE = """
         socket.socket()
         return "made a socket"
 
+    def userns():
+        return os.readlink("/proc/self/ns/user")
+
     def cwd_write(name):
         with open(name, "w") as f:
             f.write("scratch")
@@ -239,3 +242,34 @@ def test_process_limit_holds_per_worker_in_both_modes(make_plugin):
         assert w.call("fork_many", 10) == {"started": 2, "refused": [2, errno.EAGAIN]}
         # a sibling under the same policy has its own count
         assert sibling.call("fork_many", 10) == {"started": 2, "refused": [2, errno.EAGAIN]}
+
+
+def test_a_preload_that_leaves_a_thread_running_is_refused(make_plugin):
+    """A thread started before seccomp and no_new_privs would run beside the plugin unconfined
+    (the filter is installed without TSYNC): the worker refuses to start, naming the module."""
+    path, policy = make_plugin(PROBE, '[python]\npreload = ["sandbox.child.canary_thread"]\n'
+                                      '[limits]\nprocesses = 2\n[seccomp]\ngroups = ["@threads"]\n')
+    with pytest.raises(sandbox.ConfinementError) as ei:
+        sandbox.Worker(path, policy=policy)
+    assert ei.value.layer == "preload_modules"
+    assert "sandbox.child.canary_thread" in str(ei.value) and "thread" in str(ei.value)
+
+
+def test_a_preload_without_threads_is_fine(make_plugin):
+    path, policy = make_plugin(PROBE, PROC + '[python]\npreload = ["json"]\n'
+                                            '[limits]\nprocesses = 2\n[seccomp]\ngroups = ["@threads"]\n')
+    with sandbox.Worker(path, policy=policy) as w:
+        assert w.call("status")["Threads"] == "1"
+
+
+def test_a_worker_with_a_user_namespace_of_its_own_has_no_bounding_set(make_plugin):
+    """Unprivileged host, threads allowed: the worker makes a user namespace of its own, which
+    hands it a full bounding set again; it must be emptied there (root hosts: by the uid change)."""
+    path, policy = make_plugin(PROBE, PROC + '[limits]\nprocesses = 2\n[seccomp]\ngroups = ["@threads"]\n')
+    plain_path, plain_policy = make_plugin(PROBE, PROC)
+    with sandbox.Worker(path, policy=policy) as w, sandbox.Worker(plain_path, policy=plain_policy) as plain:
+        st = w.call("status")
+        if not IS_ROOT:  # the evidence that this is the case the test is about
+            assert w.call("userns") != plain.call("userns")
+        assert int(st["CapBnd"], 16) == 0
+        assert int(st["CapEff"], 16) == 0 and int(st["CapPrm"], 16) == 0

@@ -1,0 +1,156 @@
+"""ATTACKS.md items 33-35: a worker addresses no process outside its own tree, and nothing it
+starts outlives it. The layer: a PID namespace per worker (zygote/pidns.py)."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import sandbox
+from sandbox._host import plan as plans
+from conftest import IS_ROOT, ROOT, children_of
+from security.conftest import intact
+
+pytestmark = pytest.mark.unpriv
+
+SYS_getsid, SYS_getpgid, SYS_tgkill = 124, 121, 234
+ESRCH = 3
+
+
+def _gone(pid: int, within: float = 15.0) -> bool:
+    """Poll until `pid` is gone (or a zombie): True if it went within the bound."""
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                    return True
+        except OSError:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.parametrize("nr", [SYS_getsid, SYS_getpgid])
+def test_no_host_pid_can_be_probed(lab, sleeper, nr):
+    """33: getsid/getpgid of the host, a neighbour or init find nothing (ESRCH); the worker
+    sees only itself, as pid 1."""
+    with intact(lab) as w:
+        for pid in (os.getpid(), sleeper.pid, os.getppid()):
+            assert w.call("sys", nr, pid) == [-1, ESRCH]
+        assert w.call("sys", SYS_getsid, 0)[0] == 1  # itself: pid 1 of its namespace, its own session
+        assert w.call("sys", 39)[0] == 1
+
+
+def test_tgkill_finds_no_host_process(lab, sleeper):
+    with intact(lab) as w:
+        assert w.call("tgkill", sleeper.pid, signal.SIGKILL) == [-1, ESRCH]
+    assert sleeper.poll() is None
+
+
+def _same_uid_sleeper(uid: int) -> subprocess.Popen:
+    """A process the worker's uid may signal as far as uids go: the host's own uid when
+    unprivileged, the worker's uid when root."""
+    if IS_ROOT:
+        return subprocess.Popen(["sleep", "60"], user=uid, group=uid)
+    return subprocess.Popen(["sleep", "60"])
+
+
+def test_old_landlock_abi_still_cannot_signal_a_same_uid_process(lab, monkeypatch):
+    """34: Landlock below ABI 6 has no signal scoping, and the uid is no barrier for a process
+    of the worker's own uid. Simulated by capping the ABI at 5: the PID namespace alone keeps
+    the target out of reach."""
+    real_build = plans.build
+
+    def old_kernel(*a, **kw):
+        plan = real_build(*a, **kw)
+        plan["landlock"]["abi_max"] = 5
+        return plan
+
+    monkeypatch.setattr(plans, "build", old_kernel)
+    d, _ = lab
+    with intact(lab) as w:
+        uid = w.call("sys", 102)[0]  # getuid
+        victim = _same_uid_sleeper(uid)
+        try:
+            assert w.call("tgkill", victim.pid, signal.SIGKILL) == [-1, ESRCH]
+            time.sleep(0.1)
+            assert victim.poll() is None
+        finally:
+            victim.kill()
+            victim.wait()
+
+
+SPAWNER = """
+    import os, time
+
+    def spawn():
+        pid = os.fork()
+        if pid == 0:
+            os.setsid()  # out of the worker's session and process group
+            time.sleep(120)
+            os._exit(0)
+        return "spawned"
+"""
+SPAWNER_POLICY = '[limits]\nprocesses = 4\n[seccomp]\ngroups = ["@process"]\n'
+
+
+def _grandchild(w) -> int:
+    end = time.monotonic() + 10
+    while time.monotonic() < end:
+        kids = children_of(w.pid)
+        if kids:
+            return kids[0]
+        time.sleep(0.01)
+    raise AssertionError("the worker's child never showed up")
+
+
+def test_a_workers_child_dies_when_the_worker_is_killed(make_plugin):
+    """35: SIGKILL from outside to the worker: its child (which left its session) dies too."""
+    path, policy = make_plugin(SPAWNER, SPAWNER_POLICY)
+    with sandbox.Worker(path, policy=policy) as w:
+        assert w.call("spawn") == "spawned"
+        child = _grandchild(w)
+        os.kill(w.pid, signal.SIGKILL)
+        assert _gone(child), f"process {child} started by the worker outlived it"
+
+
+HOST = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+sys.path.insert(0, {tests!r})
+import sandbox
+from conftest import children_of
+w = sandbox.Worker({plugin!r}, policy={policy!r})
+assert w.call("spawn") == "spawned"
+end = time.monotonic() + 10
+kids = []
+while not kids and time.monotonic() < end:
+    kids = children_of(w.pid)
+    time.sleep(0.01)
+zygote = int(open(f"/proc/{{w.pid}}/stat").read().rsplit(")", 1)[1].split()[1])
+print(w.pid, kids[0], zygote, flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("victim", ["host", "zygote"])
+def test_a_workers_child_dies_with_the_host_or_the_zygote(make_plugin, plugin_dir, victim):
+    """35: SIGKILL of the host process (a subprocess here) or of its zygote: the worker dies,
+    and with it, by the kernel's hand, whatever it started."""
+    path, policy = make_plugin(SPAWNER, SPAWNER_POLICY)
+    script = os.path.join(plugin_dir, "host.py")
+    with open(script, "w") as f:
+        f.write(HOST.format(root=ROOT, tests=os.path.join(ROOT, "tests"), plugin=path, policy=policy))
+    host = subprocess.Popen([sys.executable, script], stdout=subprocess.PIPE, text=True)
+    try:
+        worker, child, zygote = map(int, host.stdout.readline().split())
+        os.kill(host.pid if victim == "host" else zygote, signal.SIGKILL)
+        assert _gone(worker), "the worker outlived its " + victim
+        assert _gone(child), f"process {child} started by the worker outlived the {victim}"
+    finally:
+        host.kill()
+        host.wait()
