@@ -15,9 +15,10 @@ and every other write, with EROFS, whatever the file's owner. So each worker get
   writes there lives in its own memory-backed filesystem, gone with its last process, so the
   host never walks (or removes) a tree a hostile plugin built.
 
-Runs while the worker may still mount: before Landlock (which forbids mount changes) and in
-whichever user namespace the worker is in (root host: the initial one; unprivileged host: the
-zygote's, or the worker's own).
+Runs while the worker may still mount: before Landlock (which forbids mount changes), and
+before a worker makes a user namespace of its own (the mount namespace belongs to the
+zygote's user namespace, where the worker still holds the capability to mount; from its own
+user namespace it can change none of these mounts).
 """
 import ctypes
 import os
@@ -48,9 +49,30 @@ def _writable_now(path: str) -> bool:
     return not os.statvfs(path).f_flag & os.ST_RDONLY
 
 
+prepared: str | None = None  # "ok" once this process has a private mount namespace, else why not
+
+
+def enter_private_namespace() -> None:
+    """The part that needs no plan, done right after the fork (a spare pays it while idle):
+    a mount namespace of our own, every mount private (nothing we mount may ever propagate
+    back to the host's namespace). Never raises: a failure is recorded for the step to report."""
+    global prepared
+    try:
+        _sys.unshare(_sys.CLONE_NEWNS)
+        _setattr("/", propagation=_sys.MS_PRIVATE, recursive=True)
+        prepared = "ok"
+    except OSError as e:
+        prepared = f"no mount namespace of its own: {e.strerror or e}"
+
+
 def read_only_view(writable: list[str], scratch: str | None, *, scratch_bytes: int, scratch_inodes: int,
                    owner: tuple[int, int]) -> None:
-    """Enter a new mount namespace and lay out the view described in the module docstring."""
+    """Lay out the view described in the module docstring, in the private mount namespace
+    entered after the fork (entered here if that did not happen)."""
+    if prepared is None:
+        enter_private_namespace()
+    if prepared != "ok":
+        raise OSError(prepared)
     keep_rw = []
     for path in dict.fromkeys(list(writable) + ["/proc"]):
         if path == scratch:
@@ -60,9 +82,7 @@ def read_only_view(writable: list[str], scratch: str | None, *, scratch_bytes: i
                 keep_rw.append(path)
         except (FileNotFoundError, NotADirectoryError):
             continue  # nothing there: nothing to grant (Landlock skips it likewise)
-    _sys.unshare(_sys.CLONE_NEWNS)
-    # private first: no mount below may ever propagate back to the host's namespace
-    _setattr("/", set_=MOUNT_ATTR_RDONLY, propagation=_sys.MS_PRIVATE, recursive=True)
+    _setattr("/", set_=MOUNT_ATTR_RDONLY, recursive=True)
     for path in keep_rw:
         if path != "/proc":
             _sys.mount(path.encode(), path.encode(), None, _sys.MS_BIND | _sys.MS_REC)

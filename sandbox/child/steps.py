@@ -6,6 +6,8 @@ Each step takes (plan, state): `plan` is plain data prepared by the host before 
 plugin's first line runs; the serve loop reports which step failed.
 
 The order is the kernel's, not taste: fds and session first (nothing inherited survives);
+the proof that we are pid 1 of a PID namespace of our own (zygote/pidns.py); the read-only
+mount view (child/mounts.py) while we may still mount, in the zygote's user namespace;
 a user namespace of its own before the rlimits (the namespace records the limit in force when
 it is made, and then caps every level above with it); Landlock while we may still restrict
 ourselves; the credential change (which clears PDEATHSIG and resets dumpable, so those come
@@ -120,7 +122,8 @@ def scratch_path(plan) -> str | None:
 
 def read_only_view(plan, state):
     """A mount namespace where all is read-only but the writable paths, and scratch is a tmpfs
-    with a quota (child/mounts.py says why). Before Landlock, which forbids mount changes."""
+    with a quota (child/mounts.py says why). Before Landlock, which forbids mount changes, and
+    before a user namespace of the worker's own, from which it could not mount here."""
     ll = plan.get("landlock") or {}
     scratch = scratch_path(plan)
     uid = plan.get("uid")
@@ -301,8 +304,8 @@ STEPS = (
     ("watch_self", watch_self),
     ("new_session", new_session),
     ("clear_environment", clear_environment),
-    ("own_user_namespace", own_user_namespace),
     ("read_only_view", read_only_view),
+    ("own_user_namespace", own_user_namespace),
     ("set_rlimits", set_rlimits),
     ("restrict_filesystem", restrict_filesystem),
     ("drop_privileges", drop_privileges),

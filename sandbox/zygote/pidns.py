@@ -14,6 +14,9 @@ with glibc's own flags (the child's thread descriptor learns its new tid through
 CLONE_CHILD_SETTID, as glibc's fork arranges), then PyOS_AfterFork_Child/_Parent. The zygote
 is single-threaded, so no lock glibc's fork would take can be held by another thread.
 
+The child also enters a private mount namespace of its own at once (child/mounts.py): that
+needs no plan, so a spare pays for it while the zygote is idle.
+
 When the kernel refuses the namespace (no CAP_SYS_ADMIN, user.max_pid_namespaces reached) a
 plain fork serves instead and `refusal` says why; the child's first confinement step sees that
 it is not pid 1 and refuses to start, naming the layer. Never a silent weaker worker.
@@ -21,6 +24,8 @@ it is not pid 1 and refuses to start, naming the layer. Never a silent weaker wo
 import ctypes
 import errno
 import os
+
+from ..child import mounts
 
 SYS_clone = 56  # x86_64
 CLONE_NEWPID = 0x20000000
@@ -59,6 +64,7 @@ def _clone(flags: int, ctid: int) -> int:
     err = ctypes.get_errno()
     if pid == 0:
         _api.PyOS_AfterFork_Child()
+        mounts.enter_private_namespace()  # needs no plan: a spare pays for it while the zygote idles
         return 0
     _api.PyOS_AfterFork_Parent()
     if pid < 0:
