@@ -12,10 +12,13 @@ _cache: dict[tuple, int] = {}
 
 
 def shared_ruleset(ll: dict | None) -> int | None:
-    """The cached ruleset for this plan, or None when the child must build its own
-    (paths under /proc/self mean the worker's own /proc entry, which only it can resolve)."""
+    """The cached ruleset for this plan, or None when the child must build its own (paths under
+    /proc/self mean the worker's own /proc entry, and a scratch folder the worker's own tmpfs:
+    only the worker can resolve those)."""
     if ll is None or any(p == "/proc/self" or p.startswith("/proc/self/") for p in ll["read"] + ll["write"]):
         return None
+    if ll.get("scratch"):
+        return None  # the worker's scratch is a tmpfs only it can see: it builds its own ruleset
     abi_max = ll.get("abi_max")  # a cap on the ABI used (tests simulate older kernels with it)
     key = (tuple(ll["read"]), tuple(ll["write"]), ll["network"], ll["abstract_unix"], abi_max)
     fd = _cache.get(key)

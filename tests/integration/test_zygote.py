@@ -64,8 +64,11 @@ sys.path.insert(0, {tests!r})
 from conftest import children_of
 with sandbox.Worker({plugin!r}, policy={policy!r}) as w:
     zygote = int(open(f"/proc/{{w.pid}}/stat").read().rsplit(")", 1)[1].split()[1])
-    spares = [p for p in children_of(zygote) if p != w.pid]
     end = time.monotonic() + 10  # a spare forked a moment ago may not have closed them yet
+    spares = []
+    while not spares and time.monotonic() < end:  # nor even be forked yet, on a busy machine
+        spares = [p for p in children_of(zygote) if p != w.pid]
+        time.sleep(0.01)
     while True:
         fds = {{fd: os.readlink(f"/proc/{{spares[0]}}/fd/{{fd}}") for fd in os.listdir(f"/proc/{{spares[0]}}/fd")}}
         extra = {{fd: t for fd, t in fds.items() if int(fd) > 2}}

@@ -1,4 +1,4 @@
-"""ATTACKS.md items 37-39: a grant gives exactly what it says. Writes (and chmod, chown, utimes,
+"""ATTACKS.md items 38 and 42: a grant gives exactly what it says. Writes (and chmod, chown, utimes,
 which Landlock does not cover) outside the writable paths meet a read-only mount (EROFS);
 scratch is a tmpfs of the worker's own with a size and an inode quota (child/mounts.py)."""
 import errno
@@ -78,7 +78,7 @@ def _own_the_plugin_file(w, path):
 
 
 def test_no_mode_owner_or_time_change_outside_writable_paths(make_plugin):
-    """37: with scratch and @file-write, a plugin that owns a file of its read-only folder still
+    """38: with scratch and @file-write, a plugin that owns a file of its read-only folder still
     can't make it setuid or re-date it: the folder is a read-only mount in its view."""
     path, policy = make_plugin(PLUGIN, SCRATCH)
     before = os.stat(path)
@@ -116,7 +116,7 @@ def test_scratch_has_a_size_quota(make_plugin):
 
 
 def test_a_deep_scratch_tree_never_troubles_close(make_plugin):
-    """47: 1,200 directories deep in scratch: close() raises nothing, the exit callbacks run,
+    """42: 1,200 directories deep in scratch: close() raises nothing, the exit callbacks run,
     the host's scratch folder is gone (the tree lived in the worker's tmpfs)."""
     path, policy = make_plugin(PLUGIN, SCRATCH)
     w = sandbox.Worker(path, policy=policy)

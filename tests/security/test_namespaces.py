@@ -1,4 +1,4 @@
-"""ATTACKS.md items 33-35: a worker addresses no process outside its own tree, and nothing it
+"""ATTACKS.md items 37 and 17: a worker addresses no process outside its own tree, and nothing it
 starts outlives it. The layer: a PID namespace per worker (zygote/pidns.py)."""
 import os
 import signal
@@ -36,7 +36,7 @@ def _gone(pid: int, within: float = 15.0) -> bool:
 
 @pytest.mark.parametrize("nr", [SYS_getsid, SYS_getpgid])
 def test_no_host_pid_can_be_probed(lab, sleeper, nr):
-    """33: getsid/getpgid of the host, a neighbour or init find nothing (ESRCH); the worker
+    """37: getsid/getpgid of the host, a neighbour or init find nothing (ESRCH); the worker
     sees only itself, as pid 1."""
     with intact(lab) as w:
         for pid in (os.getpid(), sleeper.pid, os.getppid()):
@@ -60,7 +60,7 @@ def _same_uid_sleeper(uid: int) -> subprocess.Popen:
 
 
 def test_old_landlock_abi_still_cannot_signal_a_same_uid_process(lab, monkeypatch):
-    """34: Landlock below ABI 6 has no signal scoping, and the uid is no barrier for a process
+    """37: Landlock below ABI 6 has no signal scoping, and the uid is no barrier for a process
     of the worker's own uid. Simulated by capping the ABI at 5: the PID namespace alone keeps
     the target out of reach."""
     real_build = plans.build
@@ -109,7 +109,7 @@ def _grandchild(w) -> int:
 
 
 def test_a_workers_child_dies_when_the_worker_is_killed(make_plugin):
-    """35: SIGKILL from outside to the worker: its child (which left its session) dies too."""
+    """17: SIGKILL from outside to the worker: its child (which left its session) dies too."""
     path, policy = make_plugin(SPAWNER, SPAWNER_POLICY)
     with sandbox.Worker(path, policy=policy) as w:
         assert w.call("spawn") == "spawned"
@@ -139,7 +139,7 @@ time.sleep(120)
 
 @pytest.mark.parametrize("victim", ["host", "zygote"])
 def test_a_workers_child_dies_with_the_host_or_the_zygote(make_plugin, plugin_dir, victim):
-    """35: SIGKILL of the host process (a subprocess here) or of its zygote: the worker dies,
+    """17: SIGKILL of the host process (a subprocess here) or of its zygote: the worker dies,
     and with it, by the kernel's hand, whatever it started."""
     path, policy = make_plugin(SPAWNER, SPAWNER_POLICY)
     script = os.path.join(plugin_dir, "host.py")
