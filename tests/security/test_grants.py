@@ -128,3 +128,68 @@ def test_a_deep_scratch_tree_never_troubles_close(make_plugin):
     w.close()
     assert len(exits) == 1
     assert not os.path.exists(scratch)
+
+
+def _writable_policy(paths, extra=""):
+    listed = ", ".join(f'"{p}"' for p in paths)
+    return f'[filesystem]\nwritable = [{listed}]\n[seccomp]\ngroups = ["@file-write"]\n[limits]\nfile_size_mb = 1\n' + extra
+
+
+def test_writable_paths_stay_writable(make_plugin, plugin_dir):
+    """The view binds each writable path back read-write: a folder and a single file."""
+    out = os.path.join(plugin_dir, "out")
+    os.mkdir(out)
+    single = os.path.join(plugin_dir, "single.txt")
+    open(single, "w").close()
+    for p in (out, single):
+        os.chmod(p, 0o777 if p == out else 0o666)
+    path, policy = make_plugin(PLUGIN, _writable_policy([out, single]))
+    with sandbox.Worker(path, policy=policy) as w:
+        assert w.call("write_mb", os.path.join(out, "result"), 1) == [1, 0]
+        assert w.call("change", os.path.join(out, "result"))["chmod"] == "done"
+        assert w.call("write_mb", single, 1) == [1, 0]
+        assert w.call("write_mb", os.path.join(plugin_dir, "beside"), 1)[1] in (errno.EROFS, errno.EACCES)
+    assert os.path.getsize(os.path.join(out, "result")) == 1 << 20  # on the host: not a private copy
+    assert os.path.getsize(single) == 1 << 20
+
+
+READ_ONLY_HOST = r"""
+import json, os, sys, tempfile
+sys.path.insert(0, {root!r})
+from sandbox.child import syscalls as _sys
+uid, gid = os.getuid(), os.getgid()
+if uid != 0:
+    _sys.unshare(_sys.CLONE_NEWUSER)
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{{uid}} {{uid}} 1"), ("gid_map", f"{{gid}} {{gid}} 1")):
+        with open(f"/proc/self/{{name}}", "w") as f:
+            f.write(text)
+_sys.unshare(_sys.CLONE_NEWNS)
+_sys.mount(b"none", b"/", None, _sys.MS_REC | _sys.MS_PRIVATE)
+out = {out!r}
+_sys.mount(out.encode(), out.encode(), None, _sys.MS_BIND)
+_sys.mount(b"none", out.encode(), None, 32 | 4096 | 1)  # MS_REMOUNT | MS_BIND | MS_RDONLY
+import sandbox
+with sandbox.Worker({plugin!r}, policy={policy!r}) as w:
+    print(json.dumps(w.call("write_mb", os.path.join(out, "result"), 1)))
+"""
+
+
+def test_a_grant_never_makes_a_read_only_host_mount_writable(make_plugin, plugin_dir, tmp_path):
+    """The writable path lies on a mount that is read-only for the host too (a host of its own
+    in a subprocess, with its own mount namespace): the worker's view keeps it read-only."""
+    import json
+    import subprocess
+    import sys
+    from conftest import ROOT
+    out = os.path.join(plugin_dir, "out")
+    os.mkdir(out)
+    os.chmod(out, 0o777)
+    path, policy = make_plugin(PLUGIN, _writable_policy([out]))
+    script = tmp_path / "host.py"
+    script.write_text(READ_ONLY_HOST.format(root=ROOT, out=out, plugin=path, policy=policy))
+    os.chmod(tmp_path, 0o755)
+    os.chmod(script, 0o644)
+    got = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert got.returncode == 0, got.stderr
+    assert json.loads(got.stdout.strip().splitlines()[-1]) == [0, errno.EROFS]
+    assert not os.path.exists(os.path.join(out, "result"))
