@@ -154,3 +154,50 @@ def test_a_workers_child_dies_with_the_host_or_the_zygote(make_plugin, plugin_di
     finally:
         host.kill()
         host.wait()
+
+
+NO_PID_NAMESPACES_HOST = r"""
+import os, sys
+sys.path.insert(0, {root!r})
+from sandbox.child import syscalls as _sys
+uid, gid = os.getuid(), os.getgid()
+ready_r, ready_w = os.pipe()
+go_r, go_w = os.pipe()
+pid = os.fork()
+if pid:
+    # a user namespace for the host, mapped from outside (root: every id, as before; else its own)
+    os.read(ready_r, 1)
+    maps = [("uid_map", "0 0 4294967295"), ("gid_map", "0 0 4294967295")] if uid == 0 else \
+        [("setgroups", "deny"), ("uid_map", f"{{uid}} {{uid}} 1"), ("gid_map", f"{{gid}} {{gid}} 1")]
+    for name, text in maps:
+        with open(f"/proc/{{pid}}/{{name}}", "w") as f:
+            f.write(text)
+    os.write(go_w, b"x")
+    _, status = os.waitpid(pid, 0)
+    sys.exit(os.waitstatus_to_exitcode(status))
+_sys.unshare(_sys.CLONE_NEWUSER)
+os.write(ready_w, b"x")
+os.read(go_r, 1)
+with open("/proc/sys/user/max_pid_namespaces", "w") as f:
+    f.write("0")  # this user namespace and all below it: no PID namespace may be made
+import sandbox
+try:
+    w = sandbox.Worker({plugin!r})
+    print("STARTED", w.call("ping"))
+except sandbox.ConfinementError as e:
+    print("REFUSED", e.layer, e)
+"""
+
+
+def test_no_pid_namespace_means_no_worker(make_plugin, plugin_dir):
+    """37: where the kernel refuses a PID namespace (here: user.max_pid_namespaces = 0 in a
+    user namespace the host runs in), the worker refuses to start and names the layer."""
+    path, _ = make_plugin("def ping():\n    return 1\n")
+    script = os.path.join(plugin_dir, "host.py")
+    with open(script, "w") as f:
+        f.write(NO_PID_NAMESPACES_HOST.format(root=ROOT, plugin=path))
+    got = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=60)
+    assert got.returncode == 0, got.stderr
+    last = got.stdout.strip().splitlines()[-1]
+    assert last.startswith("REFUSED pid_namespace"), last
+    assert "PID namespace" in last and "ENOSPC" in last
