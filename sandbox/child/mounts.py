@@ -9,8 +9,10 @@ and every other write, with EROFS, whatever the file's owner. So each worker get
 - every mount read-only (mount_setattr, recursively);
 - each writable path of the policy bound back over itself, read-write again only if it was
   read-write before (a grant never makes a read-only host mount writable);
-- /proc left as it was: the steps that follow write the worker's own uid_map there, and
-  procfs refuses chmod/utimes by itself;
+- a /proc of the worker's own PID namespace over the host's: Landlock does not cover stat(),
+  so with the host's /proc a worker could still tell which pids exist (stat /proc/N); in its
+  own there is only its own tree. It stays read-write (the steps that follow write the
+  worker's uid_map there; procfs refuses chmod/utimes by itself);
 - the scratch folder as a private tmpfs with a size and an inode quota: what the worker
   writes there lives in its own memory-backed filesystem, gone with its last process, so the
   host never walks (or removes) a tree a hostile plugin built.
@@ -28,7 +30,7 @@ from . import syscalls as _sys
 SYS_mount_setattr = 442
 AT_FDCWD, AT_RECURSIVE = -100, 0x8000
 MOUNT_ATTR_RDONLY = 0x00000001
-MS_NOSUID, MS_NODEV = 2, 4
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
 DEFAULT_SCRATCH_BYTES = 64 << 20
 DEFAULT_SCRATCH_INODES = 4096
 
@@ -74,9 +76,9 @@ def read_only_view(writable: list[str], scratch: str | None, *, scratch_bytes: i
     if prepared != "ok":
         raise OSError(prepared)
     keep_rw = []
-    for path in dict.fromkeys(list(writable) + ["/proc"]):
-        if path == scratch:
-            continue
+    for path in dict.fromkeys(writable):
+        if path == scratch or path == "/proc" or path.startswith("/proc/"):
+            continue  # /proc is the worker's own, below
         try:
             if _writable_now(path):
                 keep_rw.append(path)
@@ -84,10 +86,13 @@ def read_only_view(writable: list[str], scratch: str | None, *, scratch_bytes: i
             continue  # nothing there: nothing to grant (Landlock skips it likewise)
     _setattr("/", set_=MOUNT_ATTR_RDONLY, recursive=True)
     for path in keep_rw:
-        if path != "/proc":
-            _sys.mount(path.encode(), path.encode(), None, _sys.MS_BIND | _sys.MS_REC)
+        _sys.mount(path.encode(), path.encode(), None, _sys.MS_BIND | _sys.MS_REC)
         # only the top mount: a read-only mount beneath a writable path stays read-only
         _setattr(path, clr=MOUNT_ATTR_RDONLY, recursive=False)
+    try:
+        _sys.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    except OSError as e:
+        raise OSError(e.errno, f"no /proc of the worker's own PID namespace: {e.strerror}") from None
     if scratch:
         uid, gid = owner
         options = f"size={int(scratch_bytes)},nr_inodes={int(scratch_inodes)},mode=0700,uid={uid},gid={gid}"

@@ -13,9 +13,9 @@ _cache: dict[tuple, int] = {}
 
 def shared_ruleset(ll: dict | None) -> int | None:
     """The cached ruleset for this plan, or None when the child must build its own (paths under
-    /proc/self mean the worker's own /proc entry, and a scratch folder the worker's own tmpfs:
-    only the worker can resolve those)."""
-    if ll is None or any(p == "/proc/self" or p.startswith("/proc/self/") for p in ll["read"] + ll["write"]):
+    /proc mean the worker's own /proc, mounted for its PID namespace, and a scratch folder the
+    worker's own tmpfs: only the worker can resolve those)."""
+    if ll is None or any(p == "/proc" or p.startswith("/proc/") for p in ll["read"] + ll["write"]):
         return None
     if ll.get("scratch"):
         return None  # the worker's scratch is a tmpfs only it can see: it builds its own ruleset

@@ -45,6 +45,23 @@ def test_no_host_pid_can_be_probed(lab, sleeper, nr):
         assert w.call("sys", 39)[0] == 1
 
 
+def test_host_pids_do_not_exist_in_its_proc(lab, sleeper):
+    """37: Landlock does not cover stat(), so with the host's /proc a worker could still map
+    every pid by stat("/proc/N"); its /proc is its PID namespace's: only itself is there."""
+    with intact(lab) as w:
+        for pid in (os.getpid(), sleeper.pid, os.getppid()):
+            assert w.call("stat_errno", f"/proc/{pid}") == 2  # ENOENT
+        assert w.call("stat_errno", "/proc/1") == 0  # itself
+        assert w.call("read", "/proc/self/status")[:5] == b"Name:"
+
+
+def test_its_proc_lists_only_its_own_tree(make_plugin):
+    path, policy = make_plugin("import os\n\ndef pids():\n    return sorted(int(n) for n in os.listdir('/proc') "
+                               "if n.isdigit())\n", '[filesystem]\nread_only = ["/proc"]\n')
+    with sandbox.Worker(path, policy=policy) as w:
+        assert w.call("pids") == [1]
+
+
 def test_tgkill_finds_no_host_process(lab, sleeper):
     with intact(lab) as w:
         assert w.call("tgkill", sleeper.pid, signal.SIGKILL) == [-1, ESRCH]
