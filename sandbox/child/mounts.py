@@ -47,30 +47,57 @@ def _setattr(path: str, *, set_: int = 0, clr: int = 0, propagation: int = 0, re
                                  ctypes.sizeof(attr)), f"mount_setattr {path}")
 
 
-def _writable_now(path: str) -> bool:
-    return not os.statvfs(path).f_flag & os.ST_RDONLY
+prepared: str | None = None  # "ok" once this process has its private, read-only view, else why not
+_was_writable: frozenset = frozenset()  # ids of the mounts that were read-write before we made them read-only
 
 
-prepared: str | None = None  # "ok" once this process has a private mount namespace, else why not
+def _writable_mount_ids() -> frozenset:
+    """Mount ids (field 1 of mountinfo) of this namespace's mounts that are read-write."""
+    ids = set()
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split(b" ", 6)
+            if len(fields) > 5 and fields[5].split(b",")[0] == b"rw":
+                ids.add(int(fields[0]))
+    return frozenset(ids)
+
+
+def _mount_id(path: str) -> int | None:
+    """The id of the mount `path` lies on (None: nothing there)."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
+            for line in f:
+                if line.startswith(b"mnt_id:"):
+                    return int(line.split()[1])
+    finally:
+        os.close(fd)
+    return None
 
 
 def enter_private_namespace() -> None:
     """The part that needs no plan, done right after the fork (a spare pays it while idle):
     a mount namespace of our own, every mount private (nothing we mount may ever propagate
-    back to the host's namespace). Never raises: a failure is recorded for the step to report."""
-    global prepared
+    back to the host's namespace) and read-only, remembering which were read-write before.
+    Never raises: a failure is recorded for the step to report."""
+    global prepared, _was_writable
     try:
         _sys.unshare(_sys.CLONE_NEWNS)
         _setattr("/", propagation=_sys.MS_PRIVATE, recursive=True)
+        _was_writable = _writable_mount_ids()
+        _setattr("/", set_=MOUNT_ATTR_RDONLY, recursive=True)
         prepared = "ok"
     except OSError as e:
-        prepared = f"no mount namespace of its own: {e.strerror or e}"
+        prepared = f"no read-only mount namespace of its own: {e.strerror or e}"
 
 
 def read_only_view(writable: list[str], scratch: str | None, *, scratch_bytes: int, scratch_inodes: int,
                    owner: tuple[int, int]) -> None:
-    """Lay out the view described in the module docstring, in the private mount namespace
-    entered after the fork (entered here if that did not happen)."""
+    """Finish the view described in the module docstring, in the private read-only mount
+    namespace entered after the fork (entered here if that did not happen)."""
     if prepared is None:
         enter_private_namespace()
     if prepared != "ok":
@@ -79,12 +106,9 @@ def read_only_view(writable: list[str], scratch: str | None, *, scratch_bytes: i
     for path in dict.fromkeys(writable):
         if path == scratch or path == "/proc" or path.startswith("/proc/"):
             continue  # /proc is the worker's own, below
-        try:
-            if _writable_now(path):
-                keep_rw.append(path)
-        except (FileNotFoundError, NotADirectoryError):
-            continue  # nothing there: nothing to grant (Landlock skips it likewise)
-    _setattr("/", set_=MOUNT_ATTR_RDONLY, recursive=True)
+        mount = _mount_id(path)
+        if mount is not None and mount in _was_writable:  # absent: nothing to grant (Landlock skips it too)
+            keep_rw.append(path)
     for path in keep_rw:
         _sys.mount(path.encode(), path.encode(), None, _sys.MS_BIND | _sys.MS_REC)
         # only the top mount: a read-only mount beneath a writable path stays read-only
