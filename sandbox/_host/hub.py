@@ -77,3 +77,24 @@ def get() -> Hub:
             if _hub is None:
                 _hub = Hub()
     return _hub
+
+
+def _after_fork_in_child() -> None:
+    # The parent's hub thread does not exist here, and its epoll instance is shared with the
+    # parent: a child registering its own fds there would feed the parent's hub. Start afresh.
+    global _hub, _hub_lock
+    old, _hub, _hub_lock = _hub, None, threading.Lock()
+    if old is not None:
+        _inherited.append(old)  # never freed here: nothing of it may act on a reused fd later
+        old._ep.close()  # the child's copy only
+        for fd in (old._wake_r, old._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+_inherited: list = []
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,7 +1,7 @@
 """The forked child's confinement: one small named step each, in the order the kernel needs,
 with `STEPS` (the order) right after them. Runs in the forked child only.
 
-Each step takes (plan, state): `plan` is plain data prepared by the host before fork,
+Each step takes (plan, state): `plan` is the typed Plan the host built before fork,
 `state` carries what one step hands to the next. Any exception stops the worker before the
 plugin's first line runs; the serve loop reports which step failed.
 
@@ -27,7 +27,8 @@ import prctl
 from ..zygote import pidns
 from . import landlock, mounts, seccomp, syscalls as _sys
 
-# Fixed descriptor numbers inside the worker.
+from ..protocol.zygote import FROM_HOST, HANDOFF, STDERR, STDIN, STDOUT, TO_HOST  # noqa: F401 - the fixed numbers
+
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 PR_CAPBSET_READ, PR_CAPBSET_DROP, PR_SET_SECUREBITS = 23, 24, 28
 # NOROOT (+lock), NO_CAP_AMBIENT_RAISE (+lock), and KEEP_CAPS / NO_SETUID_FIXUP locked *off*, so
@@ -38,7 +39,7 @@ try:
         _LAST_CAP = int(_f.read())
 except OSError:
     _LAST_CAP = 40
-STDIN, STDOUT, STDERR, FROM_HOST, TO_HOST, HANDOFF = 0, 1, 2, 3, 4, 5
+host_pid: int | None = None  # this worker's pid as the host sees it (os.getpid() is 1 here), set by watch_self
 RULESET = 6  # a Landlock ruleset prepared by the zygote, closed as soon as it is applied
 
 
@@ -73,22 +74,24 @@ def pid_namespace(plan, state):
 
 
 def watch_self(plan, state):
-    """Open what later steps read about this very process while /proc is still reachable:
-    Landlock may grant no /proc at all, and an open descriptor keeps answering."""
-    state["self_stat"] = os.open("/proc/self/stat", os.O_RDONLY | os.O_CLOEXEC)
-    state["self_tasks"] = os.open("/proc/self/task", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    """Open what die_with_parent reads about this very process while the host's /proc is still
+    there (the view step mounts the worker's own, and Landlock may grant no /proc at all); an
+    open descriptor keeps answering."""
+    global host_pid
+    fd = state["self_stat"] = os.open("/proc/self/stat", os.O_RDONLY | os.O_CLOEXEC)
+    host_pid = int(os.pread(fd, 64, 0).split(b" ", 1)[0])  # as the host's /proc numbers us
 
 
 def new_session(plan, state):
     """No controlling terminal (TIOCSTI needs one) and out of the host's process group."""
     os.setsid()
-    os.chdir(plan.get("cwd") or "/")
+    os.chdir(plan.cwd)
 
 
 def clear_environment(plan, state):
     if os.environ:
         os.environ.clear()
-    for key, value in plan["env"].items():
+    for key, value in plan.env.items():
         os.environ[key] = value
 
 
@@ -99,7 +102,7 @@ def own_user_namespace(plan, state):
     per user and namespace). Before the rlimits: the namespace keeps the RLIMIT_NPROC in force
     when it is made as the cap on the levels above, which count the host's processes too.
     Before Landlock: the maps are files in /proc/self."""
-    if not plan.get("own_userns"):
+    if not plan.own_userns:
         return
     uid, gid = os.geteuid(), os.getegid()
     _sys.unshare(_sys.CLONE_NEWUSER)
@@ -112,32 +115,33 @@ def own_user_namespace(plan, state):
 
 
 def scratch_path(plan) -> str | None:
-    """The worker's scratch folder: the plan's "scratch", else its cwd when that is one of the
+    """The worker's scratch folder: the plan's `scratch`, else its cwd when that is one of the
     writable paths (which is where the host puts the scratch folder)."""
-    if "scratch" in plan:
-        return plan["scratch"] or None
-    cwd, ll = plan.get("cwd"), plan.get("landlock") or {}
-    return cwd if cwd and cwd != "/" and cwd in ll.get("write", ()) else None
+    if hasattr(plan, "scratch"):
+        return plan.scratch or None
+    cwd = plan.cwd
+    return cwd if cwd and cwd != "/" and cwd in plan.landlock.write else None
 
 
 def read_only_view(plan, state):
     """A mount namespace where all is read-only but the writable paths, and scratch is a tmpfs
     with a quota (child/mounts.py says why). Before Landlock, which forbids mount changes, and
     before a user namespace of the worker's own, from which it could not mount here."""
-    ll = plan.get("landlock") or {}
     scratch = scratch_path(plan)
-    uid = plan.get("uid")
-    owner = (uid, plan.get("gid", uid)) if uid is not None else (os.geteuid(), os.getegid())
-    mounts.read_only_view(ll.get("write", ()), scratch, owner=owner,
-                          scratch_bytes=plan.get("scratch_bytes", mounts.DEFAULT_SCRATCH_BYTES),
-                          scratch_inodes=plan.get("scratch_inodes", mounts.DEFAULT_SCRATCH_INODES))
+    owner = (plan.uid, plan.gid if plan.gid is not None else plan.uid) if plan.uid is not None \
+        else (os.geteuid(), os.getegid())
+    mounts.read_only_view(plan.landlock.write, scratch, owner=owner,
+                          scratch_bytes=getattr(plan, "scratch_bytes", mounts.DEFAULT_SCRATCH_BYTES),
+                          scratch_inodes=getattr(plan, "scratch_inodes", mounts.DEFAULT_SCRATCH_INODES))
     if scratch:
-        state["scratch_mounted"] = True
-        os.chdir(plan.get("cwd") or scratch)  # the old cwd is the host folder now hidden beneath
+        state["own_ruleset"] = "scratch is the worker's own tmpfs"
+        os.chdir(plan.cwd or scratch)  # the old cwd is the host folder now hidden beneath
+    if any(p == "/proc" or p.startswith("/proc/") for p in plan.landlock.read + plan.landlock.write):
+        state["own_ruleset"] = "its /proc is the worker's own"
 
 
 def set_rlimits(plan, state):
-    for name, value in plan["rlimits"].items():
+    for name, value in plan.rlimits.items():
         res = getattr(resource, "RLIMIT_" + name.upper())
         if value is None:
             continue
@@ -147,12 +151,12 @@ def set_rlimits(plan, state):
 
 
 def restrict_filesystem(plan, state):
-    ll = plan.get("landlock")
-    if ll is None:
-        return
+    ll = plan.landlock
     ruleset = state.pop("ruleset", None)
-    if ruleset is not None and state.get("scratch_mounted"):
-        os.close(ruleset)  # its scratch rule names the host folder, not the tmpfs over it
+    if ruleset is not None and state.get("own_ruleset"):
+        # the host's ruleset names the host's inodes: its scratch folder, not the tmpfs over it,
+        # and the host's /proc, not the worker's
+        os.close(ruleset)
         ruleset = None
     if ruleset is not None:
         try:
@@ -160,16 +164,16 @@ def restrict_filesystem(plan, state):
         finally:
             os.close(ruleset)
         return
-    abi = landlock.abi_version(ll.get("abi_max"))
+    abi = landlock.abi_version(getattr(ll, "abi_max", None))
     if abi < 1:
         raise OSError("Landlock is not available in this kernel (the policy's filesystem rules need it)")
-    landlock.restrict(ll["read"], ll["write"], abi=abi, deny_tcp=not ll["network"],
-                      scope_abstract_unix=not ll["abstract_unix"])
+    landlock.restrict(list(ll.read), list(ll.write), abi=abi, deny_tcp=not ll.network,
+                      scope_abstract_unix=not ll.abstract_unix)
 
 
 def drop_privileges(plan, state):
     """Root: a uid/gid unique to this worker, no groups, no capabilities, locked securebits."""
-    uid, gid = plan.get("uid"), plan.get("gid")
+    uid, gid = plan.uid, plan.gid
     if uid is not None:
         if uid == 0 or gid == 0:
             raise OSError("refusing to run a worker as uid/gid 0")
@@ -237,7 +241,7 @@ def _is_real_root():
 def die_with_parent(plan, state):
     """After the credential change, which clears PDEATHSIG and resets dumpable."""
     prctl.set_pdeathsig(signal.SIGKILL)
-    if _parent_pid(state) != plan["zygote_pid"]:
+    if _parent_pid(state) != state["zygote_pid"]:
         os._exit(1)  # the zygote died before PDEATHSIG was armed
     prctl.set_dumpable(False)
 
@@ -256,24 +260,23 @@ def _parent_pid(state) -> int:
     return int(data.rsplit(b")", 1)[1].split()[1])
 
 
+class PreloadFailed(Exception):
+    """A `[python] preload` module failed to import: reported as a load error naming it, whatever
+    it raised (OpenBLAS that cannot start its threads raises SIGINT: a KeyboardInterrupt here)."""
+
+    def __init__(self, module: str, error: BaseException):
+        hint = (" (a SIGINT during the import: OpenBLAS sends one when it cannot start its threads; "
+                "grant threads or set OPENBLAS_NUM_THREADS=1)") if isinstance(error, KeyboardInterrupt) else ""
+        super().__init__(f"preload {module!r} failed: {type(error).__name__}: {error}{hint}")
+        self.module = module
+
+
 def preload_modules(plan, state):
-    """Import the policy's preloads, then prove the worker is still one thread. Seccomp (without
-    TSYNC) and no_new_privs apply to the calling thread only: a thread a preload started now
-    would run beside the plugin, in its address space, without them. So a preload that leaves
-    a thread running is a refusal naming it (e.g. OpenBLAS: OPENBLAS_NUM_THREADS=1 avoids it)."""
-    tasks = state.pop("self_tasks", None)
-    try:
-        for name in plan.get("preload", ()):
+    for name in plan.preload:
+        try:
             importlib.import_module(name)
-            if tasks is not None:
-                count = len(os.listdir(tasks))
-                if count > 1:
-                    raise OSError(f"preloaded module {name!r} left {count - 1} thread(s) running; a thread "
-                                  "started before seccomp and no_new_privs would share the plugin's memory "
-                                  "unconfined (configure the module not to start threads at import)")
-    finally:
-        if tasks is not None:
-            os.close(tasks)
+        except BaseException as e:  # noqa: BLE001 - named and reported, never swallowed
+            raise PreloadFailed(name, e) from e
 
 
 def no_new_privs(plan, state):
@@ -282,12 +285,12 @@ def no_new_privs(plan, state):
 
 def install_seccomp(plan, state):
     """Last step: the policy's BPF; the listener fd goes to the host and never stays here."""
-    bpf = plan.get("bpf")
+    bpf = plan.bpf
     if not bpf:
         raise OSError("no seccomp program in the plan: refusing to run unconfined")
     # built before the filter (construction makes syscalls); family and type given: no probing
     hand = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=HANDOFF)
-    listener = seccomp.install_filter(bpf, listener=plan.get("notify", False))
+    listener = seccomp.install_filter(bpf, listener=plan.notify)
     if listener is not None:
         try:
             socket.send_fds(hand, [b"L"], [listener])
@@ -323,7 +326,7 @@ class StepFailed(Exception):
         self.error = error
 
 
-def apply(plan: dict, state: dict) -> None:
+def apply(plan, state: dict) -> None:
     for name, step in STEPS:
         try:
             step(plan, state)

@@ -244,15 +244,27 @@ def test_process_limit_holds_per_worker_in_both_modes(make_plugin):
         assert sibling.call("fork_many", 10) == {"started": 2, "refused": [2, errno.EAGAIN]}
 
 
-def test_a_preload_that_leaves_a_thread_running_is_refused(make_plugin):
-    """A thread started before seccomp and no_new_privs would run beside the plugin unconfined
-    (the filter is installed without TSYNC): the worker refuses to start, naming the module."""
+def _task_status(pid: int) -> list[dict]:
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            out.append({k: v.strip() for k, _, v in (line.partition(":") for line in f)})
+    return out
+
+
+def test_every_thread_a_preload_started_is_confined_like_the_main_one(make_plugin):
+    """A thread started before seccomp and no_new_privs would run beside the plugin in its
+    memory: the filter is installed with TSYNC, which also sets no_new_privs on every thread;
+    credentials and the Landlock domain came before the preload, so the thread inherited them."""
     path, policy = make_plugin(PROBE, '[python]\npreload = ["sandbox.child.canary_thread"]\n'
                                       '[limits]\nprocesses = 2\n[seccomp]\ngroups = ["@threads"]\n')
-    with pytest.raises(sandbox.ConfinementError) as ei:
-        sandbox.Worker(path, policy=policy)
-    assert ei.value.layer == "preload_modules"
-    assert "sandbox.child.canary_thread" in str(ei.value) and "thread" in str(ei.value)
+    with sandbox.Worker(path, policy=policy) as w:
+        tasks = _task_status(w.pid)
+        assert len(tasks) == 2, "the preload started no thread: nothing was tested"
+        for key in ("Seccomp", "NoNewPrivs", "Uid", "Gid", "CapEff", "CapPrm", "CapBnd"):
+            assert len({t[key] for t in tasks}) == 1, (key, tasks)
+        assert tasks[0]["Seccomp"] == "2" and tasks[0]["NoNewPrivs"] == "1"
+        assert int(tasks[0]["CapBnd"], 16) == 0 and int(tasks[0]["CapEff"], 16) == 0
 
 
 def test_a_preload_without_threads_is_fine(make_plugin):

@@ -10,7 +10,6 @@ import time
 import pytest
 
 import sandbox
-from sandbox._host import plan as plans
 from conftest import IS_ROOT, ROOT, children_of
 from security.conftest import intact
 
@@ -76,29 +75,41 @@ def _same_uid_sleeper(uid: int) -> subprocess.Popen:
     return subprocess.Popen(["sleep", "60"])
 
 
-def test_old_landlock_abi_still_cannot_signal_a_same_uid_process(lab, monkeypatch):
+TGKILL = """
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def tgkill(pid, sig):
+        ret = libc.syscall(234, pid, pid, sig)
+        return [ret, ctypes.get_errno()]
+
+    def getuid():
+        return libc.getuid()
+"""
+
+
+def test_old_landlock_abi_still_cannot_signal_a_same_uid_process(make_plugin, monkeypatch):
     """37: Landlock below ABI 6 has no signal scoping, and the uid is no barrier for a process
-    of the worker's own uid. Simulated by capping the ABI at 5: the PID namespace alone keeps
-    the target out of reach."""
-    real_build = plans.build
-
-    def old_kernel(*a, **kw):
-        plan = real_build(*a, **kw)
-        plan["landlock"]["abi_max"] = 5
-        return plan
-
-    monkeypatch.setattr(plans, "build", old_kernel)
-    d, _ = lab
-    with intact(lab) as w:
-        uid = w.call("sys", 102)[0]  # getuid
-        victim = _same_uid_sleeper(uid)
-        try:
-            assert w.call("tgkill", victim.pid, signal.SIGKILL) == [-1, ESRCH]
-            time.sleep(0.1)
-            assert victim.poll() is None
-        finally:
-            victim.kill()
-            victim.wait()
+    of the worker's own uid. Simulated by building the worker's ruleset (the host builds it) at
+    ABI 5: the PID namespace alone keeps the target out of reach."""
+    from sandbox._host import rulesets
+    monkeypatch.setattr(rulesets, "_abi", 5)
+    monkeypatch.setattr(rulesets, "_cache", {})  # none of the real ABI's rulesets, and ours go after
+    path, policy = make_plugin(TGKILL, '[python]\npreload = ["ctypes"]\n')
+    try:
+        with sandbox.Worker(path, policy=policy) as w:
+            assert rulesets._cache, "the host built no ruleset: the simulated ABI was not used"
+            victim = _same_uid_sleeper(w.call("getuid"))
+            try:
+                assert w.call("tgkill", victim.pid, signal.SIGKILL) == [-1, ESRCH]
+                time.sleep(0.1)
+                assert victim.poll() is None
+            finally:
+                victim.kill()
+                victim.wait()
+    finally:
+        for fd in rulesets._cache.values():
+            os.close(fd)
 
 
 SPAWNER = """
