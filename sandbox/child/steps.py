@@ -6,6 +6,8 @@ Each step takes (plan, state): `plan` is the typed Plan the host built before fo
 plugin's first line runs; the serve loop reports which step failed.
 
 The order is the kernel's, not taste: fds and session first (nothing inherited survives);
+the proof that we are pid 1 of a PID namespace of our own (zygote/pidns.py); the read-only
+mount view (child/mounts.py) while we may still mount, in the zygote's user namespace;
 a user namespace of its own before the rlimits (the namespace records the limit in force when
 it is made, and then caps every level above with it); Landlock while we may still restrict
 ourselves; the credential change (which clears PDEATHSIG and resets dumpable, so those come
@@ -22,7 +24,8 @@ import socket
 
 import prctl
 
-from . import landlock, seccomp, syscalls as _sys
+from ..zygote import pidns
+from . import landlock, mounts, seccomp, syscalls as _sys
 
 from ..protocol.zygote import FROM_HOST, HANDOFF, STDERR, STDIN, STDOUT, TO_HOST  # noqa: F401 - the fixed numbers
 
@@ -36,6 +39,7 @@ try:
         _LAST_CAP = int(_f.read())
 except OSError:
     _LAST_CAP = 40
+host_pid: int | None = None  # this worker's pid as the host sees it (os.getpid() is 1 here), set by watch_self
 RULESET = 6  # a Landlock ruleset prepared by the zygote, closed as soon as it is applied
 
 
@@ -59,6 +63,23 @@ def arrange_fds(plan, state):
 
 def _dup_high(fd):
     return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100)
+
+
+def pid_namespace(plan, state):
+    """The zygote forked us as pid 1 of a PID namespace of our own (zygote/pidns.py): no other
+    process on the machine can be addressed from here, and all we start dies with us. The
+    evidence is our own pid, which only the first process of a new namespace has."""
+    if not pidns.in_own_namespace():
+        raise OSError(f"the worker has no PID namespace of its own: {pidns.refusal or 'it is not pid 1'}")
+
+
+def watch_self(plan, state):
+    """Open what die_with_parent reads about this very process while the host's /proc is still
+    there (the view step mounts the worker's own, and Landlock may grant no /proc at all); an
+    open descriptor keeps answering."""
+    global host_pid
+    fd = state["self_stat"] = os.open("/proc/self/stat", os.O_RDONLY | os.O_CLOEXEC)
+    host_pid = int(os.pread(fd, 64, 0).split(b" ", 1)[0])  # as the host's /proc numbers us
 
 
 def new_session(plan, state):
@@ -93,6 +114,32 @@ def own_user_namespace(plan, state):
             os.close(fd)
 
 
+def scratch_path(plan) -> str | None:
+    """The worker's scratch folder: the plan's `scratch`, else its cwd when that is one of the
+    writable paths (which is where the host puts the scratch folder)."""
+    if hasattr(plan, "scratch"):
+        return plan.scratch or None
+    cwd = plan.cwd
+    return cwd if cwd and cwd != "/" and cwd in plan.landlock.write else None
+
+
+def read_only_view(plan, state):
+    """A mount namespace where all is read-only but the writable paths, and scratch is a tmpfs
+    with a quota (child/mounts.py says why). Before Landlock, which forbids mount changes, and
+    before a user namespace of the worker's own, from which it could not mount here."""
+    scratch = scratch_path(plan)
+    owner = (plan.uid, plan.gid if plan.gid is not None else plan.uid) if plan.uid is not None \
+        else (os.geteuid(), os.getegid())
+    mounts.read_only_view(plan.landlock.write, scratch, owner=owner,
+                          scratch_bytes=getattr(plan, "scratch_bytes", mounts.DEFAULT_SCRATCH_BYTES),
+                          scratch_inodes=getattr(plan, "scratch_inodes", mounts.DEFAULT_SCRATCH_INODES))
+    if scratch:
+        state["own_ruleset"] = "scratch is the worker's own tmpfs"
+        os.chdir(plan.cwd or scratch)  # the old cwd is the host folder now hidden beneath
+    if any(p == "/proc" or p.startswith("/proc/") for p in plan.landlock.read + plan.landlock.write):
+        state["own_ruleset"] = "its /proc is the worker's own"
+
+
 def set_rlimits(plan, state):
     for name, value in plan.rlimits.items():
         res = getattr(resource, "RLIMIT_" + name.upper())
@@ -106,13 +153,18 @@ def set_rlimits(plan, state):
 def restrict_filesystem(plan, state):
     ll = plan.landlock
     ruleset = state.pop("ruleset", None)
+    if ruleset is not None and state.get("own_ruleset"):
+        # the host's ruleset names the host's inodes: its scratch folder, not the tmpfs over it,
+        # and the host's /proc, not the worker's
+        os.close(ruleset)
+        ruleset = None
     if ruleset is not None:
         try:
             landlock.restrict_self(ruleset)
         finally:
             os.close(ruleset)
         return
-    abi = landlock.abi_version()
+    abi = landlock.abi_version(getattr(ll, "abi_max", None))
     if abi < 1:
         raise OSError("Landlock is not available in this kernel (the policy's filesystem rules need it)")
     landlock.restrict(list(ll.read), list(ll.write), abi=abi, deny_tcp=not ll.network,
@@ -189,9 +241,23 @@ def _is_real_root():
 def die_with_parent(plan, state):
     """After the credential change, which clears PDEATHSIG and resets dumpable."""
     prctl.set_pdeathsig(signal.SIGKILL)
-    if os.getppid() != state["zygote_pid"]:
+    if _parent_pid(state) != state["zygote_pid"]:
         os._exit(1)  # the zygote died before PDEATHSIG was armed
     prctl.set_dumpable(False)
+
+
+def _parent_pid(state) -> int:
+    """Our parent's pid as the zygote numbers it. getppid() says 0 in a PID namespace of our
+    own (the parent lives outside it); /proc/self/stat, opened before Landlock, counts in the
+    namespace /proc was mounted for, the zygote's."""
+    fd = state.pop("self_stat", None)
+    if fd is None:
+        return os.getppid()
+    try:
+        data = os.pread(fd, 4096, 0)
+    finally:
+        os.close(fd)
+    return int(data.rsplit(b")", 1)[1].split()[1])
 
 
 class PreloadFailed(Exception):
@@ -237,8 +303,11 @@ def install_seccomp(plan, state):
 # The order is the kernel's, not taste (see the module docstring).
 STEPS = (
     ("arrange_fds", arrange_fds),
+    ("pid_namespace", pid_namespace),
+    ("watch_self", watch_self),
     ("new_session", new_session),
     ("clear_environment", clear_environment),
+    ("read_only_view", read_only_view),
     ("own_user_namespace", own_user_namespace),
     ("set_rlimits", set_rlimits),
     ("restrict_filesystem", restrict_filesystem),

@@ -25,6 +25,7 @@ from ..child import serve, steps  # imported here so children never import after
 from ..protocol.zygote import (MAX_REQUEST, MAX_SPAWN_FDS, SPAWN_FD_COUNT, STATUS, WORKER_FD_COUNT,
                                SpawnFds, decode_request, encode_reply)
 from .leftovers import Leftovers
+from .pidns import fork_worker
 from .spare import Spare
 
 
@@ -130,7 +131,7 @@ def _spawn(ctl, status_fds, msg, fds: list[int], flags) -> None:
     if pid is None:
         zygote = os.getpid()  # taken here: in the child, getppid() may already be 1
         try:
-            pid = os.fork()
+            pid = fork_worker()  # a PID namespace of its own (pidns.py)
         except OSError as e:  # no memory, no pids: this request fails, the zygote and its workers don't
             raise OSError(e.errno, f"fork failed: {e.strerror}") from None
         if pid == 0:

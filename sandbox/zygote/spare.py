@@ -24,6 +24,7 @@ from .. import protocol
 from ..child import landlock, seccomp, serve, steps, syscalls as _sys
 from ..protocol import framing, plan as plan_wire
 from ..protocol.zygote import WORKER_FD_COUNT
+from .pidns import fork_worker
 
 
 class Spare:
@@ -39,7 +40,7 @@ class Spare:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         zygote = os.getpid()
         try:
-            pid = os.fork()
+            pid = fork_worker()  # a PID namespace of its own (pidns.py)
         except OSError:  # none for now: the next request forks on demand, then tries again
             ours.close()
             theirs.close()

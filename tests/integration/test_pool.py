@@ -41,7 +41,8 @@ PLUGIN = """
         return s
 
     def pid():
-        return os.getpid()
+        from sandbox.child.steps import host_pid  # os.getpid() is 1 in each worker's PID namespace
+        return host_pid
 
     def spin():
         while True:
@@ -51,7 +52,7 @@ PLUGIN = """
         end = time.process_time() + seconds
         while time.process_time() < end:
             pass
-        return os.getpid()
+        return pid()
 
     def sock():
         import socket
