@@ -5,7 +5,6 @@ scratch dir, five descriptors, the zygote's fork, and later the seccomp listener
 """
 import fcntl
 import os
-import shutil
 import socket
 import tempfile
 import time
@@ -16,7 +15,7 @@ import msgpack
 from ..errors import ConfinementError, HostResourceError, SandboxError, ZygoteDied
 from ..protocol import plan as plan_wire
 from ..protocol.zygote import MAX_PLAN, STATUS, SpawnFds, SpawnRequest, plan_frame
-from . import plan as plans, rulesets, uids
+from . import cleanup, plan as plans, rulesets, uids
 from . import zygote_client as zygote
 
 F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
@@ -70,7 +69,7 @@ class Spawned:
     def __init__(self, policy, plugin: str, name: str, start_timeout: float | None = None):
         deadline = time.monotonic() + (SPAWN_TIMEOUT if start_timeout is None else start_timeout)
         self.policy = policy
-        self.uid = uids.allocate(*policy.uid_range) if os.geteuid() == 0 else None
+        self.uid = uids.allocate(*policy.uid_range, policy_path=policy.path) if os.geteuid() == 0 else None
         self.scratch = None
         self.fds: dict[str, int] = {}
         self.pid = self.pidfd = None
@@ -115,7 +114,9 @@ class Spawned:
                 raise SandboxError("the plan could not be written to the worker's input at once")
             request = SpawnRequest(uid=self.uid, may_fork=self.plan.may_fork)
             fds = list(SpawnFds(**child))
-            ruleset = rulesets.shared_ruleset(self.plan.landlock)  # the cache's: not closed here
+            # The cache's (not closed here). A worker with scratch builds its own ruleset over its
+            # private tmpfs, and its scratch path is unique: caching it would only fill the cache.
+            ruleset = None if self.scratch else rulesets.shared_ruleset(self.plan.landlock)
             if ruleset is not None:
                 fds.append(ruleset)
             try:
@@ -197,6 +198,7 @@ class Spawned:
         uids.release(self.uid)
         self.uid = None
         if self.scratch:
-            # rmtree works on fds and never follows a symlink the worker left behind
-            shutil.rmtree(self.scratch, ignore_errors=True)
+            # The worker's scratch is a tmpfs in its own mount namespace, gone with it: this is
+            # the empty mount point, removed without recursion or following links in any case.
+            cleanup.remove_tree(self.scratch)
             self.scratch = None
