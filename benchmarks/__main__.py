@@ -109,6 +109,9 @@ def extended(pol, q: bool) -> dict:
         "fresh_calls_per_s": fresh_calls.run(pol, q),
         "scale_500": scale.scale_500(pol),
     }
+    numpy_pss = scale.numpy_pss_20()
+    if numpy_pss is not None:
+        out["idle_pss_numpy_20"] = numpy_pss
     try:
         out["health_under_flood"] = health.run(q)
     except ImportError as e:  # httpx/uvicorn missing: the HTTP extra is not installed
@@ -127,7 +130,7 @@ def render_extended(r) -> list[str]:
     lines = []
     real = r.get("start_ms_real", {})
     if real:
-        cols = list(next(iter(real.values())).keys())
+        cols = list(real.get("trivial") or next(iter(real.values())))
         lines += _table("## real plugins: start -> first call -> terminate (p50, ms)", real, cols)
     f = r.get("fresh_calls_per_s")
     if f:
@@ -144,6 +147,8 @@ def render_extended(r) -> list[str]:
         lines += [f"terminate() -> reaped (p50, ms): {r['terminate_ms']['sandbox']}"]
     if "scale_500" in r:
         lines += [f"500 default-policy workers: {r['scale_500']}"]
+    if "idle_pss_numpy_20" in r:
+        lines += [f"idle PSS of numpy workers, 20 alive: {r['idle_pss_numpy_20']}"]
     h = r.get("health_under_flood")
     if h:
         lines += [f"HTTP host /health during a hostile flood: {h}"]
@@ -157,6 +162,9 @@ def extended_checks(r) -> list[tuple]:
     trivial = real.get("trivial", {}).get("sandbox")
     for name, row in real.items():
         if name == "trivial" or trivial is None:
+            continue
+        if "sandbox" not in row:
+            checks.append((f"{name} start (did not start)", False, row.get("failed", "?")[:60]))
             continue
         limit = 3 if name == "numpy" else 2
         ratio = round(row["sandbox"] / trivial, 2)

@@ -64,7 +64,8 @@ def numpy_policy() -> str:
     with open(path, "w") as f:
         f.write(f'extends = "{os.path.join(ROOT, "policies", "default.toml")}"\n'
                 '[limits]\nprocesses = 8\nmemory_mb = 2048\n'
-                '[python]\npreload = ["numpy"]\n[seccomp]\ngroups = ["@threads"]\n')
+                '[python]\npreload = ["numpy"]\n[seccomp]\ngroups = ["@threads"]\n'
+                '[environment]\nset = { OPENBLAS_NUM_THREADS = "1", OMP_NUM_THREADS = "1" }\n')
     return path
 
 
@@ -128,9 +129,11 @@ def _pool_once(path, fn, args) -> float:
     return time.perf_counter() - t
 
 
-def _pool_rows(n: int) -> dict:
+def _pool_rows(n: int, skip: list[str]) -> dict:
     out = {}
     for name, (path, _, fn, args) in plugins().items():
+        if name in skip:
+            continue
         ts = [_pool_once(path, fn, args) for _ in range(n + 1)][1:]
         out[name] = round(p50(ts) * 1000, 2)
     return out
@@ -148,16 +151,22 @@ def run(quick: bool) -> dict:
     if shutil.which("bwrap"):
         contenders["bwrap_python"] = lambda name, path, fn, args: _exec_once(
             BWRAP + [PY, "-I", "-c", _snippet(path, fn, args)])
+    failed = {}
+    for name, (path, _, fn, args) in list(table.items()):
+        try:
+            for c, once in contenders.items():
+                once(name, path, fn, args)  # warm the page cache and the zygote
+        except Exception as e:  # noqa: BLE001 - e.g. a preload the host refuses: shown, not fatal
+            failed[name] = {"failed": f"{type(e).__name__}: {e}"[:300]}
+            del table[name]
     samples = {name: {c: [] for c in contenders} for name in table}
-    for name, (path, _, fn, args) in table.items():
-        for c, once in contenders.items():
-            once(name, path, fn, args)  # warm the page cache and the zygote
     for _ in range(n):  # rounds, so that noise hits every contender alike
         for name, (path, _, fn, args) in table.items():
             for c, once in contenders.items():
                 samples[name][c].append(once(name, path, fn, args))
     out = {name: {c: round(p50(v) * 1000, 2) for c, v in row.items()} for name, row in samples.items()}
-    pool = subprocess.run([PY, "-m", "benchmarks.realstart", "--pool", str(n)], capture_output=True, text=True,
+    out.update(failed)
+    pool = subprocess.run([PY, "-m", "benchmarks.realstart", "--pool", str(n), *failed], capture_output=True, text=True,
                           timeout=600, cwd=ROOT)
     if pool.returncode == 0:
         for name, ms in json.loads(pool.stdout).items():
@@ -169,4 +178,4 @@ def run(quick: bool) -> dict:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--pool"]:
-        print(json.dumps(_pool_rows(int(sys.argv[2]))))
+        print(json.dumps(_pool_rows(int(sys.argv[2]), sys.argv[3:])))

@@ -91,3 +91,29 @@ def start_by_policy(n: int) -> dict:
     out = {name: round(p50(v) * 1000, 3) for name, v in samples.items()}
     out.update({name: f"refused: {type(p).__name__}: {p}" for name, p in pols.items() if isinstance(p, Exception)})
     return out
+
+
+def numpy_pss_20(n: int = 20) -> dict | None:
+    """Idle PSS of numpy workers with `n` of them alive (their shared pages are split n ways)."""
+    import importlib.util
+    import sandbox
+    from . import realstart
+    if importlib.util.find_spec("numpy") is None:
+        return None
+    path, pol, fn, args = realstart.plugins()["numpy"]
+    pol = sandbox.Policy.load(pol)
+    workers = []
+    try:
+        for _ in range(n):
+            w = sandbox.Worker(path, policy=pol)
+            w.call(fn, *args)
+            workers.append(w)
+        time.sleep(0.3)
+        pss = [pss_kib(w.pid) for w in workers]
+    except sandbox.SandboxError as e:
+        return {"failed": f"{type(e).__name__}: {e}"[:300]}
+    finally:
+        for w in workers:
+            w.terminate()
+    known = [v for v in pss if v is not None]
+    return {"workers": n, "pss_per_worker_kib": round(sum(known) / len(known)) if known else None}

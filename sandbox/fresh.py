@@ -13,12 +13,13 @@ confines the next one, so that a caller waits for a start only when calls come f
 Every worker is an ordinary `sandbox.Worker` / `sandbox.AsyncWorker` under the same policy (parsed
 and compiled once): the same layers, a uid of its own, the same errors. A plugin that fails to
 load raises the Worker's `LoadError` from the constructor, and from the call that would have used
-a spare whose start failed later.
+a spare whose start failed later. Close it (`close()`, or a `with` block): its spares live until then.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import threading
 
 from ._host.handle import load_policy
@@ -37,15 +38,13 @@ def _spares(value) -> int:
 
 class _Base:
     def __init__(self, worker_py, policy, spares: int, name: str | None, start_timeout: float | None):
-        self.plugin = worker_py
+        self.plugin = os.path.abspath(os.fspath(worker_py))  # every start reads the same file
         self.policy = load_policy(policy)  # parsed and compiled once, shared by every worker
         self.spares = _spares(spares)
         self._options = {"name": name, "start_timeout": start_timeout}
-        self._ready: collections.deque = collections.deque()  # started Workers, or a start's error
         self._busy: set = set()       # workers answering a call now
         self._closed = False
         self.calls = 0                # calls handed to a worker (each in a process of its own)
-        self.started = 0              # workers started, the first included
 
     def _closed_error(self) -> WorkerClosed:
         return WorkerClosed(f"fresh worker {self.plugin} is closed")
@@ -63,6 +62,7 @@ class FreshWorker(_Base):
         super().__init__(worker_py, policy, spares, name, start_timeout)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
+        self._ready: collections.deque = collections.deque()  # started Workers, or a start's error
         self._retire: collections.deque = collections.deque()  # used workers, to kill and reap
         self._threads: list[threading.Thread] = []
         self._starting = 0  # starts in flight
@@ -135,9 +135,7 @@ class FreshWorker(_Base):
 
     # ---- background -------------------------------------------------------------------------
     def _start_one(self) -> Worker:
-        w = Worker(self.plugin, policy=self.policy, **self._options)
-        self.started += 1
-        return w
+        return Worker(self.plugin, policy=self.policy, **self._options)
 
     def _keep_ready(self) -> None:
         """One start in flight at a time, whenever fewer than `spares` are ready or starting."""
@@ -243,7 +241,7 @@ class AsyncFreshWorker(_Base):
     # ---- inside -----------------------------------------------------------------------------
     async def _begin(self) -> None:
         if self._queue is not None:
-            raise RuntimeError("this AsyncFreshWorker was already started")
+            raise UsageError("this AsyncFreshWorker was already started")
         self._queue = asyncio.Queue()
         self._slots = asyncio.Semaphore(self.spares)
         await self._slots.acquire()
@@ -253,9 +251,7 @@ class AsyncFreshWorker(_Base):
             self._spawn(self._keep_ready())
 
     async def _start_one(self) -> AsyncWorker:
-        w = await AsyncWorker.start(self.plugin, self.policy, **self._options)
-        self.started += 1
-        return w
+        return await AsyncWorker.start(self.plugin, self.policy, **self._options)
 
     async def _take(self) -> AsyncWorker:
         if self._closed or self._queue is None:
