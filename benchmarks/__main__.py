@@ -137,6 +137,7 @@ def render_extended(r) -> list[str]:
         lines += ["", "## a fresh process per call, trivial function, one caller (calls/s)", "",
                   "| how | calls/s |", "|---|---:|",
                   f"| sandbox FreshWorker (spares={f['sandbox_fresh_best_spares']}) | {f['sandbox_fresh']} |",
+                  f"| sandbox AsyncFreshWorker (same spares) | {f['sandbox_fresh_async']} |",
                   f"| subprocess `python -I -c` | {f['subprocess_python']} |",
                   f"| exec per call, codejail-style (`python -I -S`) | {f['exec_per_call']} |", "",
                   f"FreshWorker by spares: {f['sandbox_fresh_by_spares']}; one cycle, sequential p50: "

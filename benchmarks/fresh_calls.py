@@ -2,7 +2,8 @@
 
 Three ways, each driven by one caller, one call after the other:
 - sandbox_fresh: `sandbox.fresh.FreshWorker` (a confined worker per call, the next one started
-  in the background while the current call runs), for a few `spares` settings;
+  in the background while the current call runs), for a few `spares` settings; and
+  `AsyncFreshWorker` at the best of them;
 - subprocess_python: `python -I -c <snippet>` per call (the snippet imports nothing);
 - exec_per_call: codejail-style: the snippet written to a fresh temp dir, `python -I -S -B` run
   there with the input as JSON on stdin and the result read as JSON from stdout.
@@ -61,6 +62,22 @@ def ours_rate(pol, spares: int, seconds: float, cpu: dict | None = None) -> floa
     return rate
 
 
+def ours_async_rate(pol, spares: int, seconds: float) -> float:
+    import asyncio
+    from sandbox.fresh import AsyncFreshWorker
+
+    async def main():
+        async with AsyncFreshWorker(ours.PLUGIN, policy=pol, spares=spares) as fw:
+            for _ in range(10):
+                await fw.call("ping")
+            n, t = 0, time.perf_counter()
+            while n < 50 or time.perf_counter() - t < seconds:
+                await fw.call("ping")
+                n += 1
+            return round(n / (time.perf_counter() - t), 1)
+    return asyncio.run(main())
+
+
 def subprocess_call():
     out = subprocess.run([PY, "-I", "-c", SNIPPET + "print(ping())"], capture_output=True, check=True)
     assert out.stdout.strip() == b"pong"
@@ -105,6 +122,7 @@ def run(pol, quick: bool) -> dict:
         "sandbox_fresh": by_spares[best],
         "sandbox_fresh_best_spares": int(best),
         "sandbox_fresh_by_spares": by_spares,
+        "sandbox_fresh_async": ours_async_rate(pol, int(best), seconds),
         "subprocess_python": _rate(subprocess_call, seconds / 2, 10),
         "exec_per_call": _rate(exec_call, seconds / 2, 10),
         "breakdown_ms": where_time_goes(pol, 100 if quick else 400),

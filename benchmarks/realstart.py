@@ -60,8 +60,9 @@ def plugins() -> dict:
 
 def numpy_policy() -> str:
     """numpy's BLAS starts threads: the policy preloads it and allows threads."""
-    path = os.path.join(HERE, "plugins", "numpy_plugin", "policy.toml")
-    with open(path, "w") as f:
+    import tempfile
+    fd, path = tempfile.mkstemp(prefix="bench-numpy-", suffix=".toml")  # the tree may be read-only
+    with os.fdopen(fd, "w") as f:
         f.write(f'extends = "{os.path.join(ROOT, "policies", "default.toml")}"\n'
                 '[limits]\nprocesses = 8\nmemory_mb = 2048\n'
                 '[python]\npreload = ["numpy"]\n[seccomp]\ngroups = ["@threads"]\n'
