@@ -118,20 +118,29 @@ class FreshWorker(_Base):
 
     # ---- the caller's side ------------------------------------------------------------------
     def _take(self) -> Worker:
+        skipped = False
         with self._lock:
-            while not self._ready:
+            while True:
+                while not self._ready:
+                    if self._closed:
+                        raise self._closed_error()
+                    self._changed.wait()
                 if self._closed:
                     raise self._closed_error()
-                self._changed.wait()
-            if self._closed:
-                raise self._closed_error()
-            got = self._ready.popleft()
-            self._changed.notify_all()  # a starter may start the next one now
-            if isinstance(got, BaseException):
-                raise got
-            self._busy.add(got)
-            self.calls += 1
-            return got
+                got = self._ready.popleft()
+                self._changed.notify_all()  # a starter may start the next one now
+                if isinstance(got, BaseException):
+                    raise got
+                if not got.alive and not skipped:
+                    # A spare that died while it waited (killed from outside, a limit) never saw a
+                    # call: its death is not this call's error. Once only, so that spares that always
+                    # die still end in the worker's own error rather than in an endless wait.
+                    skipped = True
+                    self._retire.append(got)
+                    continue
+                self._busy.add(got)
+                self.calls += 1
+                return got
 
     # ---- background -------------------------------------------------------------------------
     def _start_one(self) -> Worker:
@@ -254,20 +263,26 @@ class AsyncFreshWorker(_Base):
         return await AsyncWorker.start(self.plugin, self.policy, **self._options)
 
     async def _take(self) -> AsyncWorker:
-        if self._closed or self._queue is None:
-            raise self._closed_error()
-        got = await self._queue.get()
-        if got is None or self._closed:  # close() woke us; pass the wake-up on to the next waiter
-            self._queue.put_nowait(None)
-            if isinstance(got, AsyncWorker):
+        skipped = False
+        while True:
+            if self._closed or self._queue is None:
+                raise self._closed_error()
+            got = await self._queue.get()
+            if got is None or self._closed:  # close() woke us; pass the wake-up on to the next waiter
+                self._queue.put_nowait(None)
+                if isinstance(got, AsyncWorker):
+                    self._spawn(got.terminate())
+                raise self._closed_error()
+            self._slots.release()
+            if isinstance(got, BaseException):
+                raise got
+            if not got.alive and not skipped:  # died while it waited: not this call's error (once)
+                skipped = True
                 self._spawn(got.terminate())
-            raise self._closed_error()
-        self._slots.release()
-        if isinstance(got, BaseException):
-            raise got
-        self._busy.add(got)
-        self.calls += 1
-        return got
+                continue
+            self._busy.add(got)
+            self.calls += 1
+            return got
 
     async def _keep_ready(self) -> None:
         while True:

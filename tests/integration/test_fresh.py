@@ -155,12 +155,16 @@ def test_arguments_and_keywords_reach_the_plugin(fresh):
     assert fw.invoke("echo", (5,), {"k": "v"}, timeout=5) == [5, {"k": "v"}]
 
 
+class _Pids(list):
+    workers: list
+
+
 @pytest.fixture
 def started_pids(monkeypatch):
     """The pid of every worker the fresh workers start in this test (spares included). The
     workers are kept referenced too, so that a leak cannot hide behind garbage collection."""
     import sandbox.fresh as fresh_mod
-    pids = []
+    pids = _Pids()
     kept = []
 
     class RecordingWorker(fresh_mod.Worker):
@@ -181,6 +185,7 @@ def started_pids(monkeypatch):
 
     monkeypatch.setattr(fresh_mod, "Worker", RecordingWorker)
     monkeypatch.setattr(fresh_mod, "AsyncWorker", RecordingAsyncWorker)
+    pids.workers = kept
     return pids
 
 
@@ -221,6 +226,19 @@ def test_close_during_a_call_ends_the_call_and_leaves_no_process(fresh, started_
     t.join(timeout=30)
     assert not t.is_alive() and isinstance(outcome[0], SandboxError), outcome
     assert set(started_pids) & set(children_of(zygote)) == set()
+
+
+def test_a_spare_that_died_while_waiting_is_skipped(fresh, started_pids):
+    import signal
+    fw = fresh(spares=1)
+    spare = started_pids.workers[0]  # started by the constructor, not yet used
+    os.kill(spare.pid, signal.SIGKILL)  # our own worker, by its pid
+    for _ in range(1000):  # until the host has seen it die (the reap reaches it through the zygote)
+        if not spare.alive:
+            break
+        threading.Event().wait(0.01)
+    assert not spare.alive
+    assert fw.call("count") == 1
 
 
 def test_calls_after_close_raise_worker_closed(fresh):
