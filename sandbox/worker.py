@@ -405,7 +405,8 @@ class Worker(WorkerHandle):
                 return
             if fd == self._listener:
                 self._on_violation()
-                self._await_status()
+                if self._reason is not None:  # killed for it; a stale or hang-up wake-up kills nothing
+                    self._await_status()
             elif fd == self._fds.get("status"):
                 self._read_frames(())
                 self._on_status()

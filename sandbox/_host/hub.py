@@ -25,7 +25,7 @@ class Hub:
     def watch(self, fd: int, handler, oneshot: bool = True, armed: bool = True) -> None:
         with self._lock:
             self._handlers[fd] = handler
-            self._ep.register(fd, (ONESHOT if oneshot else select.EPOLLIN) if armed else 0)
+            self._ep.register(fd, (ONESHOT if oneshot else select.EPOLLIN) if armed else select.EPOLLONESHOT)
 
     def arm(self, fd: int) -> None:
         try:
@@ -35,7 +35,7 @@ class Hub:
 
     def disarm(self, fd: int) -> None:
         try:
-            self._ep.modify(fd, 0)
+            self._ep.modify(fd, select.EPOLLONESHOT)
         except (OSError, ValueError):
             pass
 

@@ -4,6 +4,7 @@ The worker's filter answers forbidden syscalls with SECCOMP_RET_USER_NOTIF; the 
 handed to us before the plugin loaded, so only the host can see (and never approves) them.
 """
 import fcntl
+import select
 import struct
 
 SECCOMP_IOCTL_NOTIF_RECV = 0xC0502100
@@ -13,6 +14,13 @@ _names: dict[int, str] = {}
 
 def receive(listener_fd: int):
     """Return (pid, syscall_nr, args) of one pending notification, or None if none is pending."""
+    # NOTIF_RECV ignores O_NONBLOCK: with no notification pending and the worker alive it blocks
+    # until the worker makes a forbidden syscall, i.e. possibly forever. A wake-up can be stale
+    # (epoll reported a closed fd whose number a new worker's listener now has), so ask first.
+    p = select.poll()
+    p.register(listener_fd, select.POLLIN)
+    if not any(ev & select.POLLIN for _, ev in p.poll(0)):
+        return None
     buf = bytearray(_NOTIF.size)
     try:
         fcntl.ioctl(listener_fd, SECCOMP_IOCTL_NOTIF_RECV, buf, True)
