@@ -25,7 +25,7 @@ def _runtime_read():
 
 def build(policy, plugin: str, module_name: str, uid: int | None, scratch: str | None) -> dict:
     lim = policy.limits
-    own_userns = uid is None and lim.processes > 0
+    own_userns = uid is None and lim.tasks > 0
     rlimits = {
         "core": 0,
         "cpu": lim.cpu_seconds,
@@ -35,7 +35,7 @@ def build(policy, plugin: str, module_name: str, uid: int | None, scratch: str |
         # Counted per uid (and user namespace): a real per-worker cap because each worker has a
         # uid of its own (root host) or a user namespace of its own (unprivileged host, threads
         # or processes allowed). Without either, seccomp allows no new task at all.
-        "nproc": (lim.processes + 1) if uid is not None or own_userns else None,
+        "nproc": (lim.tasks + 1) if uid is not None or own_userns else None,
     }
     fs = policy.filesystem
     read = list(_runtime_read()) + [os.path.dirname(plugin)] + list(fs.read_only)
@@ -48,7 +48,7 @@ def build(policy, plugin: str, module_name: str, uid: int | None, scratch: str |
         "uid": uid,
         "gid": uid,
         "rlimits": rlimits,
-        "env": policy.environment(dict(os.environ)),
+        "env": policy.environment(dict(os.environ), scratch=scratch),
         "preload": list(policy.preload),
         "landlock": {"read": read, "write": write, "network": bool(policy.network.allow),
                      "abstract_unix": bool(policy.network.allow) and "unix" in families},

@@ -18,8 +18,14 @@ def read_file(path: str) -> dict:
         raise PolicyError("is a directory, not a policy file", path) from None
     except PermissionError as e:
         raise PolicyError(f"cannot read: {e.strerror}", path) from None
+    except OSError as e:
+        raise PolicyError(f"cannot read: {e.strerror or e}", path) from None
     except tomllib.TOMLDecodeError as e:
         raise PolicyError(f"not valid TOML: {e}", path) from None
+    except UnicodeDecodeError:
+        raise PolicyError("not valid TOML: not UTF-8 text", path) from None
+    except (ValueError, RecursionError, MemoryError) as e:  # e.g. a NUL in the path, absurd nesting
+        raise PolicyError(f"cannot read: {type(e).__name__}: {e}"[:300], path) from None
     return schema.validate(data, path)
 
 
