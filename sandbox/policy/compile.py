@@ -89,6 +89,7 @@ def effective(sec: dict, network: dict, grants: dict, path) -> dict:
     plain, group_rules, group_answers = expand(groups)
     rules = [(s, list(w), "seccomp.groups") for s, w in group_rules]
     for i, r in enumerate(sec["rule"]):
+        check_name(r["syscall"], path, f"seccomp.rule[{i + 1}]")
         rules.append((r["syscall"], r["when"], f"seccomp.rule[{i + 1}]"))
     if network["allow"]:
         for fam in network["families"]:
@@ -167,14 +168,18 @@ def facts(eff: dict, network: dict) -> dict:
     allow = set(eff["allow"])
     clone_rules = [atoms for s, atoms, _ in eff["rules"] if s == "clone"]
 
-    def thread_only(atoms):
+    def thread_only(atoms):  # the rule demands CLONE_THREAD set
         return any(a.arg == 0 and ((a.op == "&" and a.mask & a.value & CLONE_THREAD)
                                    or (a.op == "==" and a.value & CLONE_THREAD)) for a in atoms)
+
+    def never_thread(atoms):  # the rule demands CLONE_THREAD clear
+        return any(a.arg == 0 and ((a.op == "&" and a.mask & CLONE_THREAD and not a.value & CLONE_THREAD)
+                                   or (a.op == "==" and not a.value & CLONE_THREAD)) for a in atoms)
 
     may_fork = (bool(PROCESS_CALLS & allow) or "clone" in allow
                 or any(s in PROCESS_CALLS for s, _, _ in eff["rules"])
                 or any(not thread_only(atoms) for atoms in clone_rules))
-    may_thread = "clone" in allow or "clone3" in allow or bool(clone_rules)
+    may_thread = "clone" in allow or "clone3" in allow or any(not never_thread(a) for a in clone_rules)
     return {"may_fork": may_fork, "may_thread": may_thread, "may_network": bool(network["allow"])}
 
 

@@ -1,5 +1,6 @@
 """Read policy files: TOML, `extends` chains (cycles refused), per-file validation."""
 import os
+import stat
 import tomllib
 
 from ..errors import PolicyError
@@ -8,10 +9,27 @@ from . import schema
 SHIPPED_DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.toml")
 
 
+MAX_POLICY_BYTES = 1 << 20  # a policy is a page of text; anything bigger is a mistake
+
+
+def _read_bytes(path: str) -> bytes:
+    """The file's bytes: a regular file only (a FIFO or a device would block or never end)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise PolicyError("not a regular file", path)
+        if st.st_size > MAX_POLICY_BYTES:
+            raise PolicyError(f"larger than {MAX_POLICY_BYTES} bytes: not a policy file", path)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(MAX_POLICY_BYTES + 1)
+    finally:
+        os.close(fd)
+
+
 def read_file(path: str) -> dict:
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        data = tomllib.loads(_read_bytes(path).decode("utf-8"))
     except FileNotFoundError:
         raise PolicyError("policy file not found", path) from None
     except IsADirectoryError:

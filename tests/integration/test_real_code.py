@@ -1,0 +1,183 @@
+"""Real standard-library code under the shipped default: each probe real code makes works, or
+fails with the ordinary Python error it would get on a read-only, terminal-less, single-task
+machine; none kills the worker. Every test runs a real worker."""
+import errno
+import os
+
+import pytest
+
+import sandbox
+from sandbox.policy import Policy
+
+pytestmark = pytest.mark.unpriv
+
+PLUGIN = """
+    import os
+
+    def run(code):
+        ns = {}
+        exec(code, ns)
+        return ns.get("result")
+"""
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    d = tmp_path_factory.mktemp("real")
+    os.chmod(d, 0o755)
+    os.chmod(d.parent, 0o755)
+    return d
+
+
+def _plugin(folder, policy_text=""):
+    import textwrap
+    name = f"p{abs(hash(policy_text))}"
+    pdir = folder / name
+    if not pdir.exists():
+        pdir.mkdir(mode=0o755)
+        (pdir / "worker.py").write_text(textwrap.dedent(PLUGIN))
+        os.chmod(pdir / "worker.py", 0o644)
+        (folder / f"{name}.toml").write_text(f'extends = "default"\n{textwrap.dedent(policy_text)}')
+    return str(pdir / "worker.py"), str(folder / f"{name}.toml")
+
+
+@pytest.fixture(scope="module")
+def default_worker(folder):
+    path, _ = _plugin(folder)
+    with sandbox.Worker(path, policy=Policy.default()) as w:
+        yield w
+
+
+def run(worker, code):
+    return worker.invoke("run", (code,), timeout=30)
+
+
+@pytest.mark.parametrize("code,expected", [
+    ("import sysconfig; result = sysconfig.get_paths()['stdlib'] != ''", True),
+    ("import zoneinfo, datetime; z = zoneinfo.ZoneInfo('Europe/Paris'); "
+     "result = datetime.datetime(2024, 7, 1, tzinfo=z).utcoffset().total_seconds()", 7200.0),
+    ("import getpass; result = getpass.getuser()", "sandbox"),
+    ("import os; result = os.path.expanduser('~')", "/nonexistent"),
+    ("import shutil; result = list(shutil.get_terminal_size())", [80, 24]),
+    ("import asyncio\nasync def f():\n    await asyncio.sleep(0.01)\n    return 7\nresult = asyncio.run(f())", 7),
+    ("import os\nr, w = os.pipe()\nos.write(w, b'x')\nresult = os.read(r, 1).decode()", "x"),
+    ("import socket\na, b = socket.socketpair()\na.send(b'hi')\nresult = b.recv(2).decode()", "hi"),
+])
+def test_standard_library_works_as_outside(default_worker, code, expected):
+    assert run(default_worker, code) == expected
+
+
+def test_alarm_and_setitimer_signal_the_worker_itself(default_worker):
+    code = """
+import signal, time
+hits = []
+signal.signal(signal.SIGALRM, lambda *a: hits.append(1))
+signal.setitimer(signal.ITIMER_REAL, 0.01)
+deadline = time.monotonic() + 5
+while not hits and time.monotonic() < deadline:
+    time.sleep(0.005)
+signal.alarm(0)
+result = len(hits)
+"""
+    assert run(default_worker, code) == 1
+
+
+def test_limits_can_be_read_and_lowered_never_raised(default_worker):
+    code = """
+import resource
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft - 1, hard - 1))
+try:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raised = True
+except (ValueError, OSError):
+    raised = False
+result = [soft, resource.getrlimit(resource.RLIMIT_NOFILE)[0], raised]
+"""
+    soft, lowered, raised = run(default_worker, code)
+    assert lowered == soft - 1 and raised is False
+
+
+@pytest.mark.parametrize("code,expected", [
+    # OpenBLAS's NUMA placement: EPERM, as Docker answers it
+    ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+     "result = [libc.syscall(237, 0, 4096, 0, 0, 0, 0), ctypes.get_errno()]", [-1, errno.EPERM]),
+    # the terminal size: no terminal here
+    ("import fcntl, termios\ntry:\n    fcntl.ioctl(0, termios.TIOCGWINSZ, b'\\0' * 8)\n    result = 'tty'\n"
+     "except OSError as e:\n    result = e.errno", errno.ENOTTY),
+    # a write open where nothing is writable: a read-only file system
+    ("try:\n    open('/tmp/sandbox-should-not-exist', 'w')\nexcept OSError as e:\n    result = e.errno", errno.EROFS),
+    ("import os\ntry:\n    os.makedirs('/tmp/sandbox-nope/x')\nexcept OSError as e:\n    result = e.errno", errno.EROFS),
+    # the user database: glibc's nscd socket refused, the files unreadable -> KeyError, not a kill
+    ("import pwd, os\ntry:\n    pwd.getpwuid(os.getuid())\n    result = 'found'\nexcept KeyError:\n    result = 'KeyError'",
+     "KeyError"),
+    # no temporary directory without scratch: tempfile says so
+    ("import tempfile\ntry:\n    tempfile.gettempdir()\nexcept FileNotFoundError:\n    result = 'none'", "none"),
+])
+def test_probes_get_an_errno_not_a_kill(default_worker, code, expected):
+    assert run(default_worker, code) == expected
+    assert run(default_worker, "result = 1") == 1  # and the worker lives on
+    assert not os.path.exists("/tmp/sandbox-should-not-exist") and not os.path.exists("/tmp/sandbox-nope")
+
+
+def test_environment_without_and_with_scratch(folder, default_worker):
+    env = run(default_worker, "import os; result = dict(os.environ)")
+    assert env["HOME"] == "/nonexistent" and env["USER"] == env["LOGNAME"] == "sandbox"
+    assert env["OPENBLAS_NUM_THREADS"] == env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "1"
+    assert "TMPDIR" not in env
+    path, policy = _plugin(folder, "[filesystem]\nscratch = true\n[limits]\nfile_size_mb = 1\nthreads = 2\n")
+    with sandbox.Worker(path, policy=policy) as w:
+        env = run(w, "import os; result = dict(os.environ)")
+        assert env["TMPDIR"] == env["HOME"] and os.path.basename(env["HOME"]).startswith("sandbox-")
+        assert "OPENBLAS_NUM_THREADS" not in env  # threads granted: the libraries pick their own
+        got = run(w, "import tempfile, os\nwith tempfile.NamedTemporaryFile(dir=None) as f:\n"
+                     "    f.write(b'x'); f.flush()\n    result = [tempfile.gettempdir(), os.path.dirname(f.name)]")
+        assert got == [env["TMPDIR"], env["TMPDIR"]]
+
+
+def test_threads_granted_and_fork_answered_eperm(folder):
+    """'threads yes, fork gets EPERM': the errno covers what the thread rule leaves out."""
+    path, policy = _plugin(folder, '[limits]\nthreads = 2\n[seccomp]\nerrno = { clone = "EPERM", vfork = "EPERM" }\n')
+    code = """
+import os, threading
+box = []
+t = threading.Thread(target=lambda: box.append(threading.get_ident()))
+t.start(); t.join()
+try:
+    os.fork()
+    forked = 'forked'
+except PermissionError:
+    forked = 'EPERM'
+result = [len(box), forked]
+"""
+    with sandbox.Worker(path, policy=policy) as w:
+        assert run(w, code) == [1, "EPERM"]
+        assert run(w, "result = 2") == 2
+
+
+def test_processes_grant_fork_but_never_a_namespace(folder):
+    path, policy = _plugin(folder, "[limits]\nprocesses = 2\n")
+    fork = "import os\npid = os.fork()\nif pid == 0:\n    os._exit(7)\nresult = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])"
+    newuser = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+               "result = libc.syscall(56, 0x10000000 | 17, 0, 0, 0, 0)")  # clone(CLONE_NEWUSER|SIGCHLD)
+    with sandbox.Worker(path, policy=policy) as w:
+        assert run(w, fork) == 7
+    with sandbox.Worker(path, policy=policy) as w:
+        with pytest.raises(sandbox.PolicyViolation) as ei:
+            run(w, newuser)
+        assert ei.value.syscall == "clone"
+    assert Policy.load(policy).may_fork and not Policy.load(policy).may_thread
+
+
+def test_file_attributes_need_their_own_group(folder):
+    chmod = ("import os, tempfile\nfd, p = tempfile.mkstemp()\nos.close(fd)\nos.chmod(p, 0o600)\n"
+             "result = oct(os.stat(p).st_mode & 0o777)")
+    path, policy = _plugin(folder, "[filesystem]\nscratch = true\n[limits]\nfile_size_mb = 1\n")
+    with sandbox.Worker(path, policy=policy) as w:
+        with pytest.raises(sandbox.PolicyViolation) as ei:
+            run(w, chmod)
+        assert ei.value.syscall in ("chmod", "fchmodat")
+    path, policy = _plugin(folder, '[filesystem]\nscratch = true\n[limits]\nfile_size_mb = 1\n'
+                                   '[seccomp]\ngroups = ["@file-attributes"]\n')
+    with sandbox.Worker(path, policy=policy) as w:
+        assert run(w, chmod) == "0o600"
