@@ -26,8 +26,8 @@ MODULES = [
     "test_binascii", "test_random", "test_ipaddress", "test_zlib", "test_calendar", "test_html",
     "test_copy", "test_pprint", "test_graphlib", "test_fnmatch",
 ]
-QUICK = ["test_math", "test_fractions", "test_bisect", "test_heapq", "test_base64", "test_html",
-         "test_graphlib"]
+QUICK = ["test_math", "test_fractions", "test_bisect", "test_heapq", "test_string", "test_html",
+         "test_operator"]
 
 LIMITS = """
 [limits]

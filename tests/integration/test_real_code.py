@@ -181,3 +181,49 @@ def test_file_attributes_need_their_own_group(folder):
                                    '[seccomp]\ngroups = ["@file-attributes"]\n')
     with sandbox.Worker(path, policy=policy) as w:
         assert run(w, chmod) == "0o600"
+
+
+# Third-party libraries: import and a small real task under the plain default. Pillow, Jinja2 and
+# Markdown come with the examples' extras; the others run where they are installed.
+LIBRARIES = {
+    "PIL": ("from PIL import Image; import io; im = Image.new('RGB', (64, 64), 'red'); im.thumbnail((8, 8)); "
+            "b = io.BytesIO(); im.save(b, 'PNG'); result = list(im.size)", [8, 8]),
+    "jinja2": ("import jinja2; result = jinja2.Environment().from_string('{{ x * 2 }}').render(x=21)", "42"),
+    "markdown": ("import markdown; result = markdown.markdown('# hi *there*')", "<h1>hi <em>there</em></h1>"),
+    "numpy": ("import numpy as np; a = np.arange(12.0).reshape(3, 4); result = float((a @ a.T).trace())", 506.0),
+    "pandas": ("import pandas as pd; df = pd.DataFrame({'a': [1, 2, 3], 'b': ['x', 'y', 'x']}); "
+               "result = df.groupby('b').a.sum().to_dict()", {"x": 4, "y": 2}),
+    "scipy": ("import scipy.optimize as o; result = round(float(o.minimize_scalar(lambda x: (x - 2) ** 2).x), 4)", 2.0),
+    "pydantic": ("from pydantic import BaseModel\nclass M(BaseModel):\n    x: int\nresult = M(x='3').model_dump()",
+                 {"x": 3}),
+    "lxml": ("from lxml import etree; result = [b.text for b in etree.fromstring('<a><b>1</b><b>2</b></a>')]",
+             ["1", "2"]),
+    "sympy": ("import sympy as s; x = s.symbols('x'); result = str(s.integrate(x ** 2, x))", "x**3/3"),
+    "regex": ("import regex; result = regex.findall(r'\\p{L}+', 'h\u00e9llo w\u00f6rld')", ["h\u00e9llo", "w\u00f6rld"]),
+    "orjson": ("import orjson; result = orjson.loads(orjson.dumps({'a': [1, 2.5]}))", {"a": [1, 2.5]}),
+    "cryptography": ("from cryptography.fernet import Fernet; f = Fernet(Fernet.generate_key()); "
+                     "result = f.decrypt(f.encrypt(b'hi')).decode()", "hi"),
+}
+
+
+@pytest.mark.parametrize("module", list(LIBRARIES))
+def test_third_party_library_under_the_default(folder, module):
+    pytest.importorskip(module)
+    code, expected = LIBRARIES[module]
+    path, _ = _plugin(folder)
+    with sandbox.Worker(path, policy=Policy.default()) as w:  # a fresh worker: each import from scratch
+        assert run(w, code) == expected
+
+
+def test_cpython_suite_quick_subset_completes_and_matches_outside():
+    """A few modules of the interpreter's own Lib/test, inside the default (kill mode) and outside."""
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    from tests import cpython_suite as cs
+    if not cs.stdlib_tests_present():
+        pytest.skip("this interpreter ships no Lib/test")
+    rows = cs.run(cs.QUICK, modes=("kill",))
+    for row in rows:
+        inside, outside = row["kill"], row["outside"]
+        assert "killed" not in inside and "error" not in inside, row
+        assert inside["run"] == outside["run"] > 0 and inside["differs"] == [], row
