@@ -227,3 +227,17 @@ def test_cpython_suite_quick_subset_completes_and_matches_outside():
         inside, outside = row["kill"], row["outside"]
         assert "killed" not in inside and "error" not in inside, row
         assert inside["run"] == outside["run"] > 0 and inside["differs"] == [], row
+
+
+def test_deny_mode_fails_calls_and_still_kills_the_dangerous(folder):
+    path, policy = _plugin(folder, '[seccomp]\ndefault_action = "deny"\n')
+    sock = "import socket\ntry:\n    socket.socket()\nexcept OSError as e:\n    result = e.errno"
+    thread = ("import threading\ntry:\n    threading.Thread(target=print).start()\nexcept RuntimeError as e:\n"
+              "    result = str(e)")
+    ptrace = "import ctypes\nresult = ctypes.CDLL(None).syscall(101, 16, 1, 0, 0)"  # PTRACE_ATTACH init
+    with sandbox.Worker(path, policy=policy) as w:
+        assert run(w, sock) == errno.EPERM
+        assert run(w, thread) == "can't start new thread"
+        with pytest.raises(sandbox.SandboxError) as ei:
+            run(w, ptrace)
+        assert not isinstance(ei.value, sandbox.PluginError)  # the worker is gone, not answered
