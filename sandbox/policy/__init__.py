@@ -127,9 +127,9 @@ class Policy:
                                deny_errno=_compile.errno_value(sec["default_errno"]),
                                max_denials_per_call=sec["max_denials"], groups=tuple(sec["groups"]),
                                allowed=tuple(self._effective["allow"]), errno=dict(sec["errno"]))
-        # Compiled now, both ways: a policy that loads is a policy every worker can install.
-        self._bpf: dict[bool, bytes] = {n: _compile.build_bpf(self._effective, action, sec["default_errno"],
-                                                              n, path) for n in (True, False)}
+        # Compiled now: a policy that loads is a policy every worker can install. The variant
+        # without a listener differs only in its default action; it is compiled on first use.
+        self._bpf: dict[bool, bytes] = {True: self._compile(True)}
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -180,8 +180,16 @@ class Policy:
         env.update(self._tables["environment"]["set"])
         return env
 
+    def _compile(self, notify: bool) -> bytes:
+        return _compile.build_bpf(self._effective, self.seccomp.default_action, self.seccomp.default_errno,
+                                  notify, self.path)
+
     def bpf(self, notify: bool = True) -> bytes:
-        return self._bpf[bool(notify)]
+        notify = bool(notify)
+        prog = self._bpf.get(notify)
+        if prog is None:
+            prog = self._bpf[notify] = self._compile(notify)
+        return prog
 
     def explain(self) -> dict:
         t = self._tables

@@ -8,11 +8,11 @@ import time
 import unittest
 
 
-def _ids(pairs, limit=20):
+def _ids(pairs, limit=200):
     return [test.id() if hasattr(test, "id") else str(test) for test, _ in pairs][:limit]
 
 
-def _reason(pairs, limit=5):
+def _reason(pairs, limit=200):
     out = []
     for test, text in pairs[:limit]:
         last = text.strip().splitlines()[-1] if text.strip() else ""
