@@ -162,7 +162,7 @@ class AsyncWorker(WorkerHandle):
             raise RuntimeError("this AsyncWorker was already started")
         loop = self._loop = asyncio.get_running_loop()
         self._dead = loop.create_future()
-        self._sp = sp = Spawned(self.policy, self.plugin, self.name)  # the zygote's fork: ~1 ms
+        self._sp = sp = Spawned(self.policy, self.plugin, self.name, self._start_timeout)  # the zygote's fork: ~1 ms
         self.pid, self._pidfd, self._fds = sp.pid, sp.pidfd, sp.fds
         fds = self._fds
         loop.add_reader(fds["log"], self._on_log)
@@ -175,7 +175,8 @@ class AsyncWorker(WorkerHandle):
         self._want = (S.READY,)
         timer = loop.call_later(self._start_timeout, self._on_start_timeout, fut)
         try:
-            await fut
+            _, ready = await fut
+            self.exports = S.exports_of(ready)
         except asyncio.CancelledError:
             self._kill(WorkerClosed(f"the start of worker {self.name} was cancelled"))
             raise
@@ -184,7 +185,7 @@ class AsyncWorker(WorkerHandle):
             self._waiter = None
             self._want = ()
         self._on_handoff()
-        if sp.plan["notify"] and self._listener is None:
+        if sp.plan.notify and self._listener is None:
             self._kill(ConfinementError("the worker did not hand over its seccomp listener", layer="seccomp"))
             await asyncio.shield(self._dead)
             raise self.death
@@ -267,7 +268,11 @@ class AsyncWorker(WorkerHandle):
             data = b""
         if self._reason is None:
             self._read_frames(-1)  # what it wrote before dying still counts
-        self._finalize(STATUS.unpack(data)[1] if len(data) == STATUS.size else None)
+        status = STATUS.unpack(data)[1] if len(data) == STATUS.size else None
+        if self._reason is None and self._sp is not None:
+            self._on_handoff()  # a confinement failure, reported there, names the step
+            self._reason = self._sp.end_reason(status)
+        self._finalize(status)
 
     def _on_log(self):
         fd = self._fds.get("log")

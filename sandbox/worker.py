@@ -128,7 +128,7 @@ class Worker(WorkerHandle):
 
     # ---- start ------------------------------------------------------------------------------
     def _start(self, start_timeout):
-        self._sp = sp = Spawned(self.policy, self.plugin, self.name)
+        self._sp = sp = Spawned(self.policy, self.plugin, self.name, start_timeout)
         self.pid, self._pidfd, self._fds = sp.pid, sp.pidfd, sp.fds
         hub = _hub.get()
         hub.watch(self._fds["log"], self._on_log, oneshot=False)
@@ -138,12 +138,13 @@ class Worker(WorkerHandle):
             self._handoff_fd = sp.handoff.fileno()
             self._get_poller().register(self._handoff_fd, select.POLLIN)
             try:
-                self._pump(None, time.monotonic() + start_timeout, start_timeout,
-                           want=(S.READY,), starting=True)
+                _, ready = self._pump(None, time.monotonic() + start_timeout, start_timeout,
+                                      want=(S.READY,), starting=True)
+                self.exports = S.exports_of(ready)
             finally:
                 if self._handoff_fd is not None:
                     self._take_listener()
-            if sp.plan["notify"] and self._listener is None:
+            if sp.plan.notify and self._listener is None:
                 self._kill(ConfinementError("the worker did not hand over its seccomp listener", layer="seccomp"))
                 self._await_status()
                 raise self._ended()
@@ -353,6 +354,10 @@ class Worker(WorkerHandle):
         except (BlockingIOError, KeyError):
             return
         status = STATUS.unpack(data)[1] if len(data) == STATUS.size else None
+        if self._reason is None and self._sp is not None:
+            if self._handoff_fd is not None:
+                self._take_listener()  # a confinement failure, reported there, names the step
+            self._reason = self._sp.end_reason(status)
         self._finalize(status)
 
     def _await_death(self, limit: float = DEATH_WAIT):

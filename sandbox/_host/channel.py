@@ -132,11 +132,20 @@ def plugin_error(d: dict) -> SandboxError:
     return PluginError(d["type"], d["message"], d["traceback"])
 
 
+MAX_EXPORTS = 10_000
+
+
+def exports_of(ready) -> tuple[str, ...]:
+    """The names a READY frame says the plugin exports (the worker refuses calls to others)."""
+    names = ready.get("exports") if isinstance(ready, dict) else None
+    if not isinstance(names, list) or len(names) > MAX_EXPORTS:
+        return ()
+    return tuple(n for n in names if isinstance(n, str) and len(n) <= 1000)
+
+
 def load_error(d: dict, plugin: str) -> SandboxError:
-    if d["type"] == "ConfinementError":
-        e = ConfinementError(d["message"], layer=d.get("layer"))
-        e.traceback = d["traceback"]
-        return e
+    # A load-error frame comes from the worker's output pipe, which plugin code can write: it is
+    # never a ConfinementError, whatever it calls itself (those come on the handoff socket only).
     return LoadError(d["type"], f"could not load {plugin}: {d['message']}", d["traceback"])
 
 

@@ -56,6 +56,7 @@ class WorkerHandle:
         self._pidfd = None
         self._fds: dict[str, int] = {}
         self._session = S.Session(self.policy.limits.max_message_bytes)
+        self.exports: tuple[str, ...] = ()  # what the plugin lets the host call, from its READY
         self._timeout = self.policy.limits.timeout
         self._start_timeout = start_timeout if start_timeout is not None else max(10.0, self._timeout or 0)
         if not os.path.isfile(self.plugin):

@@ -1,7 +1,7 @@
 """The forked child's confinement: one small named step each, in the order the kernel needs,
 with `STEPS` (the order) right after them. Runs in the forked child only.
 
-Each step takes (plan, state): `plan` is plain data prepared by the host before fork,
+Each step takes (plan, state): `plan` is the typed Plan the host built before fork,
 `state` carries what one step hands to the next. Any exception stops the worker before the
 plugin's first line runs; the serve loop reports which step failed.
 
@@ -24,7 +24,8 @@ import prctl
 
 from . import landlock, seccomp, syscalls as _sys
 
-# Fixed descriptor numbers inside the worker.
+from ..protocol.zygote import FROM_HOST, HANDOFF, STDERR, STDIN, STDOUT, TO_HOST  # noqa: F401 - the fixed numbers
+
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 PR_CAPBSET_READ, PR_CAPBSET_DROP, PR_SET_SECUREBITS = 23, 24, 28
 # NOROOT (+lock), NO_CAP_AMBIENT_RAISE (+lock), and KEEP_CAPS / NO_SETUID_FIXUP locked *off*, so
@@ -35,7 +36,6 @@ try:
         _LAST_CAP = int(_f.read())
 except OSError:
     _LAST_CAP = 40
-STDIN, STDOUT, STDERR, FROM_HOST, TO_HOST, HANDOFF = 0, 1, 2, 3, 4, 5
 RULESET = 6  # a Landlock ruleset prepared by the zygote, closed as soon as it is applied
 
 
@@ -64,13 +64,13 @@ def _dup_high(fd):
 def new_session(plan, state):
     """No controlling terminal (TIOCSTI needs one) and out of the host's process group."""
     os.setsid()
-    os.chdir(plan.get("cwd") or "/")
+    os.chdir(plan.cwd)
 
 
 def clear_environment(plan, state):
     if os.environ:
         os.environ.clear()
-    for key, value in plan["env"].items():
+    for key, value in plan.env.items():
         os.environ[key] = value
 
 
@@ -81,7 +81,7 @@ def own_user_namespace(plan, state):
     per user and namespace). Before the rlimits: the namespace keeps the RLIMIT_NPROC in force
     when it is made as the cap on the levels above, which count the host's processes too.
     Before Landlock: the maps are files in /proc/self."""
-    if not plan.get("own_userns"):
+    if not plan.own_userns:
         return
     uid, gid = os.geteuid(), os.getegid()
     _sys.unshare(_sys.CLONE_NEWUSER)
@@ -94,7 +94,7 @@ def own_user_namespace(plan, state):
 
 
 def set_rlimits(plan, state):
-    for name, value in plan["rlimits"].items():
+    for name, value in plan.rlimits.items():
         res = getattr(resource, "RLIMIT_" + name.upper())
         if value is None:
             continue
@@ -104,9 +104,7 @@ def set_rlimits(plan, state):
 
 
 def restrict_filesystem(plan, state):
-    ll = plan.get("landlock")
-    if ll is None:
-        return
+    ll = plan.landlock
     ruleset = state.pop("ruleset", None)
     if ruleset is not None:
         try:
@@ -117,13 +115,13 @@ def restrict_filesystem(plan, state):
     abi = landlock.abi_version()
     if abi < 1:
         raise OSError("Landlock is not available in this kernel (the policy's filesystem rules need it)")
-    landlock.restrict(ll["read"], ll["write"], abi=abi, deny_tcp=not ll["network"],
-                      scope_abstract_unix=not ll["abstract_unix"])
+    landlock.restrict(list(ll.read), list(ll.write), abi=abi, deny_tcp=not ll.network,
+                      scope_abstract_unix=not ll.abstract_unix)
 
 
 def drop_privileges(plan, state):
     """Root: a uid/gid unique to this worker, no groups, no capabilities, locked securebits."""
-    uid, gid = plan.get("uid"), plan.get("gid")
+    uid, gid = plan.uid, plan.gid
     if uid is not None:
         if uid == 0 or gid == 0:
             raise OSError("refusing to run a worker as uid/gid 0")
@@ -191,14 +189,28 @@ def _is_real_root():
 def die_with_parent(plan, state):
     """After the credential change, which clears PDEATHSIG and resets dumpable."""
     prctl.set_pdeathsig(signal.SIGKILL)
-    if os.getppid() != plan["zygote_pid"]:
+    if os.getppid() != state["zygote_pid"]:
         os._exit(1)  # the zygote died before PDEATHSIG was armed
     prctl.set_dumpable(False)
 
 
+class PreloadFailed(Exception):
+    """A `[python] preload` module failed to import: reported as a load error naming it, whatever
+    it raised (OpenBLAS that cannot start its threads raises SIGINT: a KeyboardInterrupt here)."""
+
+    def __init__(self, module: str, error: BaseException):
+        hint = (" (a SIGINT during the import: OpenBLAS sends one when it cannot start its threads; "
+                "grant threads or set OPENBLAS_NUM_THREADS=1)") if isinstance(error, KeyboardInterrupt) else ""
+        super().__init__(f"preload {module!r} failed: {type(error).__name__}: {error}{hint}")
+        self.module = module
+
+
 def preload_modules(plan, state):
-    for name in plan.get("preload", ()):
-        importlib.import_module(name)
+    for name in plan.preload:
+        try:
+            importlib.import_module(name)
+        except BaseException as e:  # noqa: BLE001 - named and reported, never swallowed
+            raise PreloadFailed(name, e) from e
 
 
 def no_new_privs(plan, state):
@@ -207,12 +219,12 @@ def no_new_privs(plan, state):
 
 def install_seccomp(plan, state):
     """Last step: the policy's BPF; the listener fd goes to the host and never stays here."""
-    bpf = plan.get("bpf")
+    bpf = plan.bpf
     if not bpf:
         raise OSError("no seccomp program in the plan: refusing to run unconfined")
     # built before the filter (construction makes syscalls); family and type given: no probing
     hand = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=HANDOFF)
-    listener = seccomp.install_filter(bpf, listener=plan.get("notify", False))
+    listener = seccomp.install_filter(bpf, listener=plan.notify)
     if listener is not None:
         try:
             socket.send_fds(hand, [b"L"], [listener])
@@ -245,7 +257,7 @@ class StepFailed(Exception):
         self.error = error
 
 
-def apply(plan: dict, state: dict) -> None:
+def apply(plan, state: dict) -> None:
     for name, step in STEPS:
         try:
             step(plan, state)

@@ -24,7 +24,7 @@ except ImportError:  # the PyPI ctypes bindings, same API as libseccomp's own mo
 from ..errors import PolicyError
 from . import conditions as C
 from .dangerous import DANGEROUS
-from .groups import CLONE_THREAD, FAMILIES, GROUPS, expand
+from .groups import CLONE_THREAD, FAMILIES, GROUPS, expand_all
 
 # Always refused, even with allow_dangerous: a plugin must never approve its own syscalls.
 NEVER = frozenset({"seccomp"})
@@ -56,13 +56,18 @@ def check_name(name: str, path, key) -> None:
         raise PolicyError(f"unknown syscall {name!r}{hint}", path, key)
 
 
-def parse_condition(text: str, path, key) -> C.Atom:
+def parse_atom(text: str, path, key) -> C.Atom:
     try:
         return C.parse(text)
     except ValueError:
         raise PolicyError(f"bad condition {text!r}: write 'argN OP VALUE' (OP one of == != < <= > >=) "
                           "or 'argN & MASK == VALUE', N in 0..5, values integers from 0 to 2**64-1",
                           path, key) from None
+
+
+def parse_condition(text: str, path, key):
+    """'arg1 == 0x5401' or 'arg2 & 0x3 == 0' -> a libseccomp argument comparison."""
+    return C.to_seccomp([parse_atom(text, path, key)], seccomp)[0]
 
 
 def errno_value(name: str) -> int:
@@ -86,7 +91,7 @@ def effective(sec: dict, network: dict, grants: dict, path) -> dict:
             near = difflib.get_close_matches(g, list(GROUPS), 1)
             raise PolicyError(f"unknown group {g!r}" + (f" (did you mean {near[0]!r}?)" if near else ""),
                               path, "seccomp.groups")
-    plain, group_rules, group_answers = expand(groups)
+    plain, group_rules, group_answers = expand_all(groups)
     rules = [(s, list(w), "seccomp.groups") for s, w in group_rules]
     for i, r in enumerate(sec["rule"]):
         check_name(r["syscall"], path, f"seccomp.rule[{i + 1}]")
@@ -101,7 +106,7 @@ def effective(sec: dict, network: dict, grants: dict, path) -> dict:
     for name in sec["allow"]:
         check_name(name, path, "seccomp.allow")
         if name in DANGEROUS_PLAIN and name not in granted:
-            raise PolicyError(f"plain {name!r} also creates namespaces and processes: threads come from "
+            raise PolicyError(f"plain {name!r} grants fork and new namespaces, not only threads: threads come from "
                               "limits.threads, processes from limits.processes; list it in allow_dangerous "
                               "if you really mean unfiltered clone", path, "seccomp.allow")
         allow.add(name)
@@ -113,7 +118,7 @@ def effective(sec: dict, network: dict, grants: dict, path) -> dict:
         if name in DANGEROUS and name not in granted:
             raise PolicyError(f"{name!r} widens the kernel attack surface; list it in allow_dangerous "
                               "if you really mean it", path, "seccomp.allow")
-    parsed = [(s, [parse_condition(c, path, key) for c in w], w, key) for s, w, key in rules if s not in allow]
+    parsed = [(s, [parse_atom(c, path, key) for c in w], w, key) for s, w, key in rules if s not in allow]
     for s, atoms, w, key in parsed:
         if len({a.arg for a in atoms}) != len(atoms):
             raise PolicyError(f"rule for {s!r} compares one argument twice ({', '.join(w)}): libseccomp "

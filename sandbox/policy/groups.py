@@ -184,7 +184,7 @@ GROUPS = {
 FAMILIES = {"unix": 1, "inet": 2, "inet6": 10}
 
 
-def expand(names):
+def expand_all(names):
     """Resolve group names into (plain syscall names, conditional rules, answers), recursively."""
     plain, rules, answers, seen = [], [], [], set()
 
@@ -206,9 +206,15 @@ def expand(names):
     return plain, rules, answers
 
 
+def expand(names):
+    """Resolve group names into (plain syscall names, conditional rules): what they allow."""
+    plain, rules, _ = expand_all(names)
+    return plain, rules
+
+
 def contents(name: str) -> dict:
     """What a group grants, flattened, for `sandbox policy groups` and explain."""
-    plain, rules, answers = expand([name])
+    plain, rules, answers = expand_all([name])
     return {"why": GROUPS[name]["why"], "compare": GROUPS[name].get("compare", ""),
             "includes": [g for g in GROUPS[name].get("allow", ()) if g.startswith("@")],
             "allow": sorted(set(plain)),

@@ -22,11 +22,15 @@ PLUGIN = """
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    d = tmp_path_factory.mktemp("real")
+def folder():
+    """World-readable (workers run under uids of their own), removed afterwards."""
+    import pathlib
+    import shutil
+    import tempfile
+    d = tempfile.mkdtemp(prefix="sandbox-test-")
     os.chmod(d, 0o755)
-    os.chmod(d.parent, 0o755)
-    return d
+    yield pathlib.Path(d)
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def _plugin(folder, policy_text=""):
