@@ -108,7 +108,9 @@ def test_grants_are_in_operator_terms_and_commented(learned):
     assert "numpy" in data["python"]["preload"] if HAS_NUMPY else True
     # every granted entry carries the call that needed it
     entries = [line for line in result.text.splitlines() if line.startswith('    "')]
-    assert entries
+    # as root the paths it read are listed; unprivileged, the default now covers every syscall the
+    # demo makes (asyncio, pipes, epoll), so there may be nothing left to list one per line
+    assert entries or not IS_ROOT
     for line in entries:
         assert "  # " in line and (" in call " in line or " in load" in line), line
 
