@@ -111,9 +111,10 @@ def hostile_plugins():
             continue
         if name == "hostile_secrets":
             refused = all(str(v).startswith("refused") for k, v in result.items() if k != "environment")
-            env_empty = result.get("environment") == {}
+            # nothing of the host's: only the worker's own baseline (HOME, USER, thread caps)
+            env_empty = result.get("environment") == w.policy.environment({})
             print(f"    -> got nothing: {'; '.join(f'{k}: {v}' for k, v in result.items() if k != 'environment')}; "
-                  f"environment {'empty' if env_empty else result.get('environment')}")
+                  f"environment {'only its own baseline' if env_empty else result.get('environment')}")
             ok = ok and refused and env_empty
         else:
             print(f"    -> NOT STOPPED: returned {result!r}")

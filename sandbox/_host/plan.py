@@ -43,7 +43,7 @@ def build(policy, plugin: str, module_name: str, uid: int | None, scratch: str |
     if "\0" in plugin or "\0" in module_name:
         raise UsageError(f"the plugin path {plugin!r} contains a NUL byte")
     lim = policy.limits
-    own_userns = uid is None and lim.processes > 0
+    own_userns = uid is None and lim.tasks > 0
     rlimits = {
         "core": 0,
         "cpu": lim.cpu_seconds,
@@ -53,13 +53,13 @@ def build(policy, plugin: str, module_name: str, uid: int | None, scratch: str |
         # Counted per uid (and user namespace): a real per-worker cap because each worker has a
         # uid of its own (root host) or a user namespace of its own (unprivileged host, threads
         # or processes allowed). Without either, seccomp allows no new task at all.
-        "nproc": (lim.processes + 1) if uid is not None or own_userns else None,
+        "nproc": (lim.tasks + 1) if uid is not None or own_userns else None,
     }
     fs = policy.filesystem
     _check_text(policy, "filesystem.read_only", fs.read_only)
     _check_text(policy, "filesystem.writable", fs.writable)
     _check_text(policy, "python.preload", policy.preload)
-    env = policy.environment(dict(os.environ))
+    env = policy.environment(dict(os.environ), scratch=scratch)
     _check_text(policy, "environment", list(env) + list(env.values()))
     bad_names = [k for k in env if not k or "=" in k]
     if bad_names:

@@ -1,35 +1,83 @@
-"""A readable summary of an effective policy (`sandbox policy explain FILE`)."""
+"""Readable summaries: an effective policy (`sandbox policy explain FILE|default`) and the groups
+(`sandbox policy groups`)."""
+import textwrap
+
 from .groups import GROUPS
+
+
+def _mode(sec: dict) -> str:
+    if sec["default_action"] == "kill":
+        return "stop the worker and name the syscall"
+    return (f"fail with {sec['default_errno']} and are reported; more than {sec['max_denials']} in one "
+            "call stop the worker; dangerous ones always stop it")
 
 
 def explain_text(policy) -> str:
     e = policy.explain()
     lim = e["limits"]
+    fs = e["filesystem"]
+    net = e["network"]
     lines = [f"policy {e['name']}  ({e['path']})"]
     if e["description"]:
         lines.append(f"  {e['description']}")
     if e["extends"]:
         lines.append("  extends: " + " -> ".join(e["extends"]))
+    for w in e["warnings"]:
+        lines.append(f"  warning: {w}")
+    scratch = f" + a private scratch dir ({fs['scratch_mb']} MiB, {fs['scratch_inodes']} inodes)" if fs["scratch"] else ""
     lines += [
         "",
         f"limits      timeout {lim['timeout']} s per call, CPU {lim['cpu_seconds']} s, memory {lim['memory_mb']} MiB,",
         f"            {lim['open_files']} open files, files up to {lim['file_size_mb']} MiB, messages up to "
-        f"{lim['max_message_bytes']} bytes, {lim['processes']} extra threads",
+        f"{lim['max_message_bytes']} bytes,",
+        f"            {lim['threads']} extra threads (limits.threads), {lim['processes']} child processes "
+        "(limits.processes)",
         f"identity    a unique uid/gid from {e['identity']['uid_range'][0]}-{e['identity']['uid_range'][1]} (root hosts)",
-        f"files       read-only: runtime, plugin folder{', ' + ', '.join(e['filesystem']['read_only']) if e['filesystem']['read_only'] else ''}",
-        f"            writable: {', '.join(e['filesystem']['writable']) or 'nothing'}"
-        f"{' + a private scratch dir' if e['filesystem']['scratch'] else ''}",
-        f"network     {'families ' + ', '.join(e['network']['families']) if e['network']['allow'] else 'none (empty network namespace)'}",
-        f"environment {', '.join(e['environment']['pass'] + list(e['environment']['set'])) or 'empty'}",
+        f"files       read-only: runtime, plugin folder{', ' + ', '.join(fs['read_only']) if fs['read_only'] else ''}",
+        f"            writable: {', '.join(fs['writable']) or 'nothing'}{scratch}",
+        f"network     {'families ' + ', '.join(net['families']) if net['allow'] else 'none (empty network namespace)'}"
+        f"{'; connect to ' + ', '.join(net['connect']) if net['connect'] else ''}",
+        f"environment HOME, USER, LOGNAME{', TMPDIR' if fs['scratch'] else ''}"
+        f"{', thread caps (OPENBLAS_NUM_THREADS=1, ...)' if not e['facts']['may_thread'] else ''}"
+        f"{', ' + ', '.join(e['environment']['pass'] + list(e['environment']['set'])) if e['environment']['pass'] or e['environment']['set'] else ''}",
         f"preload     {', '.join(e['python']['preload']) or 'nothing'}",
+        f"may         fork: {'yes' if e['facts']['may_fork'] else 'no'}, threads: "
+        f"{'yes' if e['facts']['may_thread'] else 'no'}, network: {'yes' if e['facts']['may_network'] else 'no'}",
         "",
-        f"seccomp     forbidden syscalls: {'stop the worker and name the syscall' if e['seccomp']['default_action'] == 'kill' else 'fail with ' + e['seccomp']['default_errno']}",
+        f"seccomp     forbidden syscalls {_mode(e['seccomp'])}",
     ]
     for g in e["seccomp"]["groups"]:
         lines.append(f"  {g:18} {GROUPS[g]['why']}")
     lines.append(f"  allowed ({len(e['seccomp']['allow'])}): " + " ".join(e["seccomp"]["allow"]))
     for r in e["seccomp"]["rules"]:
         lines.append(f"  {r['syscall']} only when {' and '.join(r['when'])}")
-    for name, err in e["seccomp"]["errno"].items():
-        lines.append(f"  {name} fails with {err}")
+    answered = {}
+    for r in e["seccomp"]["errno_rules"]:
+        answered.setdefault((r["syscall"], r["errno"], r["from"]), []).append(" and ".join(r["when"]))
+    for (name, err, source), whens in answered.items():
+        when = "" if whens == [""] else f" when {' or '.join('(' + w + ')' for w in whens)}"
+        lines.append(f"  {name} fails with {err}{when}  [{source}]")
     return "\n".join(lines)
+
+
+def groups_text(data: dict) -> str:
+    lines = []
+    for name, g in data.items():
+        lines.append(name)
+        for part in textwrap.wrap(g["why"], 96):
+            lines.append(f"    {part}")
+        if g["compare"]:
+            lines.append(f"    compared: {g['compare']}")
+        if g["includes"]:
+            lines.append(f"    includes: {' '.join(g['includes'])}")
+        if g["allow"]:
+            lines += ["    " + x for x in textwrap.wrap("allows: " + " ".join(g["allow"]), 96)]
+        for r in g["rules"]:
+            lines.append(f"    {r['syscall']} only when {' and '.join(r['when'])}")
+        for a in g["answers"]:
+            ruled = any(r["syscall"] == a["syscall"] for r in g["rules"])
+            when = (f" when {' and '.join(a['when'])}" if a["when"]
+                    else " otherwise" if ruled else "")
+            lines.append(f"    {a['syscall']} fails with {a['errno']}{when}")
+        lines.append("")
+    return "\n".join(lines).rstrip()

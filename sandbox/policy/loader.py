@@ -1,5 +1,6 @@
 """Read policy files: TOML, `extends` chains (cycles refused), per-file validation."""
 import os
+import stat
 import tomllib
 
 from ..errors import PolicyError
@@ -8,18 +9,41 @@ from . import schema
 SHIPPED_DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.toml")
 
 
+MAX_POLICY_BYTES = 1 << 20  # a policy is a page of text; anything bigger is a mistake
+
+
+def _read_bytes(path: str) -> bytes:
+    """The file's bytes: a regular file only (a FIFO or a device would block or never end)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise PolicyError("not a regular file", path)
+        if st.st_size > MAX_POLICY_BYTES:
+            raise PolicyError(f"larger than {MAX_POLICY_BYTES} bytes: not a policy file", path)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(MAX_POLICY_BYTES + 1)
+    finally:
+        os.close(fd)
+
+
 def read_file(path: str) -> dict:
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        data = tomllib.loads(_read_bytes(path).decode("utf-8"))
     except FileNotFoundError:
         raise PolicyError("policy file not found", path) from None
     except IsADirectoryError:
         raise PolicyError("is a directory, not a policy file", path) from None
     except PermissionError as e:
         raise PolicyError(f"cannot read: {e.strerror}", path) from None
+    except OSError as e:
+        raise PolicyError(f"cannot read: {e.strerror or e}", path) from None
     except tomllib.TOMLDecodeError as e:
         raise PolicyError(f"not valid TOML: {e}", path) from None
+    except UnicodeDecodeError:
+        raise PolicyError("not valid TOML: not UTF-8 text", path) from None
+    except (ValueError, RecursionError, MemoryError) as e:  # e.g. a NUL in the path, absurd nesting
+        raise PolicyError(f"cannot read: {type(e).__name__}: {e}"[:300], path) from None
     return schema.validate(data, path)
 
 

@@ -1,6 +1,9 @@
 """The policy file's shape: sections, keys, types, defaults, and checks with clear errors."""
 import difflib
 import errno as errno_mod
+import ipaddress
+import math
+import re
 
 from ..errors import PolicyError
 
@@ -13,6 +16,8 @@ def _number(lo=None, hi=None, integer=False):
     def check(v):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
             raise ValueError(f"must be {'an integer' if integer else 'a number'}, not {type(v).__name__} {v!r}")
+        if not math.isfinite(v):
+            raise ValueError(f"must be a finite number, not {v!r}")
         if lo is not None and v < lo:
             raise ValueError(f"must be >= {lo}, not {v}")
         if hi is not None and v > hi:
@@ -36,13 +41,80 @@ def _str(v):
 def _list_of_str(v):
     if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
         raise ValueError("must be a list of strings")
+    for x in v:
+        if "\x00" in x:
+            raise ValueError(f"{x!r} contains a NUL byte")
     return list(v)
+
+
+def _paths(v):
+    v = _list_of_str(v)
+    for x in v:
+        if not x or len(x) > 4096:
+            raise ValueError(f"{x!r} is not a usable path")
+    return v
+
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def _env_names(v):
+    v = _list_of_str(v)
+    for x in v:
+        if not _ENV_NAME.match(x):
+            raise ValueError(f"{x!r} is not an environment variable name")
+    return v
 
 
 def _str_map(v):
     if not isinstance(v, dict) or not all(isinstance(k, str) and isinstance(x, str) for k, x in v.items()):
         raise ValueError("must be a table of string values")
+    for k, x in v.items():
+        if not _ENV_NAME.match(k):
+            raise ValueError(f"{k!r} is not an environment variable name")
+        if "\x00" in x:
+            raise ValueError(f"the value of {k} contains a NUL byte")
     return dict(v)
+
+
+def _modules(v):
+    v = _list_of_str(v)
+    for x in v:
+        if not _MODULE.match(x):
+            raise ValueError(f"{x!r} is not a module name")
+    return v
+
+
+def _destinations(v):
+    """network.connect: "host:port" ("[v6]:port" for IPv6); the host an IP address or a DNS name."""
+    v = _list_of_str(v)
+    for x in v:
+        parse_destination(x)
+    return v
+
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+                       r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+
+
+def parse_destination(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} is not host:port (port 1-65535)")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            return str(ipaddress.IPv6Address(host[1:-1])), int(port)
+        except ValueError:
+            raise ValueError(f"{text!r}: {host} is not an IPv6 address") from None
+    try:
+        return str(ipaddress.IPv4Address(host)), int(port)
+    except ValueError:
+        pass
+    if not _HOSTNAME.match(host) or host.replace(".", "").isdigit():
+        raise ValueError(f"{text!r}: {host!r} is neither an IP address nor a host name "
+                         "(write IPv6 as [addr]:port)")
+    return host.lower(), int(port)
 
 
 def _uid_range(v):
@@ -53,13 +125,15 @@ def _uid_range(v):
 
 
 def _action(v):
-    if v not in ("kill", "errno"):
-        raise ValueError(f'must be "kill" or "errno", not {v!r}')
+    # "errno" is the old spelling of "deny", kept as an alias (explain and lint warn about it)
+    if v not in ("kill", "deny", "errno"):
+        raise ValueError(f'must be "kill" or "deny", not {v!r}')
     return v
 
 
 def _errno_name(v):
-    if not isinstance(v, str) or not isinstance(getattr(errno_mod, v, None), int):
+    if (not isinstance(v, str) or not v.startswith("E") or
+            not isinstance(getattr(errno_mod, v, None), int) or not 0 < getattr(errno_mod, v) < 4096):
         near = difflib.get_close_matches(str(v), [n for n in dir(errno_mod) if n.startswith("E")], 1)
         raise ValueError(f"unknown errno name {v!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
     return v
@@ -100,16 +174,20 @@ SCHEMA = {
         "open_files": (_number(lo=8, hi=1 << 20, integer=True), 64),
         "file_size_mb": (_number(lo=0, hi=1 << 20, integer=True), 0),
         "max_message_bytes": (_number(lo=1024, hi=1 << 30, integer=True), 16 * MIB),
-        "processes": (_number(lo=0, hi=4096, integer=True), 0),
+        "threads": (_number(lo=0, hi=4096, integer=True), 0),    # extra threads (clone with CLONE_THREAD)
+        "processes": (_number(lo=0, hi=4096, integer=True), 0),  # child processes (fork)
     },
     "identity": {"uid_range": (_uid_range, (200000, 265535))},
-    "filesystem": {"read_only": (_list_of_str, []), "writable": (_list_of_str, []), "scratch": (_bool, False)},
-    "network": {"allow": (_bool, False), "families": (_families, [])},
-    "environment": {"pass": (_list_of_str, []), "set": (_str_map, {})},
-    "python": {"preload": (_list_of_str, [])},
+    "filesystem": {"read_only": (_paths, []), "writable": (_paths, []), "scratch": (_bool, False),
+                   "scratch_mb": (_number(lo=1, hi=1 << 20, integer=True), 64),
+                   "scratch_inodes": (_number(lo=16, hi=1 << 24, integer=True), 4096)},
+    "network": {"allow": (_bool, False), "families": (_families, []), "connect": (_destinations, [])},
+    "environment": {"pass": (_env_names, []), "set": (_str_map, {})},
+    "python": {"preload": (_modules, [])},
     "seccomp": {
         "default_action": (_action, "kill"),
         "default_errno": (_errno_name, "EPERM"),
+        "max_denials": (_number(lo=1, hi=1_000_000, integer=True), 100),
         "groups": (_list_of_str, []),
         "allow": (_list_of_str, []),
         "allow_dangerous": (_list_of_str, []),
@@ -117,7 +195,14 @@ SCHEMA = {
         "rule": (_rules, []),
     },
 }
-TOP_LEVEL = {"description": _str, "extends": _str}
+def _extends(v):
+    v = _str(v)
+    if not v or "\x00" in v or len(v) > 4096:
+        raise ValueError(f"{v!r} is not a policy name or path")
+    return v
+
+
+TOP_LEVEL = {"description": _str, "extends": _extends}
 
 
 def _suggest(word, choices):
@@ -159,6 +244,7 @@ def defaults() -> dict:
 
 # Lists that `extends` merges (the child adds to what the parent grants); everything else overrides.
 MERGED_LISTS = {("filesystem", "read_only"), ("filesystem", "writable"), ("network", "families"),
+                ("network", "connect"),
                 ("environment", "pass"), ("python", "preload"), ("seccomp", "groups"), ("seccomp", "allow"),
                 ("seccomp", "allow_dangerous"), ("seccomp", "rule")}
 MERGED_MAPS = {("environment", "set"), ("seccomp", "errno")}

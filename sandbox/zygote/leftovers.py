@@ -17,16 +17,9 @@ import signal
 
 import prctl
 
-PROCESS_CALLS = frozenset({"fork", "vfork", "clone3"})
-
-
 def may_start_processes(policy) -> bool:
     """Can this policy's workers make a process (not just a thread)?"""
-    eff = policy._effective
-    if PROCESS_CALLS.intersection(eff["allow"]) or "clone" in eff["allow"]:
-        return True
-    thread_only = "arg0 & 0x10000 == 0x10000"  # the @threads rule: clone with CLONE_THREAD
-    return any(s in PROCESS_CALLS or (s == "clone" and list(w) != [thread_only]) for s, _, w in eff["rules"])
+    return policy.may_fork
 
 
 class Leftovers:

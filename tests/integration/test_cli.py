@@ -32,6 +32,12 @@ PLUGIN = """
 
     def blob():
         return b"\\x00\\x01"
+
+    def shout():
+        raise ValueError("\\x1b]0;pwned\\x07\\x1b[2J\\x9b31m\\u202eevil\\nsecond line")
+
+    def floats():
+        return [float("nan"), float("inf"), -float("inf")]
 """
 
 
@@ -99,3 +105,103 @@ def test_bad_command_lines_get_usage_not_traceback(args):
     out = run(*args)
     assert out.returncode == 2
     assert "usage:" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_call_without_policy_uses_the_shipped_default(plugin):
+    path, _ = plugin
+    for extra in ([], ["--policy", "default"]):
+        out = run("call", path, "add", "2", "40", *extra)
+        assert out.returncode == 0 and json.loads(out.stdout) == 42, out.stderr
+    out = run("call", path, "net")
+    rec = last_json(out.stderr)
+    assert rec["error"] == "violation" and rec["policy"].endswith("default.toml")
+
+
+def test_explain_default_groups_and_version():
+    out = run("policy", "explain", "default")
+    assert out.returncode == 0 and "policy default" in out.stdout and "@python-runtime" in out.stdout
+    e = json.loads(run("policy", "explain", "default", "--json").stdout)
+    assert e["name"] == "default" and e["facts"] == {"may_fork": False, "may_thread": False, "may_network": False}
+    text = run("policy", "groups").stdout
+    assert "@file-attributes" in text and "compared:" in text and "ioctl fails with ENOTTY" in text
+    groups = json.loads(run("policy", "groups", "--json").stdout)
+    assert "fchmod" in groups["@file-attributes"]["allow"] and groups["@threads"]["why"]
+    from importlib.metadata import version
+    out = run("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"sandbox {version('sandbox-plugins')}"
+
+
+def test_plugin_text_cannot_drive_the_terminal(plugin):
+    path, policy = plugin
+    out = run("call", path, "shout", "--policy", policy)
+    human = [line for line in out.stderr.splitlines() if line.startswith("sandbox: ")]
+    assert len(human) == 1, out.stderr
+    for bad in ("\x1b", "\x07", "\x9b", "\u202e"):
+        assert bad not in human[0]
+    assert "\\x1b]0;pwned" in human[0] and "\\nsecond line" in human[0]
+    assert all(ord(c) < 128 for c in out.stderr.splitlines()[-1])  # the JSON line: JSON's own escapes
+    rec = last_json(out.stderr)
+    assert rec["message"] == "\x1b]0;pwned\x07\x1b[2J\x9b31m\u202eevil\nsecond line"  # exact
+
+
+def test_stdout_is_strict_json(plugin):
+    path, policy = plugin
+    out = run("call", path, "floats", "--policy", policy)
+    assert out.stdout == "" and out.returncode == EXIT_CODES["not-json"]
+    assert last_json(out.stderr)["error"] == "not-json"
+    out = run("call", path, "add", "NaN", "1", "--policy", policy)  # nor taken in
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+
+
+def test_worker_py_that_is_not_a_regular_file(plugin_dir):
+    fifo = os.path.join(plugin_dir, "worker.py")
+    os.mkfifo(fifo)
+    out = run("call", fifo, "f")
+    assert last_json(out.stderr)["error"] == "load-error" and "regular file" in out.stderr
+
+
+def test_malformed_command_lines_end_in_usage_or_the_json_contract(plugin, plugin_dir):
+    """Bounded: 200 random command lines, in-process, each with a deadline."""
+    import contextlib
+    import io
+    import signal
+
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    from sandbox.cli import main
+
+    path, policy = plugin
+    fifo = os.path.join(plugin_dir, "fifo")
+    os.mkfifo(fifo)
+    vocab = ["call", "policy", "explain", "groups", "--policy", "--timeout", "--json", "--version", "--help",
+             "default", path, policy, fifo, plugin_dir, "/nonexistent.py", "add", "fail", "shout", "floats",
+             "1", "-1", "0", "nan", "inf", "1e999", "{", "[1,", '"\x1b"', "[]", "{}", "--", "-", "\udcff", ""]
+
+    def alarm(*_):
+        raise TimeoutError("a command line hung")
+
+    @settings(max_examples=200, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @given(st.lists(st.one_of(st.sampled_from(vocab), st.text(max_size=6)), max_size=7))
+    def one(argv):
+        out, err = io.StringIO(), io.StringIO()
+        old = signal.signal(signal.SIGALRM, alarm)
+        signal.alarm(60)
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    code = main(argv)
+                except SystemExit as e:
+                    code = e.code
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
+        assert "Traceback" not in err.getvalue()
+        if code == 2:
+            return  # argparse's usage error
+        if code not in (0, None):
+            rec = json.loads(err.getvalue().strip().splitlines()[-1])
+            assert rec["error"] in EXIT_CODES and EXIT_CODES[rec["error"]] == code
+            assert rec["error"] != "error", rec  # no internal error
+
+    one()

@@ -58,9 +58,10 @@ def learned():
 def test_the_default_alone_does_not_run_the_plugin(plugin):
     """Without the learned grants the plugin is killed (loading or calling): the learning is what
     makes it run."""
-    with pytest.raises(PolicyViolation):
+    from sandbox.errors import PluginError
+    with pytest.raises((PolicyViolation, PluginError)):  # the default has no temp dir to give
         with Worker(plugin) as w:
-            w.call("gather", 5)
+            w.call("scratch_roundtrip", "hi")
 
 
 @pytest.mark.unpriv
@@ -107,7 +108,9 @@ def test_grants_are_in_operator_terms_and_commented(learned):
     assert "numpy" in data["python"]["preload"] if HAS_NUMPY else True
     # every granted entry carries the call that needed it
     entries = [line for line in result.text.splitlines() if line.startswith('    "')]
-    assert entries
+    # as root the paths it read are listed; unprivileged, the default now covers every syscall the
+    # demo makes (asyncio, pipes, epoll), so there may be nothing left to list one per line
+    assert entries or not IS_ROOT
     for line in entries:
         assert "  # " in line and (" in call " in line or " in load" in line), line
 

@@ -21,8 +21,10 @@ def test_a_missing_preload_is_a_load_error_naming_it(make_plugin):
 @pytest.mark.skipif(not HAS_NUMPY, reason="numpy is not installed")
 @pytest.mark.skipif(os.geteuid() != 0, reason="root mode: RLIMIT_NPROC of the worker's own uid stops the thread")
 def test_numpy_without_threads_is_named_not_a_keyboard_interrupt_in_worker_py(make_plugin):
-    """OpenBLAS, unable to start its threads (no threads granted), raises SIGINT mid-import."""
-    worker_py, policy = make_plugin("def f():\n    return 1\n", '[python]\npreload = ["numpy"]\n')
+    """OpenBLAS, unable to start its threads (no threads granted, and told to use 4: the worker's own
+    default is 1), raises SIGINT mid-import."""
+    worker_py, policy = make_plugin("def f():\n    return 1\n", '[python]\npreload = ["numpy"]\n'
+                                    '[environment]\nset = { OPENBLAS_NUM_THREADS = "4" }\n')
     with pytest.raises(LoadError) as info:
         Worker(worker_py, policy=policy)
     assert "preload 'numpy' failed: KeyboardInterrupt" in str(info.value)

@@ -384,7 +384,7 @@ THREADED_POSTER = """
 def test_threads_of_a_plugin_post_whole_frames(make_plugin):
     """post() from several plugin threads at once: frames are written one at a time, never
     interleaved (interleaving would be a protocol violation the plugin did not commit)."""
-    path, policy = make_plugin(THREADED_POSTER, "[limits]\nprocesses = 8\nmemory_mb = 512\n")
+    path, policy = make_plugin(THREADED_POSTER, "[limits]\nthreads = 8\nmemory_mb = 512\n")
     got = []
     with sandbox.Worker(path, policy=policy) as w:
         w.on("message", got.append)
