@@ -77,6 +77,7 @@ def build(policy, plugin: str, module_name: str, uid: int | None, scratch: str |
             bpf=policy.bpf(notify=notify), notify=notify, max_frame=lim.max_message_bytes,
             own_userns=own_userns,
             may_fork=may_start_processes(policy),  # the zygote then kills what it started, too
-            cwd=scratch or "/")
+            cwd=scratch or "/", scratch=scratch, scratch_bytes=fs.scratch_bytes,
+            scratch_inodes=fs.scratch_inodes)
     except PlanError as e:
         raise PolicyError(f"the policy does not make a usable plan: {e}", path=policy.path) from None

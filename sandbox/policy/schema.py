@@ -177,7 +177,7 @@ SCHEMA = {
         "threads": (_number(lo=0, hi=4096, integer=True), 0),    # extra threads (clone with CLONE_THREAD)
         "processes": (_number(lo=0, hi=4096, integer=True), 0),  # child processes (fork)
     },
-    "identity": {"uid_range": (_uid_range, (200000, 265535))},
+    "identity": {"uid_range": (_uid_range, (1879048192, 1879113727))},
     "filesystem": {"read_only": (_paths, []), "writable": (_paths, []), "scratch": (_bool, False),
                    "scratch_mb": (_number(lo=1, hi=1 << 20, integer=True), 64),
                    "scratch_inodes": (_number(lo=16, hi=1 << 24, integer=True), 4096)},

@@ -107,13 +107,18 @@ class Landlock(_Record):
         return cls(**d)
 
 
+def _is_opt_str(v: Any) -> bool:
+    return v is None or _is_str(v)
+
+
 def _is_landlock(v: Any) -> bool:
     return type(v) is Landlock
 
 
 class Plan(_Record):
     __slots__ = ("plugin", "module_name", "title", "uid", "gid", "rlimits", "env", "preload", "landlock",
-                 "bpf", "notify", "max_frame", "own_userns", "may_fork", "cwd")
+                 "bpf", "notify", "max_frame", "own_userns", "may_fork", "cwd", "scratch", "scratch_bytes",
+                 "scratch_inodes")
     plugin: str
     module_name: str
     title: str
@@ -129,6 +134,9 @@ class Plan(_Record):
     own_userns: bool
     may_fork: bool
     cwd: str
+    scratch: str | None
+    scratch_bytes: int
+    scratch_inodes: int
     FIELDS = {
         "plugin": (_is_str, "the absolute path of worker.py"),
         "module_name": (_is_str, "the plugin's module name"),
@@ -145,6 +153,9 @@ class Plan(_Record):
         "own_userns": (_is_bool, "a bool"),
         "may_fork": (_is_bool, "a bool"),
         "cwd": (_is_str, "a path"),
+        "scratch": (_is_opt_str, "a path or None (the worker's private tmpfs)"),
+        "scratch_bytes": (_is_int, "an int (the scratch tmpfs's size=)"),
+        "scratch_inodes": (_is_int, "an int (the scratch tmpfs's nr_inodes=)"),
     }
 
     @classmethod

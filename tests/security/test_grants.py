@@ -66,7 +66,8 @@ PLUGIN = """
         os.close(parent)
         return levels
 """
-SCRATCH = '[filesystem]\nscratch = true\n[seccomp]\ngroups = ["@file-write"]\n'
+# @file-attributes granted on purpose: the read-only mount view is the layer these tests prove.
+SCRATCH = '[filesystem]\nscratch = true\n[seccomp]\ngroups = ["@file-write", "@file-attributes"]\n'
 
 
 def _own_the_plugin_file(w, path):
@@ -132,7 +133,7 @@ def test_a_deep_scratch_tree_never_troubles_close(make_plugin):
 
 def _writable_policy(paths, extra=""):
     listed = ", ".join(f'"{p}"' for p in paths)
-    return f'[filesystem]\nwritable = [{listed}]\n[seccomp]\ngroups = ["@file-write"]\n[limits]\nfile_size_mb = 1\n' + extra
+    return f'[filesystem]\nwritable = [{listed}]\n[seccomp]\ngroups = ["@file-write", "@file-attributes"]\n[limits]\nfile_size_mb = 1\n' + extra
 
 
 def test_writable_paths_stay_writable(make_plugin, plugin_dir):
