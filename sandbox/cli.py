@@ -174,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="machine-readable output")
     g = psub.add_parser("groups", help="the syscall groups: what each holds and why")
     g.add_argument("--json", action="store_true", help="machine-readable output")
+    # These two parse their own arguments (sandbox/policy/lint.py and learn.py): see their --help.
+    for name, text in (("lint", "review a policy file: grants that widen the attack surface, contradictions"),
+                       ("learn", "run a plugin's calls once and write the smallest policy they need")):
+        tool = psub.add_parser(name, help=text, add_help=False)
+        tool.add_argument("rest", nargs=argparse.REMAINDER)
 
     d = sub.add_parser("doctor", help="which protection layers work here, each proven by a canary")
     d.add_argument("--json", action="store_true")
@@ -181,8 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    tool = argv[1] if argv[:1] == ["policy"] and argv[1:2] in (["lint"], ["learn"]) else None
+    args = build_parser().parse_args(argv) if tool is None else None
     try:
+        if tool is not None:
+            return _policy_tool(tool, argv[2:])  # tools with arguments (and --help) of their own
+        assert args is not None
         if args.command == "call":
             return _call(args)
         if args.command == "policy" and args.policy_command == "groups":
@@ -201,6 +211,14 @@ def main(argv=None) -> int:
     except Exception as exc:  # a bug of ours must still end in the JSON error contract
         return fail(errors.SandboxError(f"internal error: {type(exc).__name__}: {exc}"))
     return 2
+
+
+def _policy_tool(name: str, rest: list[str]) -> int:
+    if name == "lint":
+        from .policy.lint import main as tool
+    else:
+        from .policy.learn import main as tool
+    return tool(rest)
 
 
 def _load_policy(name: str):
