@@ -5,10 +5,10 @@ Everything the worker needs is decided here, in the host, before fork: the BPF p
 too, so that nothing the policy says can fail later in the zygote or halfway through the
 worker's confinement: a path or value with a NUL byte is a PolicyError naming the key.
 """
-import ipaddress
 import os
 
 from ..errors import PolicyError, UsageError
+from ..policy import destinations
 from ..protocol.plan import Landlock, Plan, PlanError
 from ..zygote.leftovers import may_start_processes
 from . import rulesets
@@ -18,11 +18,6 @@ from .zygote_client import runtime_paths
 # the loader cache, and time zone data.
 SYSTEM_READ = ("/usr/lib", "/lib", "/lib64", "/usr/lib64", "/etc/ld.so.cache", "/etc/localtime",
                "/usr/share/zoneinfo")
-
-# What glibc's resolver reads when a `network.connect` destination is a host name: the name
-# service order, the resolvers, the static names, the address sorting rules.
-DNS_READ = ("/etc/nsswitch.conf", "/etc/resolv.conf", "/etc/hosts", "/etc/gai.conf")
-DNS_PORT = 53  # TCP, for answers too large for UDP (UDP itself has no Landlock rules)
 
 _runtime: tuple[str, ...] | None = None
 
@@ -38,42 +33,6 @@ def _check_text(policy, key: str, values) -> None:
     for value in values:
         if not isinstance(value, str) or "\0" in value:
             raise PolicyError(f"{value!r} is not usable: a NUL byte (or not text)", path=policy.path, key=key)
-
-
-def connect_ports(policy) -> tuple[int, ...]:
-    """The TCP ports `network.connect` grants, as Landlock enforces them: ports only, on any
-    address (Landlock has no address rules). So an address is accepted only where it says no
-    more than that: loopback and "any" (0.0.0.0, ::), whose one meaning here is "this port";
-    a host name, which needs DNS (port 53 is added) and is not enforced either; any other IP
-    address is refused, since the policy would claim a restriction the worker does not have."""
-    ports = set()
-    names = False
-    for dest in policy.network.connect:
-        try:
-            ip = ipaddress.ip_address(dest.host)
-        except ValueError:
-            names = True
-        else:
-            if not (ip.is_loopback or ip.is_unspecified):
-                raise PolicyError(
-                    f"{dest}: Landlock limits TCP by port, not by address, so this grant would let the "
-                    f"worker reach port {dest.port} on every host; write 0.0.0.0:{dest.port} to grant the "
-                    "port on any address (what is enforced), or keep the address out of the worker's reach "
-                    "by other means", path=policy.path, key="network.connect")
-        ports.add(dest.port)
-    if names:
-        ports.add(DNS_PORT)
-    return tuple(sorted(ports))
-
-
-def needs_dns(policy) -> bool:
-    """A `network.connect` destination is a host name: the worker must resolve it."""
-    for dest in policy.network.connect:
-        try:
-            ipaddress.ip_address(dest.host)
-        except ValueError:
-            return True
-    return False
 
 
 def _title(name: str, policy) -> str:
@@ -108,8 +67,9 @@ def build(policy, plugin: str, module_name: str, uid: int | None, scratch: str |
     if bad_names:
         raise PolicyError(f"{bad_names[0]!r} is not a variable name", path=policy.path, key="environment")
     network = bool(policy.network.allow)
-    ports = connect_ports(policy) if network else ()
-    dns = DNS_READ if network and needs_dns(policy) else ()
+    # TCP ports only (Landlock has no address rules); a host name brings DNS along
+    ports = destinations.enforced_ports(policy.network, policy.path) if network else ()
+    dns = destinations.DNS_FILES if destinations.needs_dns(policy.network) else ()
     read = _runtime_read() + (os.path.dirname(plugin),) + tuple(fs.read_only) + dns
     write = tuple(fs.writable) + ((scratch,) if scratch else ())
     families = set(getattr(policy.network, "families", ()) or ())

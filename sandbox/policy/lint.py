@@ -18,6 +18,7 @@ import tomllib
 from dataclasses import asdict, dataclass
 
 from ..errors import PolicyError
+from . import destinations
 
 # Names that make a new process, run a program or signal another one.
 PROCESS_CALLS = frozenset({"fork", "vfork", "clone", "execve", "execveat", "kill", "setsid", "setpgid",
@@ -193,6 +194,7 @@ def lint(policy_path) -> list[Finding]:
         return load_findings
     eff = policy.explain()
     findings += _seccomp_findings(raw, eff) + _network_findings(eff) + _path_findings(eff)
+    findings += [Finding(*f) for f in destinations.lint(policy.network)]
     findings += _preload_findings(eff)
     return sorted(findings, key=lambda f: f.level != "error")
 

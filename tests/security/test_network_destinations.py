@@ -226,3 +226,34 @@ def test_a_lower_abi_without_connect_rules_still_starts(make_plugin, monkeypatch
     path, policy = make_plugin(CLIENT)
     with sandbox.Worker(path, policy=policy) as w:
         assert w.call("ping") == "pong"
+
+
+def _policy_file(tmp_path, connect: str) -> str:
+    p = tmp_path / "net.toml"
+    p.write_text(f'[network]\nallow = true\nfamilies = ["inet"]\n{connect}')
+    return str(p)
+
+
+def test_explain_and_lint_say_ports_not_addresses(tmp_path):
+    from sandbox.policy import Policy
+    from sandbox.policy.explain import explain_text
+    from sandbox.policy.lint import lint
+
+    path = _policy_file(tmp_path, 'connect = ["127.0.0.1:8080", "localhost:443"]\n')
+    text = explain_text(Policy.load(path))
+    assert "ports 53, 443, 8080 only, on any address (Landlock matches ports, not addresses); bind denied" in text
+    assert "UDP: not limited by Landlock" in text and "abstract unix sockets: never" in text
+    assert "/etc/resolv.conf" in text
+    messages = [f.message for f in lint(path) if f.key == "network.connect"]
+    assert any("127.0.0.1:8080: enforced as port 8080 on any address" in m for m in messages)
+    assert any("TCP port 53" in m for m in messages)
+
+    unlimited = _policy_file(tmp_path, "")
+    assert any(f.level == "warning" and "any TCP port" in f.message
+               for f in lint(unlimited) if f.key == "network.connect")
+    assert "TCP: any address and port, bind included" in explain_text(Policy.load(unlimited))
+
+    remote = _policy_file(tmp_path, 'connect = ["[2001:db8::1]:443"]\n')
+    assert [f.level for f in lint(remote) if f.key == "network.connect"] == ["error"]
+    with pytest.raises(PolicyError, match=r"\[::\]:443"):
+        Policy.load(remote)
