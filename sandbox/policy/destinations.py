@@ -11,6 +11,12 @@ an address is accepted only where it claims no more than that:
 - any other IP address is refused: the policy would claim a restriction the worker lacks.
 Bind is always denied once `connect` is set. UDP has no Landlock rules at all: with
 `network.allow` the worker may send datagrams anywhere its socket families allow.
+
+Unix sockets: abstract ones are always scoped (ABI 6). Pathname ones are not limited by any
+Landlock ABI up to 7: connect() on a socket file is checked by the file's permissions only, not
+by the path rules, so the `unix` family reaches every socket file the worker's uid may write
+(root host: the world-writable ones, such as the D-Bus system bus; unprivileged host: the host
+user's own, such as ssh-agent and the session bus). `explain` and `lint` say so.
 """
 import ipaddress
 
@@ -20,6 +26,11 @@ from ..errors import PolicyError
 # address sorting rules. Granted read-only when a destination is a host name.
 DNS_FILES = ("/etc/nsswitch.conf", "/etc/resolv.conf", "/etc/hosts", "/etc/gai.conf")
 DNS_PORT = 53  # TCP, for answers too large for UDP (UDP itself is not limited by Landlock)
+
+
+PATHNAME_UNIX = ("not limited by Landlock (it has no rule for connecting to a socket file): every socket "
+                 "file the worker's uid may write, anywhere; root hosts: the world-writable ones (e.g. the "
+                 "D-Bus system bus); unprivileged hosts: also the host user's own (ssh-agent, session bus)")
 
 
 def _is_name(host: str) -> bool:
@@ -58,7 +69,7 @@ def enforced(network) -> dict:
     """For `policy explain`: what the kernel holds the worker to, in plain words."""
     if not network.allow:
         return {"tcp": "none (an empty network namespace)", "abstract_unix": "none",
-                "udp": "none", "dns": False}
+                "pathname_unix": "none", "udp": "none", "dns": False}
     ports = enforced_ports(network)
     if ports:
         tcp = (f"connect to port{'s' if len(ports) > 1 else ''} {', '.join(map(str, ports))} only, on any "
@@ -68,8 +79,8 @@ def enforced(network) -> dict:
     return {
         "tcp": tcp,
         "udp": "not limited by Landlock (it has no UDP rules): any address and port the families allow",
-        "abstract_unix": "never (scoped to the worker's own Landlock domain; no grant by name exists); "
-                         "pathname unix sockets follow the filesystem rules",
+        "abstract_unix": "never (scoped to the worker's own Landlock domain; no grant by name exists)",
+        "pathname_unix": (PATHNAME_UNIX if "unix" in network.families else "none (no unix family)"),
         "dns": needs_dns(network),
     }
 
@@ -84,6 +95,9 @@ def lint(network) -> list[tuple[str, str, str]]:
         out.append(("warning", "network.connect",
                     "not set: the worker may connect to (and bind) any TCP port on any address, the host's "
                     "127.0.0.1 included; list the ports it needs"))
+    if "unix" in fams:
+        out.append(("warning", "network.families", f"unix: pathname sockets are {PATHNAME_UNIX}; "
+                    "abstract sockets stay unreachable"))
     try:
         enforced_ports(network)
     except PolicyError as e:

@@ -18,7 +18,8 @@ def _enforced_lines(net: dict) -> list[str]:
         return []
     enf = net["enforced"]
     lines = [f"            TCP: {enf['tcp']}", f"            UDP: {enf['udp']}",
-             f"            abstract unix sockets: {enf['abstract_unix']}"]
+             f"            abstract unix sockets: {enf['abstract_unix']}",
+             f"            pathname unix sockets: {enf['pathname_unix']}"]
     if enf["dns"]:
         lines.append("            DNS: a host name is granted: /etc/resolv.conf, /etc/hosts, /etc/nsswitch.conf, "
                      "/etc/gai.conf readable, TCP port 53 open")
