@@ -176,7 +176,8 @@ def extended_checks(r) -> list[tuple]:
     start = r["start_ms"]
     ratio = round(start["sandbox"] / start["os_fork"], 2)
     checks.append(("start <= 1.3x os.fork()", ratio <= 1.3, ratio))
-    checks.append(("rtt 16 B <= 1.3x raw pipe (one CPU)", r["ratios"]["rtt_16_vs_raw"] <= 1.3, r["ratios"]["rtt_16_vs_raw"]))
+    checks.append(("rtt 16 B <= 1.3x raw pipe (one CPU)", r["ratios"]["rtt_16_vs_raw"] <= 1.3,
+                   r["ratios"]["rtt_16_vs_raw"]))
     checks.append(("rtt 1 MiB <= 1.1x raw pipe (one CPU)", r["ratios"]["rtt_1048576_vs_raw"] <= 1.1,
                    r["ratios"]["rtt_1048576_vs_raw"]))
     for size, row in r.get("aio_rtt_us", {}).items():
@@ -204,8 +205,8 @@ def extended_checks(r) -> list[tuple]:
 def render(r):
     lines = ["## start -> first reply (p50, ms)", "", "| how | ms |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in sorted(r["start_ms"].items(), key=lambda kv: kv[1])]
-    lines += ["", "## call round trip, host and child on one CPU (p50, us)", "", "| how | " + " | ".join(f"{s} B" for s in SIZES) + " |",
-              "|---|" + "---:|" * len(SIZES)]
+    lines += ["", "## call round trip, host and child on one CPU (p50, us)", "",
+              "| how | " + " | ".join(f"{s} B" for s in SIZES) + " |", "|---|" + "---:|" * len(SIZES)]
     for name in r["rtt_us"]["16"]:
         lines.append(f"| {name} | " + " | ".join(str(r["rtt_us"][str(s)][name]) for s in SIZES) + " |")
     if r.get("rtt_us_cross_cpu"):
@@ -214,7 +215,8 @@ def render(r):
         for name in r["rtt_us_cross_cpu"]["16"]:
             lines.append(f"| {name} | " + " | ".join(str(r["rtt_us_cross_cpu"][str(s)][name]) for s in SIZES) + " |")
     lines += ["", f"idle PSS (KiB): {r['idle_pss_kib']}",
-              f"timeout overshoot: p99 {r['timeout_overshoot_ms']['sandbox']} ms, p50 {r['timeout_overshoot_ms']['sandbox_p50']} ms",
+              f"timeout overshoot: p99 {r['timeout_overshoot_ms']['sandbox']} ms, "
+              f"p50 {r['timeout_overshoot_ms']['sandbox_p50']} ms",
               ""]
     if "aio_rtt_us" in r:
         lines += ["| AsyncWorker round trip (p50, us) | " + " | ".join(f"{k} B" for k in r["aio_rtt_us"]) + " |",
@@ -232,7 +234,8 @@ def render(r):
         ("start below every peer", r["start_ms"]["sandbox"] < min(others), r["start_ms"]["sandbox"]),
         ("start <= 2 ms p50", r["start_ms"]["sandbox"] <= 2.0, r["start_ms"]["sandbox"]),
         ("idle PSS <= 4096 KiB", (r["idle_pss_kib"]["sandbox"] or 1e9) <= 4096, r["idle_pss_kib"]["sandbox"]),
-        ("timeout overshoot p99 <= 50 ms", r["timeout_overshoot_ms"]["sandbox"] <= 50, r["timeout_overshoot_ms"]["sandbox"]),
+        ("timeout overshoot p99 <= 50 ms", r["timeout_overshoot_ms"]["sandbox"] <= 50,
+         r["timeout_overshoot_ms"]["sandbox"]),
     ]
     if "aio_rtt_us" in r:
         for size, row in r["aio_rtt_us"].items():

@@ -99,7 +99,8 @@ def run(quick: bool) -> dict:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-    return {"cap_bytes": cap, "empty_maps_per_reply": (cap - 4096) // 100_005 * 100_000, "flood_s": seconds, "hostile_replies": counts,
+    return {"cap_bytes": cap, "empty_maps_per_reply": (cap - 4096) // 100_005 * 100_000, "flood_s": seconds,
+            "hostile_replies": counts,
             "health_p50_ms": round(p50(busy) * 1000, 2), "health_p99_ms": round(pct(busy, 99) * 1000, 2),
             "health_max_ms": round(max(busy) * 1000, 2), "health_p99_idle_ms": round(pct(idle, 99) * 1000, 2),
             "health_samples": len(busy)}

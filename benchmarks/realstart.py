@@ -48,7 +48,7 @@ def plugins() -> dict:
                                             {"name": "world", "items": [1, 2, 3]})),
         "thumbnail": (None, None, "thumbnail", (_png(), 32, 32)),
     }
-    for name, (path, pol, fn, args) in list(out.items()):
+    for name, (path, _pol, fn, args) in list(out.items()):
         if path is None:
             out[name] = (os.path.join(EXAMPLES, name, "worker.py"), os.path.join(ROOT, "policies", f"{name}.toml"),
                          fn, args)
@@ -155,7 +155,7 @@ def run(quick: bool) -> dict:
     failed = {}
     for name, (path, _, fn, args) in list(table.items()):
         try:
-            for c, once in contenders.items():
+            for once in contenders.values():
                 once(name, path, fn, args)  # warm the page cache and the zygote
         except Exception as e:  # noqa: BLE001 - e.g. a preload the host refuses: shown, not fatal
             failed[name] = {"failed": f"{type(e).__name__}: {e}"[:300]}

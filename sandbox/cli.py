@@ -13,6 +13,7 @@ import math
 import os
 import stat
 import sys
+from typing import Any
 
 from . import errors
 
@@ -42,7 +43,8 @@ def inert(text) -> str:
     for ch in text:
         o = ord(ch)
         if o in _UNSAFE:
-            out.append({0x0a: "\\n", 0x0d: "\\r", 0x09: "\\t"}.get(o) or (f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}"))
+            out.append({0x0a: "\\n", 0x0d: "\\r", 0x09: "\\t"}.get(o)
+                       or (f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}"))
         elif 0xd800 <= o <= 0xdfff:  # lone surrogates (undecodable bytes in argv) cannot be printed
             out.append(f"\\u{o:04x}")
         else:
@@ -77,7 +79,7 @@ def dumps(value) -> str:
 
 
 def error_record(exc: errors.SandboxError) -> dict:
-    rec = {"error": exc.kind, "detail": str(exc)}
+    rec: dict[str, Any] = {"error": exc.kind, "detail": str(exc)}
     if isinstance(exc, errors.PluginError):
         rec.update(type=exc.type, message=exc.message, traceback=exc.traceback)
     if isinstance(exc, errors.PolicyViolation):
@@ -126,7 +128,8 @@ def _json_arg(text: str):
     try:
         return json.loads(text, parse_constant=_no_constant)
     except (ValueError, RecursionError) as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {inert(text[:80])!r} ({inert(getattr(e, 'msg', e))})")
+        raise argparse.ArgumentTypeError(
+            f"not valid JSON: {inert(text[:80])!r} ({inert(getattr(e, 'msg', e))})") from None
 
 
 def _no_constant(name):
@@ -137,7 +140,7 @@ def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {inert(text)!r}")
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {inert(text)!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError("must be more than 0")
     return value
@@ -211,7 +214,8 @@ def _call(args) -> int:
     try:
         st = os.stat(args.worker_py)
     except (OSError, ValueError) as e:
-        raise errors.LoadError(type(e).__name__, f"{inert(args.worker_py)}: {getattr(e, 'strerror', None) or e}")
+        raise errors.LoadError(type(e).__name__,
+                               f"{inert(args.worker_py)}: {getattr(e, 'strerror', None) or e}") from None
     if not stat.S_ISREG(st.st_mode):  # a FIFO or a device would block whoever opens it
         raise errors.LoadError("NotARegularFile", f"{inert(args.worker_py)} is not a regular file")
     with Worker(args.worker_py, policy=policy) as w:

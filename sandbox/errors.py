@@ -17,6 +17,10 @@ class SandboxError(Exception):
 
     kind: ClassVar[str] = "error"  # the CLI's error kind and the HTTP app's error name
     _fields: ClassVar[tuple[str, ...]] = ()  # attributes beyond the message, for pickle and JSON
+    # The plugin's traceback, when the error came from one (PluginError, PluginMemoryError).
+    traceback: str | None = None
+    # Set on a failed start when the zygote may still have forked the request: a worker could run.
+    worker_may_run: bool = False
 
     def __init__(self, message: str = "", **fields: Any):
         super().__init__(message)
@@ -27,7 +31,7 @@ class SandboxError(Exception):
     def detail(self) -> str:
         return str(self)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         state = {name: getattr(self, name, None) for name in self._fields}
         extra = {k: v for k, v in self.__dict__.items() if k not in state}
         return (_rebuild, (type(self), str(self), state, extra))
@@ -54,7 +58,7 @@ class SandboxError(Exception):
         return err
 
 
-def _rebuild(klass, message: str, fields: dict, extra: dict):
+def _rebuild(klass: type[SandboxError], message: str, fields: dict, extra: dict) -> SandboxError:
     err = klass.__new__(klass)
     Exception.__init__(err, message)
     for name in klass._fields:
@@ -69,6 +73,7 @@ class PluginError(SandboxError):
 
     kind = "plugin-error"
     _fields = ("type", "message", "traceback")
+    traceback: str
 
     def __init__(self, type: str, message: str, traceback: str = ""):
         Exception.__init__(self, f"{type}: {message}")
@@ -88,6 +93,7 @@ class PluginTimeout(SandboxError):
 
     kind = "timeout"
     _fields = ("timeout",)
+    timeout: float | None
 
     def __init__(self, message: str, timeout: float | None = None):
         super().__init__(message, timeout=timeout)
@@ -98,6 +104,11 @@ class PolicyViolation(SandboxError):
 
     kind = "violation"
     _fields = ("syscall", "arguments", "plugin", "policy", "grant")
+    syscall: str | None
+    arguments: tuple | None
+    plugin: str | None
+    policy: str | None
+    grant: str | None
 
     def __init__(self, message: str, syscall: str | None = None, args: tuple | None = None,
                  plugin: str | None = None, policy: str | None = None, grant: str | None = None):
@@ -110,6 +121,8 @@ class PluginCrashed(SandboxError):
 
     kind = "crashed"
     _fields = ("exit_code", "signal")
+    exit_code: int | None
+    signal: int | None
 
     def __init__(self, message: str, exit_code: int | None = None, signal: int | None = None):
         super().__init__(message, exit_code=exit_code, signal=signal)
@@ -132,6 +145,9 @@ class PolicyError(SandboxError):
 
     kind = "policy-error"
     _fields = ("path", "key", "reason")
+    path: str | None
+    key: str | None
+    reason: str | None
 
     def __init__(self, message: str, path: str | None = None, key: str | None = None):
         where = ""
@@ -153,6 +169,7 @@ class ConfinementError(SandboxError):
 
     kind = "confinement-error"
     _fields = ("layer",)
+    layer: str | None
 
     def __init__(self, message: str, layer: str | None = None):
         super().__init__(message, layer=layer)
@@ -190,6 +207,7 @@ class HostResourceError(SandboxError):
 
     kind = "host-resource"
     _fields = ("resource",)
+    resource: str | None
 
     def __init__(self, message: str, resource: str | None = None):
         super().__init__(message, resource=resource)
@@ -201,7 +219,7 @@ class ZygoteDied(SandboxError):
     kind = "zygote-died"
 
 
-def _all_classes(base: type) -> list[type]:
+def _all_classes(base: type[SandboxError]) -> list[type[SandboxError]]:
     out = [base]
     for sub in base.__subclasses__():
         out += _all_classes(sub)
@@ -209,6 +227,6 @@ def _all_classes(base: type) -> list[type]:
 
 
 _CLASSES = {c.__name__: c for c in _all_classes(SandboxError)}
-_BY_KIND = {}
+_BY_KIND: dict[str, type[SandboxError]] = {}
 for _c in reversed(list(_CLASSES.values())):
     _BY_KIND.setdefault(_c.kind, _c)

@@ -41,7 +41,8 @@ class _Base:
         self.plugin = os.path.abspath(os.fspath(worker_py))  # every start reads the same file
         self.policy = load_policy(policy)  # parsed and compiled once, shared by every worker
         self.spares = _spares(spares)
-        self._options = {"name": name, "start_timeout": start_timeout}
+        self._name = name
+        self._start_timeout = start_timeout
         self._busy: set = set()       # workers answering a call now
         self._closed = False
         self.calls = 0                # calls handed to a worker (each in a process of its own)
@@ -144,7 +145,7 @@ class FreshWorker(_Base):
 
     # ---- background -------------------------------------------------------------------------
     def _start_one(self) -> Worker:
-        return Worker(self.plugin, policy=self.policy, **self._options)
+        return Worker(self.plugin, policy=self.policy, name=self._name, start_timeout=self._start_timeout)
 
     def _keep_ready(self) -> None:
         """One start in flight at a time, whenever fewer than `spares` are ready or starting."""
@@ -155,6 +156,7 @@ class FreshWorker(_Base):
                 if self._closed:
                     return
                 self._starting += 1
+            got: Worker | BaseException
             try:
                 got = self._start_one()
             except BaseException as e:  # noqa: BLE001 - handed to the call that would have used it
@@ -228,7 +230,7 @@ class AsyncFreshWorker(_Base):
                 doomed.append(got)
         for w in doomed:
             self._spawn(w.terminate())  # a call in flight on it ends with the AsyncWorker's error
-        if self._queue is not None:
+        if self._queue is not None and self._slots is not None:  # started: _begin sets both at once
             self._queue.put_nowait(None)  # wakes callers waiting for a spare: they raise WorkerClosed
             for _ in range(self.spares):
                 self._slots.release()  # wakes the refill tasks: they see the close and return
@@ -251,21 +253,22 @@ class AsyncFreshWorker(_Base):
     async def _begin(self) -> None:
         if self._queue is not None:
             raise UsageError("this AsyncFreshWorker was already started")
-        self._queue = asyncio.Queue()
-        self._slots = asyncio.Semaphore(self.spares)
-        await self._slots.acquire()
+        queue: asyncio.Queue = asyncio.Queue()
+        slots = asyncio.Semaphore(self.spares)
+        self._queue, self._slots = queue, slots
+        await slots.acquire()
         first = await self._start_one()  # the AsyncWorker's own errors surface here
-        self._queue.put_nowait(first)
+        queue.put_nowait(first)
         for _ in range(self.spares):
-            self._spawn(self._keep_ready())
+            self._spawn(self._keep_ready(queue, slots))
 
     async def _start_one(self) -> AsyncWorker:
-        return await AsyncWorker.start(self.plugin, self.policy, **self._options)
+        return await AsyncWorker.start(self.plugin, self.policy, name=self._name, start_timeout=self._start_timeout)
 
     async def _take(self) -> AsyncWorker:
         skipped = False
         while True:
-            if self._closed or self._queue is None:
+            if self._closed or self._queue is None or self._slots is None:  # closed, or never started
                 raise self._closed_error()
             got = await self._queue.get()
             if got is None or self._closed:  # close() woke us; pass the wake-up on to the next waiter
@@ -284,11 +287,12 @@ class AsyncFreshWorker(_Base):
             self.calls += 1
             return got
 
-    async def _keep_ready(self) -> None:
+    async def _keep_ready(self, queue: asyncio.Queue, slots: asyncio.Semaphore) -> None:
         while True:
-            await self._slots.acquire()
+            await slots.acquire()
             if self._closed:
                 return
+            got: AsyncWorker | BaseException
             try:
                 got = await self._start_one()
             except asyncio.CancelledError:
@@ -299,7 +303,7 @@ class AsyncFreshWorker(_Base):
                 if isinstance(got, AsyncWorker):
                     await got.terminate()
                 return
-            self._queue.put_nowait(got)
+            queue.put_nowait(got)
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)

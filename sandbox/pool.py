@@ -299,6 +299,16 @@ class _PoolBase:
 class Pool(_PoolBase):
     """A pool of sync Workers; `call()`, `submit()` and `map()` are safe from any number of threads."""
 
+    # the driver's state, set by _reset_driver (again in a forked child)
+    _lock: threading.Lock
+    _wake: threading.Condition
+    _drained: threading.Condition
+    _to_close: list
+    _thread: threading.Thread | None
+    _jobs: queue.SimpleQueue
+    _dispatchers: int
+    _callbacks: CallbackThread
+
     def __init__(self, worker_py, policy=None, **options):
         super().__init__(worker_py, policy, **options)
         self._reset_driver()
@@ -398,9 +408,9 @@ class Pool(_PoolBase):
         self._guard = self._lock
         self._wake = threading.Condition(self._lock)      # the supervisor's
         self._drained = threading.Condition(self._lock)   # close() waits for calls in flight
-        self._to_close: list = []
-        self._thread: threading.Thread | None = None
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # (job, slot) for the dispatchers
+        self._to_close = []
+        self._thread = None
+        self._jobs = queue.SimpleQueue()  # (job, slot) for the dispatchers
         self._dispatchers = 0
         self._callbacks = CallbackThread(self.name)
 
@@ -459,12 +469,16 @@ class Pool(_PoolBase):
                 self._dispatchers += 1
                 threading.Thread(target=self._dispatch, name=f"sandbox-pool-{self.name}-submit", daemon=True).start()
         if job.attempt == 0:
-            fut.add_done_callback(lambda f, job=job: f.cancelled() and self._abandon(job))
+            def abandon_if_cancelled(f: concurrent.futures.Future) -> None:
+                if f.cancelled():
+                    self._abandon(job)
+            fut.add_done_callback(abandon_if_cancelled)
         return fut
 
     def _abandon(self, job: _Job) -> None:
         """A submitted call was cancelled before it ran: its place (or worker) goes back, and
         its future is told, so that `wait()` and `as_completed()` see it done."""
+        assert job.slot is not None and job.future is not None  # _submit sets both before it can be cancelled
         with self._lock:
             self._core.abandon(job.slot)
             if not job.started:
@@ -558,6 +572,14 @@ class AsyncPool(_PoolBase):
 
     _worker_class = AsyncWorker
 
+    # the driver's state, set by _reset_driver (again in a forked child)
+    _wake: asyncio.Event
+    _drained: asyncio.Event
+    _task: asyncio.Task | None
+    _opening: asyncio.Future | None
+    _to_close: list
+    _closers: set
+
     def __init__(self, worker_py, policy=None, **options):
         super().__init__(worker_py, policy, **options)
         self._reset_driver()
@@ -596,7 +618,7 @@ class AsyncPool(_PoolBase):
         """`async for r in pool.map(name, items)`: like Pool.map; `iterable` may be async."""
         window = self.size + min(self.size, self._core.max_queue)
         items = aiter(iterable) if hasattr(iterable, "__aiter__") else None
-        plain = iter(iterable) if items is None else None
+        plain = iter(iterable) if items is None else iter(())  # the one not read stays empty
         pending: collections.deque = collections.deque()
         loop = asyncio.get_running_loop()
         try:
@@ -650,10 +672,10 @@ class AsyncPool(_PoolBase):
         self._guard = contextlib.nullcontext()  # the loop serialises everything
         self._wake = asyncio.Event()
         self._drained = asyncio.Event()
-        self._task: asyncio.Task | None = None
-        self._opening: asyncio.Future | None = None
-        self._to_close: list = []
-        self._closers: set = set()
+        self._task = None
+        self._opening = None
+        self._to_close = []
+        self._closers = set()
 
     async def _ensure_open(self) -> None:
         """Start the workers and the supervisor once (also lazily, e.g. in a forked child)."""
@@ -699,7 +721,10 @@ class AsyncPool(_PoolBase):
         if w is not None:
             return w
         fut = asyncio.get_running_loop().create_future()
-        slot.wake = lambda: fut.done() or fut.set_result(None)
+        def wake() -> None:
+            if not fut.done():
+                fut.set_result(None)
+        slot.wake = wake
         try:
             await fut
         except asyncio.CancelledError:

@@ -410,6 +410,7 @@ class PoolCore:
                 continue
             slot.worker = w
             self.busy += 1
+            assert slot.wake is not None  # the owner sets it before a queued slot's lock is released
             slot.wake()
             return
         self.idle.append(w)
@@ -436,4 +437,5 @@ class PoolCore:
             slot = self.waiters.popleft()
             if not slot.gone:
                 slot.error = error
+                assert slot.wake is not None  # the owner sets it before a queued slot's lock is released
                 slot.wake()

@@ -50,7 +50,7 @@ def _pipe():
 
 def _host_short_of(e: OSError) -> SandboxError:
     names = {24: "file descriptors", 23: "file descriptors", 12: "memory", 28: "disk space", 11: "processes"}
-    what = names.get(e.errno)
+    what = names.get(e.errno) if e.errno is not None else None
     if what is None:
         return HostResourceError(f"a worker could not be set up: {e}")
     return HostResourceError(f"the host is out of {what} ({e.strerror})", resource=what)
@@ -69,7 +69,10 @@ class Spawned:
     def __init__(self, policy, plugin: str, name: str, start_timeout: float | None = None):
         deadline = time.monotonic() + (SPAWN_TIMEOUT if start_timeout is None else start_timeout)
         self.policy = policy
-        self.uid = uids.allocate(*policy.uid_range, policy_path=policy.path) if os.geteuid() == 0 else None
+        self.uid: int | None = None
+        if os.geteuid() == 0:
+            lo, hi = policy.uid_range
+            self.uid = uids.allocate(lo, hi, policy_path=policy.path)
         self.scratch = None
         self.fds: dict[str, int] = {}
         self.pid = self.pidfd = None

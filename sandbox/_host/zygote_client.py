@@ -60,7 +60,13 @@ class Zygote:
         self._retired: list[tuple[subprocess.Popen, socket.socket]] = []
         self.report: dict = {}
 
-    def _start(self, timeout: float = REPLY_TIMEOUT):
+    def _running(self) -> tuple[subprocess.Popen, socket.socket] | None:
+        """The zygote's process and control socket while it runs; None when it must be (re)started."""
+        if self._ctl is None or self._proc is None or self._proc.poll() is not None:
+            return None
+        return self._proc, self._ctl
+
+    def _start(self, timeout: float = REPLY_TIMEOUT) -> tuple[subprocess.Popen, socket.socket]:
         host_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # PDEATHSIG fires when the *thread* that started the zygote ends, so it is only asked for
         # when that thread is the main one; otherwise EOF on the control socket does the job alone.
@@ -97,6 +103,7 @@ class Zygote:
         for problem in hello.get("errors", ()):
             # Not fatal (seccomp still refuses socket() without a network grant), never silent.
             log.warning("sandbox zygote: %s unavailable; workers run without it", problem)
+        return self._proc, host_end
 
     @property
     def pid(self):
@@ -117,19 +124,21 @@ class Zygote:
         try:
             why = "it ended"
             for _ in (0, 1):
-                if self._ctl is None or self._proc.poll() is not None:
+                live = self._running()
+                if live is None:
                     self._kill()
-                    self._start(max(deadline - time.monotonic(), 0.001))
+                    live = self._start(max(deadline - time.monotonic(), 0.001))
+                proc, ctl = live
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
-                self._ctl.settimeout(left)
+                ctl.settimeout(left)
                 try:
-                    socket.send_fds(self._ctl, [payload], fds)
-                    msg, got, _, _ = socket.recv_fds(self._ctl, MAX_REPLY, 1)
+                    socket.send_fds(ctl, [payload], fds)
+                    msg, got, _, _ = socket.recv_fds(ctl, MAX_REPLY, 1)
                 except socket.timeout:
                     self._retire()
-                    err = ZygoteDied(f"the zygote did not answer within {timeout:.2g} s (stopped or "
+                    err: SandboxError = ZygoteDied(f"the zygote did not answer within {timeout:.2g} s (stopped or "
                                      "overloaded); it takes no more requests and the next worker "
                                      "starts on a new zygote")
                     err.worker_may_run = True  # it may still fork this request when it resumes
@@ -152,7 +161,7 @@ class Zygote:
                     for fd in got:
                         os.close(fd)
                     raise _refusal(error or "no pidfd came with the reply")
-                return pid, got[0], self._proc
+                return pid, got[0], proc
             else:
                 raise ZygoteDied(f"the zygote died while starting a worker ({why}), and so did its replacement")
             raise ZygoteDied(f"no zygote answered within {timeout:g} s")
@@ -239,7 +248,7 @@ def zygote_death(proc: subprocess.Popen | None, wait: float = 0.05) -> ZygoteDie
 
 def _resource(e: OSError) -> str | None:
     return {errno.EMFILE: "file descriptors", errno.ENFILE: "file descriptors", errno.EAGAIN: "processes",
-            errno.ENOMEM: "memory"}.get(e.errno)
+            errno.ENOMEM: "memory"}.get(e.errno) if e.errno is not None else None
 
 
 def _refusal(error: str) -> SandboxError:

@@ -20,6 +20,7 @@ import stat
 import sys
 import traceback
 import types
+from typing import Any, Callable
 
 import msgpack
 import prctl
@@ -64,7 +65,7 @@ def _names_used(*functions) -> tuple[str, ...]:
 
 
 _WATCHED: tuple[str, ...] = ()
-_current = operator.itemgetter("len")
+_current: Callable[[dict], Any] = operator.itemgetter("len")  # the watched builtins, once _WATCHED is known
 _expected: tuple = ()
 
 
@@ -431,7 +432,7 @@ def _serve(module, exports: frozenset, max_frame: int) -> None:
     limits = protocol.Limits(max_bytes=max_frame, max_depth=None)  # the host is the trusted side
     # the loop every call goes through: names bound locally, not looked up per frame
     payload_view, read_size, feed, advance = decoder.payload_view, decoder.read_size, decoder.feed, decoder.advance
-    loads, read, readv, CALL, POST = _loads, _read, _readv, framing.CALL, framing.POST
+    loads, read, readv, CALL = _loads, _read, _readv, framing.CALL
     at_boundary, single_frame, HEADER_SIZE = decoder.at_boundary, framing.single_frame, framing.HEADER_SIZE
     seen, own = _seen, _OwnBuiltins
     functions = module.__dict__

@@ -233,6 +233,6 @@ def _existing(paths, base, path, key) -> list[str]:
     return out
 
 
-_default = None
+_default: Policy | None = None  # the shipped default, loaded once
 
 __all__ = ["Policy", "PolicyError", "Limits", "Filesystem", "Network", "Seccomp", "Destination"]

@@ -89,12 +89,13 @@ def _meet(conj: dict, a: Atom) -> dict | None:
 
 def overlap(a: list[Atom], b: list[Atom]) -> bool:
     """Can both conjunctions hold at once? (True when unsure.)"""
-    conj: dict | None = {}
+    conj: dict = {}
     try:
         for atom in list(a) + list(b):
-            conj = _meet(conj, atom)
-            if conj is None:
+            met = _meet(conj, atom)
+            if met is None:
                 return False
+            conj = met
     except Unexpressible:
         return True
     return True

@@ -31,6 +31,8 @@ def explain_text(policy) -> str:
     lim = e["limits"]
     fs = e["filesystem"]
     net = e["network"]
+    env = e["environment"]
+    passed_env = ", " + ", ".join(env["pass"] + list(env["set"])) if env["pass"] or env["set"] else ""
     lines = [f"policy {e['name']}  ({e['path']})"]
     if e["description"]:
         lines.append(f"  {e['description']}")
@@ -38,7 +40,8 @@ def explain_text(policy) -> str:
         lines.append("  extends: " + " -> ".join(e["extends"]))
     for w in e["warnings"]:
         lines.append(f"  warning: {w}")
-    scratch = f" + a private scratch dir ({fs['scratch_mb']} MiB, {fs['scratch_inodes']} inodes)" if fs["scratch"] else ""
+    scratch = (f" + a private scratch dir ({fs['scratch_mb']} MiB, {fs['scratch_inodes']} inodes)"
+               if fs["scratch"] else "")
     lines += [
         "",
         f"limits      timeout {lim['timeout']} s per call, CPU {lim['cpu_seconds']} s, memory {lim['memory_mb']} MiB,",
@@ -46,7 +49,8 @@ def explain_text(policy) -> str:
         f"{lim['max_message_bytes']} bytes,",
         f"            {lim['threads']} extra threads (limits.threads), {lim['processes']} child processes "
         "(limits.processes)",
-        f"identity    a unique uid/gid from {e['identity']['uid_range'][0]}-{e['identity']['uid_range'][1]} (root hosts)",
+        f"identity    a unique uid/gid from {e['identity']['uid_range'][0]}-{e['identity']['uid_range'][1]} "
+        "(root hosts)",
         f"files       read-only: runtime, plugin folder{', ' + ', '.join(fs['read_only']) if fs['read_only'] else ''}",
         f"            writable: {', '.join(fs['writable']) or 'nothing'}{scratch}",
         f"network     {'families ' + ', '.join(net['families']) if net['allow'] else 'none (empty network namespace)'}"
@@ -54,7 +58,7 @@ def explain_text(policy) -> str:
         *_enforced_lines(net),
         f"environment HOME, USER, LOGNAME{', TMPDIR' if fs['scratch'] else ''}"
         f"{', thread caps (OPENBLAS_NUM_THREADS=1, ...)' if not e['facts']['may_thread'] else ''}"
-        f"{', ' + ', '.join(e['environment']['pass'] + list(e['environment']['set'])) if e['environment']['pass'] or e['environment']['set'] else ''}",
+        f"{passed_env}",
         f"preload     {', '.join(e['python']['preload']) or 'nothing'}",
         f"may         fork: {'yes' if e['facts']['may_fork'] else 'no'}, threads: "
         f"{'yes' if e['facts']['may_thread'] else 'no'}, network: {'yes' if e['facts']['may_network'] else 'no'}",
@@ -66,7 +70,7 @@ def explain_text(policy) -> str:
     lines.append(f"  allowed ({len(e['seccomp']['allow'])}): " + " ".join(e["seccomp"]["allow"]))
     for r in e["seccomp"]["rules"]:
         lines.append(f"  {r['syscall']} only when {' and '.join(r['when'])}")
-    answered = {}
+    answered: dict[tuple, list[str]] = {}  # (syscall, errno, source) -> the conditions of each rule
     for r in e["seccomp"]["errno_rules"]:
         answered.setdefault((r["syscall"], r["errno"], r["from"]), []).append(" and ".join(r["when"]))
     for (name, err, source), whens in answered.items():

@@ -11,6 +11,7 @@ no added capabilities): the default is a strict subset of it, and far smaller. E
 "compare" says where it sits against Docker and against systemd's @system-service set, which
 is a much wider grant (it holds @process, @network-io, @file-system and more).
 """
+from typing import Any
 
 # openat/open flags that create, truncate or write: a read-only open must have none of them.
 O_WRITE_MASK = 0x1 | 0x2 | 0x40 | 0x200 | 0x400 | 0x400000  # WRONLY RDWR CREAT TRUNC APPEND __O_TMPFILE
@@ -26,7 +27,8 @@ NSCD_SOCKET_TYPE = 0x80801  # SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, as gli
 THREAD_RULE = f"arg0 & {CLONE_THREAD | CLONE_NEW_MASK:#x} == {CLONE_THREAD:#x}"
 PROCESS_RULE = f"arg0 & {CLONE_THREAD | CLONE_NEW_MASK:#x} == 0"
 
-GROUPS = {
+# name -> {"why", "compare", "allow", "rules", "answers"}: strings and lists of them, as above
+GROUPS: dict[str, dict[str, Any]] = {
     "@sandbox-runtime": {
         "why": "the worker's own serve loop after the filter is on: read frames, write frames, hand "
                "the seccomp listener to the host on fd 5 (closed before the plugin loads), exit",

@@ -32,6 +32,7 @@ import os
 import struct
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import PolicyViolation, SandboxError, UsageError
 from .learn_propose import propose
@@ -124,14 +125,15 @@ def learning_policy(base, program: bytes):
     scratch dir, room for threads and processes (RLIMIT_NPROC still caps them), and the
     learning filter as its program."""
     from . import Policy, schema
-    data = {"extends": base.path,
-            "filesystem": {"read_only": ["/"], "scratch": True},
-            "limits": {**{k: LEARN_TASKS for k in ("processes", "threads") if k in schema.SCHEMA["limits"]},
-                       "file_size_mb": max(base.limits.file_size_bytes // schema.MIB, LEARN_FILE_MB)},
-            "seccomp": {"default_action": "kill", "groups": ["@process"]}}  # @process: the zygote then
+    data: dict[str, Any] = {
+        "extends": base.path,
+        "filesystem": {"read_only": ["/"], "scratch": True},
+        "limits": {**{k: LEARN_TASKS for k in ("processes", "threads") if k in schema.SCHEMA["limits"]},
+                   "file_size_mb": max(base.limits.file_size_bytes // schema.MIB, LEARN_FILE_MB)},
+        "seccomp": {"default_action": "kill", "groups": ["@process"]}}  # @process: the zygote then
     policy = Policy.from_dict(data, path=None, base_dir=os.path.dirname(base.path))  # reaps leftovers
     policy.name = base.name
-    policy.bpf = lambda *a, **k: program
+    policy._bpf = {True: program, False: program}  # bpf() returns the learning filter, whatever it is asked
     return policy
 
 
@@ -207,7 +209,7 @@ class LearnResult:
     outcomes: list[tuple[str, str | None]]      # (call, None or the error it ended in)
     recorder: Recorder
     hooked: bool                                # ran through Worker's _on_syscall hook
-    results: list = None                        # what each successful call returned, in order
+    results: list | None = None                 # what each successful call returned, in order
 
     @property
     def ok(self) -> bool:

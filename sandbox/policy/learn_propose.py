@@ -159,12 +159,15 @@ def propose(rec: Recorder, *, out_path: str | None, outcomes: list[tuple[str, st
         L.append(f"#   {_clean(label)}: " + ("ok" if err is None else "FAILED: " + _clean(err, 240)))
     L.append("# Review every grant: learning let each of these through once. Learning is for vetting a")
     L.append("# plugin on trusted inputs, not for serving untrusted traffic.")
+    assert rec.base.path is not None  # learn() refuses a base policy that is not a file
     L.append(f"extends = {_q(_extends_value(rec.base.path, out_path))}")
-    L.append(f"description = {_q('learned for ' + os.path.basename(os.path.dirname(rec.plugin)) + '/' + os.path.basename(rec.plugin))}")
+    plugin_label = os.path.basename(os.path.dirname(rec.plugin)) + "/" + os.path.basename(rec.plugin)
+    L.append(f"description = {_q('learned for ' + plugin_label)}")
 
     limits = []
     if "threads" in schema.SCHEMA["limits"]:
         if rec.threads:
+            assert rec.thread_seen is not None  # recorded with the first thread counted
             limits.append(f"threads = {rec.threads}  # most threads at once: {_why(rec.thread_seen)}")
         if rec.process_seen:
             limits.append(f"processes = {max(rec.processes, 1)}  # NEW PROCESSES: {_why(rec.process_seen)}")
@@ -259,7 +262,7 @@ def propose(rec: Recorder, *, out_path: str | None, outcomes: list[tuple[str, st
         notes.append(f"# refused during learning, not granted: {_clean(text)} ({_why(seen)})")
     for note, seen in sorted(rec.benign.items()):
         notes.append(f"# known harmless: {_clean(note)} ({_why(seen)})")
-    for path, seen in sorted(rec.looked.items())[:40]:
+    for path, _seen in sorted(rec.looked.items())[:40]:
         notes.append(f"# looked at (stat/access, which Landlock does not limit; nothing to grant): {_clean(path)}")
     if len(rec.looked) > 40:
         notes.append(f"# ... and {len(rec.looked) - 40} more paths looked at")

@@ -13,9 +13,13 @@ import re
 import sys
 import sysconfig
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .._host import decode
 from .dangerous import DANGEROUS
+
+if TYPE_CHECKING:
+    from . import Policy
 
 MAX_NOTIFICATIONS = 2_000_000  # a plugin looping on syscalls: stop learning, kill it
 MAX_DISTINCT = 20_000       # recorded entries kept (the rest only counted)
@@ -67,7 +71,7 @@ class Seen:
 
 @dataclass
 class Recorder:
-    base: object
+    base: Policy
     plugin: str
     view_read: list[str]
     view_write: list[str]
@@ -98,7 +102,7 @@ class Recorder:
     unreadable_paths: int = 0
     dropped: int = 0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         sec = self.base.explain()["seccomp"]
         self._allow = set(sec["allow"])
         self._rules: dict[str, list[list[str]]] = {}

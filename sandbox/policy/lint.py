@@ -16,9 +16,13 @@ import os
 import sys
 import tomllib
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from ..errors import PolicyError
 from . import destinations
+
+if TYPE_CHECKING:
+    from . import Policy
 
 # Names that make a new process, run a program or signal another one.
 PROCESS_CALLS = frozenset({"fork", "vfork", "clone", "execve", "execveat", "kill", "setsid", "setpgid",
@@ -80,7 +84,7 @@ def _extends_findings(raw: dict, path: str) -> list[Finding]:
                     f"extends {value!r}, but {target} does not exist{_suggest_extends(value, path)}")]
 
 
-def _load(path: str) -> tuple[object | None, list[Finding]]:
+def _load(path: str) -> tuple[Policy | None, list[Finding]]:
     from . import Policy
     try:
         return Policy.load(path), []
@@ -167,8 +171,8 @@ def _preload_findings(eff: dict) -> list[Finding]:
     for name in eff.get("python", {}).get("preload", ()):
         if name.split(".", 1)[0] in THREADED_IMPORTS and not threads and not capped:
             out.append(Finding("warning", "python.preload",
-                               f"{name!r} starts a thread pool at import, and this policy grants no threads: on root hosts "
-                               'the preload fails; set environment.set OPENBLAS_NUM_THREADS = "1" (and '
+                               f"{name!r} starts a thread pool at import, and this policy grants no threads: "
+                               'on root hosts the preload fails; set environment.set OPENBLAS_NUM_THREADS = "1" (and '
                                "OMP_NUM_THREADS) or grant threads"))
         top = name.split(".", 1)[0]
         try:

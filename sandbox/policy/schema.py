@@ -4,6 +4,7 @@ import errno as errno_mod
 import ipaddress
 import math
 import re
+from typing import Any, Callable
 
 from ..errors import PolicyError
 
@@ -166,7 +167,8 @@ def _rules(v):
     return out
 
 
-SCHEMA = {
+# section -> key -> (a checker that returns the value or raises ValueError, the default)
+SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "limits": {
         "timeout": (_number(lo=0.001, hi=86400), 10.0),
         "cpu_seconds": (_number(lo=1, hi=86400, integer=True), 60),

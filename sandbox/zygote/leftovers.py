@@ -23,7 +23,7 @@ def may_start_processes(policy) -> bool:
 
 
 class Leftovers:
-    def __init__(self):
+    def __init__(self) -> None:
         self._watched: set[int] = set()  # workers whose policy lets them start processes
 
     @staticmethod

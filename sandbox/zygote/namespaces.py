@@ -9,6 +9,7 @@ the rest of the parent (say, root's home) vanishes from the workers' sight.
 """
 import os
 import stat
+from typing import Iterable
 
 from ..child import syscalls as _sys
 
@@ -57,9 +58,9 @@ def _enter_user_namespace():
         f.write(f"{gid} {gid} 1")
 
 
-def _blocked_parents(paths):
+def _blocked_parents(paths: Iterable[str]) -> dict[str, set[str]]:
     """Map each directory that 'others' can't traverse to the children of it we must keep."""
-    blocked: dict[str, set] = {}
+    blocked: dict[str, set[str]] = {}
     for path in paths:
         path = os.path.abspath(path)
         parts = path.strip("/").split("/")

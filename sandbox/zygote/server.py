@@ -53,7 +53,7 @@ def run(ctl: socket.socket, pdeathsig: bool) -> None:
             events = poller.poll()
         except InterruptedError:
             continue
-        for fd, ev in events:
+        for fd, _ev in events:
             if fd == rd:
                 _drain(rd)
                 _reap(status_fds)
