@@ -8,8 +8,10 @@ worker's confinement: a path or value with a NUL byte is a PolicyError naming th
 import os
 
 from ..errors import PolicyError, UsageError
+from ..policy import destinations
 from ..protocol.plan import Landlock, Plan, PlanError
 from ..zygote.leftovers import may_start_processes
+from . import rulesets
 from .zygote_client import runtime_paths
 
 # Read-only system paths every worker needs: shared libraries (C extensions dlopen them),
@@ -64,7 +66,11 @@ def build(policy, plugin: str, module_name: str, uid: int | None, scratch: str |
     bad_names = [k for k in env if not k or "=" in k]
     if bad_names:
         raise PolicyError(f"{bad_names[0]!r} is not a variable name", path=policy.path, key="environment")
-    read = _runtime_read() + (os.path.dirname(plugin),) + tuple(fs.read_only)
+    network = bool(policy.network.allow)
+    # TCP ports only (Landlock has no address rules); a host name brings DNS along
+    ports = destinations.enforced_ports(policy.network, policy.path) if network else ()
+    dns = destinations.DNS_FILES if destinations.needs_dns(policy.network) else ()
+    read = _runtime_read() + (os.path.dirname(plugin),) + tuple(fs.read_only) + dns
     write = tuple(fs.writable) + ((scratch,) if scratch else ())
     families = set(getattr(policy.network, "families", ()) or ())
     notify = policy.seccomp.default_action == "kill"
@@ -72,8 +78,8 @@ def build(policy, plugin: str, module_name: str, uid: int | None, scratch: str |
         return Plan(
             plugin=plugin, module_name=module_name, title=_title(module_name, policy),
             uid=uid, gid=uid, rlimits=rlimits, env=env, preload=tuple(policy.preload),
-            landlock=Landlock(read=read, write=write, network=bool(policy.network.allow),
-                              abstract_unix=bool(policy.network.allow) and "unix" in families),
+            landlock=Landlock(read=read, write=write, network=network, connect=ports,
+                              unix=network and "unix" in families, abi_max=rulesets.ABI_MAX),
             bpf=policy.bpf(notify=notify), notify=notify, max_frame=lim.max_message_bytes,
             own_userns=own_userns,
             may_fork=may_start_processes(policy),  # the zygote then kills what it started, too

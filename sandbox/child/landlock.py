@@ -1,5 +1,14 @@
 """Landlock through ctypes: a deny-by-default filesystem view, TCP rules and scoping.
 
+What each part can and cannot say, because the policy keys promise no more than this:
+- TCP (ABI 4): rules name a port, never an address. A worker granted port 8080 may connect to
+  port 8080 on any address it can route to; bind is handled with no rule, so it is denied.
+  There are no UDP rules at all: a worker in the host's network namespace sends datagrams
+  anywhere its socket family allows.
+- Abstract unix sockets (ABI 6): only a scope exists (none outside the worker's own Landlock
+  domain), no rule naming a socket, so they are scoped always. Pathname unix sockets are files:
+  the path rules decide them.
+
 Chosen over the `landlock` PyPI package because the child must stay lean (no extra imports
 after fork) and we need ABI 4 (network) and ABI 6 (signal and abstract-socket scoping), which we
 detect and use when present.
@@ -49,28 +58,64 @@ def abi_version(at_most: int | None = None) -> int:
     return abi
 
 
+class MissingLayer(OSError):
+    """This kernel lacks a Landlock feature the plan needs: the worker refuses to start, and the
+    host's ConfinementError names `layer` (e.g. "landlock-net")."""
+
+    def __init__(self, layer: str, message: str):
+        super().__init__(message)
+        self.layer = layer
+
+
+NET_ABI, SCOPE_ABI = 4, 6
+
+
+def require(abi: int, *, port_rules: bool, unix_sockets: bool) -> None:
+    """Refuse, naming the layer, what this ABI cannot enforce: port rules need ABI 4; a worker
+    that may make unix sockets in the host's network namespace needs the abstract-socket scope
+    (ABI 6), or it could reach every abstract socket on the host."""
+    if port_rules and abi < NET_ABI:
+        raise MissingLayer("landlock-net", f"network.connect needs Landlock TCP rules (ABI {NET_ABI}); "
+                           f"this kernel has ABI {abi}: refusing to start with any TCP port open")
+    if unix_sockets and abi < SCOPE_ABI:
+        raise MissingLayer("landlock-scope", f'families = ["unix"] needs the Landlock abstract-socket scope '
+                           f"(ABI {SCOPE_ABI}); this kernel has ABI {abi}: the worker could reach every "
+                           "abstract unix socket of the host's network namespace")
+
+
 def handled_fs(abi: int) -> int:
     return FS_BY_ABI.get(abi, FS_BY_ABI[5])
 
 
-def build_ruleset(read_paths, write_paths, *, abi: int, deny_tcp: bool, scope_abstract_unix: bool,
+def build_ruleset(read_paths, write_paths, *, abi: int, tcp: str, connect_ports=(),
                   scope_signals: bool = True) -> int:
-    """A ruleset fd holding the path rules. Built once per distinct plan by the zygote and
-    reused by every worker (restricting oneself with it does not change it)."""
+    """A ruleset fd holding the path and port rules. Built once per distinct plan by the host and
+    reused by every worker (restricting oneself with it does not change it).
+
+    `tcp`: "none" (bind and connect denied), "ports" (connect to `connect_ports` only, bind
+    denied) or "any" (TCP not handled: today's `network.allow` without `connect`). Abstract unix
+    sockets are always scoped where the kernel can (ABI 6); `require` refuses where it must."""
+    if tcp not in ("none", "ports", "any"):
+        raise ValueError(f"tcp must be none, ports or any, not {tcp!r}")
+    if tcp == "ports":
+        require(abi, port_rules=True, unix_sockets=False)
     fs = handled_fs(abi)
     attr = _RulesetAttr(fs, 0, 0)
     size = 8
-    if abi >= 4:
+    if abi >= NET_ABI:
         size = 16
-        attr.net = (NET_BIND_TCP | NET_CONNECT_TCP) if deny_tcp else 0
-    if abi >= 6:
+        attr.net = (NET_BIND_TCP | NET_CONNECT_TCP) if tcp != "any" else 0
+    if abi >= SCOPE_ABI:
         size = 24
-        attr.scoped = (SCOPE_SIGNAL if scope_signals else 0) | (SCOPE_ABSTRACT_UNIX_SOCKET if scope_abstract_unix else 0)
+        attr.scoped = (SCOPE_SIGNAL if scope_signals else 0) | SCOPE_ABSTRACT_UNIX_SOCKET
     ruleset = check(libc.syscall(SYS_create_ruleset, ctypes.byref(attr), size, 0), "landlock_create_ruleset")
     try:
         for paths, rights in ((read_paths, READ_RIGHTS), (write_paths, fs)):
             for path in paths:
                 _add_path(ruleset, path, rights & fs)
+        if tcp == "ports":
+            for port in connect_ports:
+                _add_port(ruleset, port, NET_CONNECT_TCP)
     except BaseException:
         os.close(ruleset)
         raise
@@ -102,3 +147,11 @@ def _add_path(ruleset: int, path: str, rights: int) -> None:
               f"landlock_add_rule {path}")
     finally:
         os.close(fd)
+
+
+def _add_port(ruleset: int, port: int, rights: int) -> None:
+    if type(port) is not int or not 0 < port < 65536:
+        raise ValueError(f"{port!r} is not a TCP port")
+    rule = _NetPort(rights, port)
+    check(libc.syscall(SYS_add_rule, ruleset, RULE_NET_PORT, ctypes.byref(rule), 0),
+          f"landlock_add_rule tcp port {port}")

@@ -151,8 +151,19 @@ def set_rlimits(plan, state):
 
 
 def restrict_filesystem(plan, state):
+    """Landlock: the paths, the TCP ports, the scopes. What this kernel cannot enforce of what the
+    plan needs (TCP port rules, the abstract-socket scope) is refused here, naming the layer,
+    whether the host prepared the ruleset or not: the ABI answer is this worker's own."""
     ll = plan.landlock
+    abi = landlock.abi_version(ll.abi_max)
     ruleset = state.pop("ruleset", None)
+    try:
+        if abi >= 1:
+            landlock.require(abi, port_rules=ll.tcp == "ports", unix_sockets=ll.unix)
+    except BaseException:
+        if ruleset is not None:
+            os.close(ruleset)
+        raise
     if ruleset is not None and state.get("own_ruleset"):
         # the host's ruleset names the host's inodes: its scratch folder, not the tmpfs over it,
         # and the host's /proc, not the worker's
@@ -164,11 +175,9 @@ def restrict_filesystem(plan, state):
         finally:
             os.close(ruleset)
         return
-    abi = landlock.abi_version(getattr(ll, "abi_max", None))
     if abi < 1:
         raise OSError("Landlock is not available in this kernel (the policy's filesystem rules need it)")
-    landlock.restrict(list(ll.read), list(ll.write), abi=abi, deny_tcp=not ll.network,
-                      scope_abstract_unix=not ll.abstract_unix)
+    landlock.restrict(list(ll.read), list(ll.write), abi=abi, tcp=ll.tcp, connect_ports=ll.connect)
 
 
 def drop_privileges(plan, state):
@@ -322,7 +331,7 @@ STEPS = (
 class StepFailed(Exception):
     def __init__(self, step: str, error: BaseException):
         super().__init__(f"confinement step {step!r} failed: {type(error).__name__}: {error}")
-        self.step = step
+        self.step = getattr(error, "layer", None) or step  # a layer the step found missing, by name
         self.error = error
 
 

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 
 from ..errors import PolicyError
-from . import compile as _compile, loader, schema
+from . import compile as _compile, destinations, loader, schema
 
 MIB = schema.MIB
 
@@ -108,6 +108,7 @@ class Policy:
                               "network.connect")
         self.network = Network(allow=net["allow"], families=tuple(net["families"]),
                                connect=tuple(Destination(*schema.parse_destination(d)) for d in net["connect"]))
+        destinations.enforced_ports(self.network, path)  # refuses an address Landlock cannot enforce
         self.preload = list(tables["python"]["preload"])
         sec = tables["seccomp"]
         self.warnings: list[str] = []
@@ -201,7 +202,8 @@ class Policy:
                            "scratch": self.filesystem.scratch, "scratch_mb": self.filesystem.scratch_mb,
                            "scratch_inodes": self.filesystem.scratch_inodes},
             "network": {"allow": self.network.allow, "families": list(self.network.families),
-                        "connect": [str(d) for d in self.network.connect]},
+                        "connect": [str(d) for d in self.network.connect],
+                        "enforced": destinations.enforced(self.network)},
             "environment": {"pass": t["environment"]["pass"], "set": t["environment"]["set"]},
             "python": {"preload": self.preload},
             "facts": {"may_fork": self.may_fork, "may_thread": self.may_thread, "may_network": self.may_network},

@@ -12,6 +12,20 @@ def _mode(sec: dict) -> str:
             "call stop the worker; dangerous ones always stop it")
 
 
+def _enforced_lines(net: dict) -> list[str]:
+    """What the kernel holds a networked worker to: Landlock matches TCP ports, not addresses."""
+    if not net["allow"]:
+        return []
+    enf = net["enforced"]
+    lines = [f"            TCP: {enf['tcp']}", f"            UDP: {enf['udp']}",
+             f"            abstract unix sockets: {enf['abstract_unix']}",
+             f"            pathname unix sockets: {enf['pathname_unix']}"]
+    if enf["dns"]:
+        lines.append("            DNS: a host name is granted: /etc/resolv.conf, /etc/hosts, /etc/nsswitch.conf, "
+                     "/etc/gai.conf readable, TCP port 53 open")
+    return lines
+
+
 def explain_text(policy) -> str:
     e = policy.explain()
     lim = e["limits"]
@@ -41,6 +55,7 @@ def explain_text(policy) -> str:
         f"            writable: {', '.join(fs['writable']) or 'nothing'}{scratch}",
         f"network     {'families ' + ', '.join(net['families']) if net['allow'] else 'none (empty network namespace)'}"
         f"{'; connect to ' + ', '.join(net['connect']) if net['connect'] else ''}",
+        *_enforced_lines(net),
         f"environment HOME, USER, LOGNAME{', TMPDIR' if fs['scratch'] else ''}"
         f"{', thread caps (OPENBLAS_NUM_THREADS=1, ...)' if not e['facts']['may_thread'] else ''}"
         f"{passed_env}",

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import PolicyError
+from . import destinations
 
 if TYPE_CHECKING:
     from . import Policy
@@ -197,6 +198,7 @@ def lint(policy_path) -> list[Finding]:
         return load_findings
     eff = policy.explain()
     findings += _seccomp_findings(raw, eff) + _network_findings(eff) + _path_findings(eff)
+    findings += [Finding(*f) for f in destinations.lint(policy.network)]
     findings += _preload_findings(eff)
     return sorted(findings, key=lambda f: f.level != "error")
 

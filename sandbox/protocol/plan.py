@@ -83,25 +83,47 @@ class _Record:
         return out
 
 
+def _is_ports(v: Any) -> bool:
+    return type(v) is tuple and all(type(p) is int and 0 < p < 65536 for p in v)
+
+
 class Landlock(_Record):
-    __slots__ = ("read", "write", "network", "abstract_unix")
+    """The worker's Landlock rules. `network`: the worker shares the host's network namespace.
+    `connect`: with `network`, the only TCP ports it may connect to (empty: TCP is not limited);
+    bind is then denied. `unix`: it may make AF_UNIX sockets there, so the abstract-socket scope
+    is required (abstract sockets are always scoped; Landlock cannot grant one by name).
+    `abi_max`: never use a Landlock ABI above this (a test, or a cautious operator, makes this
+    kernel behave as an older one), None for the kernel's own."""
+
+    __slots__ = ("read", "write", "network", "connect", "unix", "abi_max")
     read: tuple[str, ...]
     write: tuple[str, ...]
     network: bool
-    abstract_unix: bool
+    connect: tuple[int, ...]
+    unix: bool
+    abi_max: int | None
     FIELDS = {
         "read": (_is_strs, "a tuple of paths"),
         "write": (_is_strs, "a tuple of paths"),
-        "network": (_is_bool, "a bool (TCP allowed)"),
-        "abstract_unix": (_is_bool, "a bool (abstract unix sockets allowed)"),
+        "network": (_is_bool, "a bool (the host's network namespace)"),
+        "connect": (_is_ports, "a tuple of TCP ports (1-65535)"),
+        "unix": (_is_bool, "a bool (AF_UNIX sockets in the host's network namespace)"),
+        "abi_max": (_is_opt_int, "an int or None (the highest Landlock ABI to use)"),
     }
+
+    @property
+    def tcp(self) -> str:
+        """What Landlock does with TCP: "none" (no network), "ports" (connect rules), "any"."""
+        if not self.network:
+            return "none"
+        return "ports" if self.connect else "any"
 
     @classmethod
     def from_wire(cls, d: Any) -> "Landlock":
         if type(d) is not dict:
             raise PlanError("Plan.landlock must be a map")
         d = dict(d)
-        for key in ("read", "write"):
+        for key in ("read", "write", "connect"):
             if type(d.get(key)) is list:
                 d[key] = tuple(d[key])
         return cls(**d)

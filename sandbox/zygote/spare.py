@@ -133,8 +133,10 @@ def _warm_up_serve() -> None:
     sample = plan_wire.Plan(
         plugin="/nonexistent/worker.py", module_name="warm_up", title="sandbox: warm-up", uid=None,
         gid=None, rlimits={"core": 0, "nproc": None}, env={"K": "v"}, preload=(),
-        landlock=plan_wire.Landlock(read=("/usr/lib",), write=(), network=False, abstract_unix=False),
-        bpf=b"\0" * 64, notify=True, max_frame=1 << 20, own_userns=False, may_fork=False, cwd="/")
+        landlock=plan_wire.Landlock(read=("/usr/lib",), write=(), network=False, connect=(), unix=False,
+                                    abi_max=None),
+        bpf=b"\0" * 64, notify=True, max_frame=1 << 20, own_userns=False, may_fork=False, cwd="/",
+        scratch=None, scratch_bytes=0, scratch_inodes=0)
     plan_wire.decode(plan_wire.encode(sample))
     serve.read_plugin_file(os.path.abspath(__file__))
     _sys.libc.setfsuid(-1), _sys.libc.setfsgid(-1)  # -1 changes nothing: only the lookups are paid
