@@ -121,7 +121,7 @@ def _call(args) -> int:
     from .worker import Worker
     policy = Policy.load(args.policy)
     with Worker(args.worker_py, policy=policy) as w:
-        result = w.call(args.function, *args.args, timeout=args.timeout)
+        result = w.invoke(args.function, args.args, timeout=args.timeout)
     print(json.dumps(_jsonable(result)))
     return 0
 

@@ -73,7 +73,7 @@ def checks():
                        lambda e: f"/etc/hostname: {e.type}")),
         _check("environment cleared", lambda w: (w.call("environment") == {}, "no variable inherited")),
         _check("deadline (SIGKILL on timeout)",
-               _expect(errors.PluginTimeout, lambda w: w.call("sleep", 30, timeout=0.3),
+               _expect(errors.PluginTimeout, lambda w: w.invoke("sleep", (30,), timeout=0.3),
                        lambda e: "sleep(30) killed after 0.3 s")),
     ]
     from ._host import zygote_client as client

@@ -98,7 +98,7 @@ class Pool(_PoolBase):
         while True:
             w = self._acquire()
             try:
-                result = w.call(name, *args, timeout=timeout, **kwargs)
+                result = w.invoke(name, args, kwargs, timeout=timeout)
                 error = None
             except BaseException as e:  # noqa: BLE001 - every outcome is counted, then re-raised
                 error = e
@@ -229,7 +229,7 @@ class AsyncPool(_PoolBase):
         while True:
             w = await self._acquire()
             try:
-                result = await w.call(name, *args, timeout=timeout, **kwargs)
+                result = await w.invoke(name, args, kwargs, timeout=timeout)
                 error = None
             except WorkerClosed as e:
                 if not self._core.closed:  # it ended before the call reached it: try another

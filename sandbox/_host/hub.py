@@ -4,6 +4,10 @@ While a call is in flight the calling thread does its own I/O (no thread hop on 
 the hub only looks after what happens between calls: messages a plugin posts, its log lines,
 a death or a forbidden syscall. Worker fds are armed EPOLLONESHOT so the hub never spins on a
 descriptor that a calling thread currently owns.
+
+After os.fork() the child has no hub thread, and its copy of the epoll descriptor names the
+parent's epoll instance: the child forgets that hub (never touching it, so the parent is not
+disturbed) and makes a fresh one on first use.
 """
 import os
 import select
@@ -17,8 +21,6 @@ class Hub:
         self._ep = select.epoll()
         self._handlers: dict[int, callable] = {}
         self._lock = threading.Lock()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._ep.register(self._wake_r, select.EPOLLIN)
         self._thread = threading.Thread(target=self._run, name="sandbox-hub", daemon=True)
         self._thread.start()
 
@@ -54,8 +56,6 @@ class Hub:
             except InterruptedError:
                 continue
             for fd, _ in events:
-                if fd == self._wake_r:
-                    continue
                 with self._lock:
                     handler = self._handlers.get(fd)
                 if handler is not None:
@@ -77,3 +77,18 @@ def get() -> Hub:
             if _hub is None:
                 _hub = Hub()
     return _hub
+
+
+def _after_fork_in_child():
+    global _hub, _hub_lock
+    # The parent's hub: its thread did not survive the fork, and its epoll instance is the
+    # parent's. Dropped without a call on it (closing our copy of the fd disturbs nobody).
+    old, _hub, _hub_lock = _hub, None, threading.Lock()
+    if old is not None:
+        try:
+            old._ep.close()
+        except OSError:
+            pass
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -3,6 +3,7 @@
 One zygote per namespace profile: workers without network come from a zygote living in an
 empty network namespace; a policy that grants network gets a zygote without one.
 """
+import contextvars
 import os
 import socket
 import subprocess
@@ -12,13 +13,16 @@ import threading
 
 import msgpack
 
-from ..errors import ConfinementError, SandboxError
+from ..errors import ConfinementError, SandboxError, ZygoteDied
 
 log = logging.getLogger("sandbox")
 _PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # sandbox/
 _PKG_ROOT = os.path.dirname(_PKG_DIR)
 _ZYGOTE_MAIN = os.path.join(_PKG_DIR, "zygote", "__main__.py")
 REPLY_TIMEOUT = 10.0
+# How long a spawn may wait for the zygote (its lock, then its reply): a handle sets it to what
+# is left of its start_timeout, so that a stopped zygote can't hold a start past its bound.
+spawn_timeout: contextvars.ContextVar[float] = contextvars.ContextVar("spawn_timeout", default=REPLY_TIMEOUT)
 
 
 def runtime_paths() -> list[str]:
@@ -93,17 +97,25 @@ class Zygote:
     def spawn(self, plan: dict, fds: list[int]) -> tuple[int, int]:
         """Fork a worker; returns (pid, pidfd). The zygote never sees anything but the plan."""
         payload = msgpack.packb(plan, use_bin_type=True)
-        with self._lock:
+        limit = spawn_timeout.get()
+        if not self._lock.acquire(timeout=limit):
+            raise ZygoteDied(f"the zygote did not answer within {limit:g} s (another start holds it)")
+        try:
             for attempt in (0, 1):
                 if self._ctl is None or self._proc.poll() is not None:
                     self._restart()
                 try:
+                    self._ctl.settimeout(limit)
                     socket.send_fds(self._ctl, [payload], fds)
                     msg, got, _, _ = socket.recv_fds(self._ctl, 65536, 1)
-                except (BrokenPipeError, ConnectionResetError, socket.timeout) as e:
+                except socket.timeout:
+                    # stopped or wedged: it is no use to anyone now; the next start gets a new one
+                    self._kill()
+                    raise ZygoteDied(f"the zygote did not answer within {limit:g} s") from None
+                except (BrokenPipeError, ConnectionResetError) as e:
                     self._kill()
                     if attempt:
-                        raise SandboxError(f"zygote failed: {e}") from None
+                        raise ZygoteDied(f"zygote failed: {e}") from None
                     continue
                 if not msg:
                     self._kill()
@@ -114,7 +126,9 @@ class Zygote:
                         os.close(fd)
                     raise SandboxError(f"zygote refused the spawn: {reply.get('error', reply)}")
                 return reply["pid"], got[0]
-            raise SandboxError("zygote died twice while spawning")
+            raise ZygoteDied("zygote died twice while spawning")
+        finally:
+            self._lock.release()
 
     def _restart(self):
         self._kill()
@@ -150,6 +164,22 @@ def get(network: bool) -> Zygote:
         if z is None:
             z = _zygotes[ns] = Zygote(ns)
         return z
+
+
+def _after_fork_in_child():
+    global _zygotes, _zlock
+    # The parent's zygotes answer the parent: a forked child asking them would mix its replies
+    # with the parent's. Forget them without closing or killing anything (that would end the
+    # parent's workers); the child starts zygotes of its own on first use.
+    # (Closing our copy of a control socket is harmless: the zygote sees EOF only when the
+    # parent's copy closes too.)
+    for z in _zygotes.values():
+        z._proc = None       # never kill() the parent's zygote from here
+        z._ctl = None
+    _zygotes, _zlock = {}, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def shutdown_all():

@@ -16,13 +16,16 @@ class Limits:
     `max_depth=None` skips the nesting walk: only for frames from the trusted side (the worker
     decoding its host's calls), where it would protect nothing."""
 
-    __slots__ = ("max_bytes", "max_items", "max_depth")
+    __slots__ = ("max_bytes", "max_items", "max_depth", "max_objects")
 
     def __init__(self, max_bytes: int = 16 * 1024 * 1024, max_items: int = 1_000_000,
-                 max_depth: int | None = 64):
+                 max_depth: int | None = 64, max_objects: int = 1_000_000):
         self.max_bytes = max_bytes
         self.max_items = max_items  # elements of any one array or map
         self.max_depth = max_depth
+        # objects of one whole message (every container and element, counted while decoding):
+        # 3 bytes of msgpack can become a 50-byte Python object, so bytes alone don't bound the cost
+        self.max_objects = max_objects
 
 
 DEFAULT_LIMITS = Limits()
@@ -165,11 +168,17 @@ def loads(data: bytes, limits: Limits = DEFAULT_LIMITS):
         raise ProtocolViolation(f"payload of {len(data)} bytes exceeds the {limits.max_bytes}-byte cap")
     size = len(data)
     items = limits.max_items
+    hooks = {}
+    if size > limits.max_objects:
+        # Only a payload longer than the budget can hold more objects than it: count them as
+        # each container completes, so a flood of tiny maps is refused part-way, not after.
+        hooks = _budget_hooks(limits.max_objects)
     try:
         obj = _unpackb(
             data, raw=False, strict_map_key=True,  # lists, no timestamps: the defaults
             max_str_len=size, max_bin_len=size, max_ext_len=0, ext_hook=_no_ext,
             max_array_len=size if size < items else items, max_map_len=size // 2 if size // 2 < items else items,
+            **hooks,
         )
     except ProtocolViolation:
         raise
@@ -181,6 +190,19 @@ def loads(data: bytes, limits: Limits = DEFAULT_LIMITS):
 
 
 _unpackb = msgpack.unpackb
+
+
+def _budget_hooks(budget: int) -> dict:
+    """list_hook/object_hook that count each completed container and its elements (an upper
+    bound of the objects built so far) and stop the decode past `budget`."""
+    left = [budget]
+
+    def count(node):
+        left[0] -= 1 + len(node)
+        if left[0] < 0:
+            raise ProtocolViolation(f"payload holds more than {budget} objects")
+        return node
+    return {"list_hook": count, "object_hook": count}
 
 
 def _check_keys(obj, budget: int = 10_000_000) -> None:

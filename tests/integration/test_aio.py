@@ -142,7 +142,7 @@ def test_timeout_kills(plugin):
     async def main():
         w = await AsyncWorker.start(path, policy=policy)
         with pytest.raises(PluginTimeout):
-            await w.call("spin", timeout=0.3)
+            await w.invoke("spin", timeout=0.3)
         assert not w.alive
         with pytest.raises(WorkerClosed):
             await w.call("echo", 1)
@@ -239,7 +239,7 @@ def test_no_thread_fd_or_zombie_left(plugin):
             if i % 5 == 0:
                 w = await AsyncWorker.start(path, policy=policy)
                 with pytest.raises(PluginTimeout):
-                    await w.call("spin", timeout=0.05)
+                    await w.invoke("spin", timeout=0.05)
                 await w.close()
         return before_fds
 
@@ -255,12 +255,12 @@ def test_call_deadlines_follow_each_call(plugin):
 
     async def main():
         async with AsyncWorker(path, policy=policy) as w:
-            await w.call("nap", 0.0, timeout=0.3)                  # leaves a timer at t+0.3
-            await w.call("nap", 0.8, timeout=5)                    # outlives that timer
-            assert await w.call("echo", 1, timeout=30) == 1       # leaves a timer far away
+            await w.invoke("nap", (0.0,), timeout=0.3)                  # leaves a timer at t+0.3
+            await w.invoke("nap", (0.8,), timeout=5)                   # outlives that timer
+            assert await w.invoke("echo", (1,), timeout=30) == 1       # leaves a timer far away
             t = time.monotonic()
             with pytest.raises(PluginTimeout):
-                await w.call("nap", 30, timeout=0.3)             # earlier than the far timer
+                await w.invoke("nap", (30,), timeout=0.3)             # earlier than the far timer
             assert time.monotonic() - t < 5
             assert not w.alive
 

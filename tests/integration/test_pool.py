@@ -44,7 +44,9 @@ PLUGIN = """
         os._exit(9)
 
     def hog():
-        raise MemoryError("pretend")
+        hoard = []
+        while True:
+            hoard.append(bytearray(16 << 20))
 """
 
 CRASHER = """

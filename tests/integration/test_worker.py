@@ -62,6 +62,14 @@ BASIC = """
     def hog():
         return bytearray(2 * 1024 ** 3)
 
+    def grow():
+        chunks = []
+        while True:
+            chunks.append(bytearray(1 << 20))
+
+    def pretend():
+        raise MemoryError("pretend")
+
     def _private():
         return "hidden"
 """
@@ -125,7 +133,7 @@ def test_non_plain_return_is_a_clear_error(basic):
 def test_timeout_kills_the_worker(basic):
     t = time.monotonic()
     with pytest.raises(PluginTimeout):
-        basic.call("spin", timeout=0.5)
+        basic.invoke("spin", timeout=0.5)
     assert time.monotonic() - t < 5
     with pytest.raises(WorkerClosed):
         basic.call("add", 1, 2)
@@ -145,11 +153,20 @@ def test_exit_code_and_signal_are_reported(make_plugin):
             assert ei.value.signal == signal.SIGABRT
 
 
-def test_memory_limit_is_a_memory_error(make_plugin):
+def test_memory_limit_is_a_memory_error_only_with_evidence(make_plugin):
     path, policy = make_plugin(BASIC, "[limits]\nmemory_mb = 256\n")
     with sandbox.Worker(path, policy=policy) as w:
         with pytest.raises(PluginMemoryError):
+            w.call("grow")  # its peak reached the limit: the kernel's figures say so
+        assert w.call("add", 1, 1) == 2
+        # the plugin's word alone is not evidence: a PluginError of type MemoryError
+        with pytest.raises(PluginError) as ei:
+            w.call("pretend")
+        assert ei.value.type == "MemoryError" and not isinstance(ei.value, PluginMemoryError)
+        # one request far past the limit fails without the worker ever reaching it
+        with pytest.raises(PluginError) as ei:
             w.call("hog")
+        assert ei.value.type == "MemoryError" and not isinstance(ei.value, PluginMemoryError)
 
 
 def test_exit_callback_says_what_happened(make_plugin):
@@ -216,7 +233,7 @@ def test_no_fd_or_zombie_left_after_200_cycles(make_plugin):
             w.terminate()
         elif i % 3 == 1:
             with pytest.raises(PluginTimeout):
-                w.call("spin", timeout=0.05)
+                w.invoke("spin", timeout=0.05)
         else:
             w.close()
     gc.collect()
@@ -360,7 +377,7 @@ def test_forbidden_syscall_while_loading_is_named(make_plugin):
 def test_terminate_from_another_thread_during_a_call(basic):
     threading.Timer(0.3, basic.terminate).start()
     with pytest.raises(WorkerClosed):
-        basic.call("spin", timeout=10)
+        basic.invoke("spin", timeout=10)
 
 
 THREADED_POSTER = """
@@ -387,7 +404,7 @@ def test_threads_of_a_plugin_post_whole_frames(make_plugin):
     got = []
     with sandbox.Worker(path, policy=policy) as w:
         w.on("message", got.append)
-        assert w.call("storm", 200, 200_000, timeout=60) == 800
+        assert w.invoke("storm", (200, 200_000), timeout=60) == 800
     assert len(got) == 800
     assert sorted((m["k"], m["i"]) for m in got) == [(k, i) for k in range(4) for i in range(200)]
     assert all(len(m["pad"]) == (200_000 if m["i"] % 2 else 10) for m in got)
