@@ -23,7 +23,7 @@ import collections
 import inspect
 import select
 import weakref
-from os import close as _os_close, read as _os_read, write as _os_write
+from os import close as _os_close, write as _os_write
 
 from ._host import channel, lifecycle as lc
 from ._host.handle import DEATH_WAIT, WorkerHandle, log, weak_method
@@ -162,11 +162,7 @@ class AsyncWorker(WorkerHandle):
                 self._deadline = None
                 self._waiter = None
                 core.call_over()
-        error = reply.error
-        self._emit_call(name, started, loop.time(), error)
-        if error is None:
-            return reply.value
-        raise error
+        return self._outcome(name, started, loop.time(), reply)
 
     # ---- start ------------------------------------------------------------------------------
     async def _start(self):
@@ -256,18 +252,8 @@ class AsyncWorker(WorkerHandle):
 
     def _on_log(self):
         fd = self._fds.get("log")
-        if fd is None:
-            return
-        try:
-            data = _os_read(fd, 65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
+        if fd is not None and not self._read_log(fd):
             self._loop.remove_reader(fd)
-            return
-        self._take_log(data)
 
     # ---- writing to the child ---------------------------------------------------------------
     def _send(self, frame):

@@ -153,11 +153,7 @@ class Worker(WorkerHandle):
                     msgs = self._take_inbox() if self._inbox else None
             if msgs:  # what it posted before the reply, or before it died, still counts
                 self._dispatch(msgs)
-        error = reply.error if reply is not None else core.ended_error()
-        self._emit_call(name, started, _monotonic(), error)
-        if error is None:
-            return reply.value
-        raise error
+        return self._outcome(name, started, _monotonic(), reply)
 
     def _exchange(self, frame, started: float, timeout):
         """A call's I/O. The common case in a straight line: the frame goes out at once, one poll
@@ -429,16 +425,8 @@ class Worker(WorkerHandle):
 
     # ---- plugin output ----------------------------------------------------------------------
     def _on_log(self, fd):
-        try:
-            data = os.read(fd, 65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
+        if not self._read_log(fd):
             self._hub.unwatch(fd)
-            return
-        self._take_log(data)
 
 
 def _unregister(poller, fd):

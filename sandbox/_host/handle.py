@@ -334,10 +334,22 @@ class WorkerHandle:
         events.emit(name, plugin=self.name, policy=self.policy.path or self.policy.name, pid=self.pid,
                     uid=sp.uid if sp is not None else None, **fields)
 
-    def _emit_call(self, fn: str, started: float, now: float, error: SandboxError | None):
+    def _outcome(self, fn: str, started: float, now: float, reply):
+        """A call's Reply (None: the worker ended without one) as its value, or raised."""
+        error = reply.error if reply is not None else self._core.ended_error()
         if events._subscribers or events.log.isEnabledFor(logging.INFO):
             self._emit("call", function=fn, duration=now - started,
                        outcome="ok" if error is None else error.kind)
+        if error is None:
+            return reply.value
+        if reply is not None:
+            reply.error = None  # the caller's frame still holds `reply`: it must not hold the error
+        try:
+            raise error
+        finally:
+            # no frame may keep the error it raises (error -> traceback -> frame -> worker):
+            # that cycle would keep a dropped worker alive until the cyclic GC ran
+            del error
 
     def _disown(self, owner: int):
         """After fork, in the child: the parent's worker is the parent's. Forget its descriptors
@@ -354,8 +366,8 @@ class WorkerHandle:
         core = self._core
         if core is None or core.state is lc.State.ENDED:
             return
-        warnings.warn(f"worker {self.name} (pid {self.pid}) was never closed; killing it", ResourceWarning,
-                      source=self)
+        # (no source=self: a recorded warning would keep the worker alive)
+        warnings.warn(f"worker {self.name} (pid {self.pid}) was never closed; killing it", ResourceWarning)
         self._send_kill()
         try:
             self._unwatch_all()
@@ -398,6 +410,19 @@ class WorkerHandle:
         self._callbacks[event].append(callback)
 
     # ---- plugin output ----------------------------------------------------------------------
+    def _read_log(self, fd) -> bool:
+        """One read of the log pipe; False at its end (stop watching it)."""
+        try:
+            data = _read(fd, 65536)
+        except BlockingIOError:
+            return True
+        except OSError:
+            data = b""
+        if not data:
+            return False
+        self._take_log(data)
+        return True
+
     def _drain_log(self):
         fd = self._fds.get("log")
         try:
