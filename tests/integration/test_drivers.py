@@ -23,8 +23,8 @@ import pytest
 
 import sandbox
 import sandbox.events
-from sandbox import (AsyncWorker, LoadError, PluginCrashed, PluginTimeout, ProtocolViolation, UsageError,
-                     WorkerClosed)
+from sandbox import (AsyncWorker, LoadError, PluginCrashed, PluginTimeout, PolicyViolation, ProtocolViolation,
+                     UsageError, WorkerClosed)
 from conftest import ROOT
 
 pytestmark = pytest.mark.unpriv
@@ -52,6 +52,13 @@ PLUGIN = """
         except OSError as e:
             return e.errno
         return 0
+
+    def exit_with(code):
+        os._exit(code)
+
+    def garbage():
+        os.write(4, b"no frame at all, not even close" * 4)
+        time.sleep(5)
 
     def empty_maps(n, parts):
         return [[{} for _ in range(n)] for _ in range(parts)]
@@ -145,6 +152,48 @@ def driver(request):
 @pytest.fixture
 def plugin(make_plugin):
     return make_plugin(PLUGIN, "[limits]\ntimeout = 10\nmemory_mb = 512\n")
+
+
+def test_a_deadline_kills_the_worker(driver, plugin):
+    with driver.worker(*plugin) as w:
+        t = time.monotonic()
+        with pytest.raises(PluginTimeout):
+            w.invoke("spin", timeout=0.3)
+        assert time.monotonic() - t < 5 and not w.alive
+        with pytest.raises(WorkerClosed):
+            w.call("add", 1, 2)
+    assert isinstance(w.death, PluginTimeout)
+
+
+def test_a_forbidden_syscall_is_named(driver, plugin):
+    with driver.worker(*plugin) as w:  # a policy without network: socket() is forbidden
+        with pytest.raises(PolicyViolation) as ei:
+            w.call("sock")
+        assert ei.value.syscall == "socket" and not w.alive
+
+
+def test_exit_codes_and_deaths_from_outside_are_reported(driver, plugin):
+    with driver.worker(*plugin) as w:
+        with pytest.raises(PluginCrashed) as ei:
+            w.call("exit_with", 3)
+        assert ei.value.exit_code == 3
+    w = driver.worker(*plugin)
+    ended = []
+    w.on("exit", ended.append)
+    os.kill(w.pid, signal.SIGKILL)  # while idle: noticed without a call
+    deadline = time.monotonic() + 10
+    while not ended and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(ended) == 1 and isinstance(ended[0], PluginCrashed) and ended[0].signal == signal.SIGKILL
+    assert not w.alive
+    w.close()
+
+
+def test_a_protocol_breach_kills(driver, plugin):
+    with driver.worker(*plugin) as w:
+        with pytest.raises(ProtocolViolation):
+            w.call("garbage")
+        assert not w.alive
 
 
 def test_every_keyword_goes_to_the_plugin(driver, plugin):

@@ -16,63 +16,9 @@ from conftest import DEFAULT_POLICY, ROOT, children_of, open_fds, zombies_of
 
 pytestmark = pytest.mark.unpriv
 
-BASIC = """
-    from sandbox.plugin import post
-
-    def add(a, b):
-        return a + b
-
-    def echo(x):
-        return x
-
-    def kw(a, *, scale=1):
-        return a * scale
-
-    def fail():
-        raise KeyError("no such thing")
-
-    def tell(n):
-        for i in range(n):
-            post({"i": i})
-        return "told"
-
-    def on_message(msg):
-        post({"echo": msg})
-
-    def noisy():
-        for i in range(20000):
-            print("x" * 200)
-        return "still fine"
-
-    def not_plain():
-        return object()
-
-    def spin():
-        while True:
-            pass
-
-    def exit_with(code):
-        import os
-        os._exit(code)
-
-    def abort():
-        import os
-        os.abort()
-
-    def hog():
-        return bytearray(2 * 1024 ** 3)
-
-    def grow():
-        chunks = []
-        while True:
-            chunks.append(bytearray(1 << 20))
-
-    def pretend():
-        raise MemoryError("pretend")
-
-    def _private():
-        return "hidden"
-"""
+# read once: make_plugin copies it into a folder every worker uid may read
+with open(os.path.join(ROOT, "tests", "plugins", "basic", "worker.py")) as _f:
+    BASIC = _f.read()
 
 
 @pytest.fixture
@@ -121,6 +67,11 @@ def test_stdout_never_corrupts_the_protocol(basic):
     basic.on("log", lines.append)
     assert basic.call("noisy") == "still fine"
     assert basic.call("add", 1, 2) == 3
+    deadline = time.monotonic() + 10
+    while len(lines) < 1000 and time.monotonic() < deadline:  # the hub forwards them as they come
+        time.sleep(0.01)
+    # every line the listener got is one whole line of the plugin's, up to the log budget
+    assert len(lines) >= 1000 and set(lines) == {"x" * 200}
     assert basic.logs and basic.logs[-1] == "x" * 200
 
 
@@ -128,16 +79,6 @@ def test_non_plain_return_is_a_clear_error(basic):
     with pytest.raises(PluginError, match="not plain data"):
         basic.call("not_plain")
     assert basic.call("add", 1, 2) == 3
-
-
-def test_timeout_kills_the_worker(basic):
-    t = time.monotonic()
-    with pytest.raises(PluginTimeout):
-        basic.invoke("spin", timeout=0.5)
-    assert time.monotonic() - t < 5
-    with pytest.raises(WorkerClosed):
-        basic.call("add", 1, 2)
-    assert not basic.alive
 
 
 def test_exit_code_and_signal_are_reported(make_plugin):
@@ -167,20 +108,6 @@ def test_memory_limit_is_a_memory_error_only_with_evidence(make_plugin):
         with pytest.raises(PluginError) as ei:
             w.call("hog")
         assert ei.value.type == "MemoryError" and not isinstance(ei.value, PluginMemoryError)
-
-
-def test_exit_callback_says_what_happened(make_plugin):
-    path, policy = make_plugin(BASIC)
-    seen = []
-    w = sandbox.Worker(path, policy=policy)
-    w.on("exit", seen.append)
-    os.kill(w.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while not seen and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert len(seen) == 1 and isinstance(seen[0], PluginCrashed) and seen[0].signal == signal.SIGKILL
-    assert not w.alive
-    w.close()
 
 
 def test_load_errors_are_clear(make_plugin, plugin_dir):
