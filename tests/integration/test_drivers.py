@@ -388,6 +388,7 @@ async def run():
         except sandbox.SandboxError as e:
             out["start"] = e.kind
         out["start_s"] = time.monotonic() - t
+        await asyncio.sleep(0.2)  # one more tick: a stall shows as the gap before it
         tick.cancel()
         gaps = [b - a for a, b in zip(ticks, ticks[1:])]
         out["loop_stall_s"] = max(gaps) if gaps else None
@@ -447,7 +448,16 @@ if pid == 0:
             res["inherited"] = "closed"
         mine = sandbox.Worker(path, policy=policy)
         res["own"] = mine.call("add", 20, 22)
-        mine.close()
+        ended = []
+        mine.on("exit", ended.append)
+        os.kill(mine.pid, 9)  # idle: only a hub thread of the child's own can notice
+        deadline = time.monotonic() + 10
+        while not ended and time.monotonic() < deadline:
+            time.sleep(0.01)
+        res["idle_death_noticed"] = bool(ended)
+        for i in range(5):  # starts while the parent starts workers too: never on its zygote
+            with sandbox.Worker(path, policy=policy) as other:
+                assert other.call("add", i, 1) == i + 1
     except BaseException as e:
         res["error"] = repr(e)
     os.write(wr, json.dumps(res).encode())
@@ -457,6 +467,8 @@ calls = 0
 deadline = time.monotonic() + 60
 while time.monotonic() < deadline:
     assert w.call("add", calls, 1) == calls + 1  # the parent keeps calling meanwhile
+    with sandbox.Worker(path, policy=policy) as fresh:  # ... and starting workers
+        assert fresh.call("add", 1, 1) == 2
     calls += 1
     done, _ = os.waitpid(pid, os.WNOHANG)
     if done:
@@ -474,5 +486,5 @@ def test_fork_gives_the_child_its_own_library_state(plugin, plugin_dir):
     out = subprocess.run([sys.executable, script, *plugin], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    assert got["child"] == {"inherited": "closed", "own": 42}, got
+    assert got["child"] == {"inherited": "closed", "own": 42, "idle_death_noticed": True}, got
     assert got["parent_calls"] >= 1

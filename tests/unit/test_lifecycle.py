@@ -274,6 +274,7 @@ def test_nothing_after_a_breach_is_read_not_even_a_reply():
     c = calling_core()
     bad = framing.encode_frame(framing.EVENT, 0, b"\xc1\xc1\xc1\xc1")  # a whole frame, undecodable
     assert names(c.receive(bad)) == ["Kill"]
+    assert c.receive(frame(framing.EVENT, "after the breach")) == []
     assert c.receive(frame(framing.RESULT, "forged success", 1)) == []
     end = c.status(SIGKILLED)
     assert isinstance(end[0].error, ProtocolViolation)
