@@ -433,8 +433,10 @@ import os, sys, time, json
 sys.path.insert(0, {root!r})
 import sandbox
 path, policy = sys.argv[1:3]
+from sandbox._host import zygote_client
 w = sandbox.Worker(path, policy=policy)
 assert w.call("add", 1, 1) == 2
+parent_zygote = zygote_client.get(False).pid
 r, wr = os.pipe()
 pid = os.fork()
 if pid == 0:
@@ -455,6 +457,8 @@ if pid == 0:
         while not ended and time.monotonic() < deadline:
             time.sleep(0.01)
         res["idle_death_noticed"] = bool(ended)
+        # its workers come from a zygote of its own: the parent's answers the parent only
+        res["own_zygote"] = zygote_client.get(False).pid not in (None, parent_zygote)
         for i in range(5):  # starts while the parent starts workers too: never on its zygote
             with sandbox.Worker(path, policy=policy) as other:
                 assert other.call("add", i, 1) == i + 1
@@ -486,5 +490,6 @@ def test_fork_gives_the_child_its_own_library_state(plugin, plugin_dir):
     out = subprocess.run([sys.executable, script, *plugin], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    assert got["child"] == {"inherited": "closed", "own": 42, "idle_death_noticed": True}, got
+    assert got["child"] == {"inherited": "closed", "own": 42, "idle_death_noticed": True,
+                            "own_zygote": True}, got
     assert got["parent_calls"] >= 1
