@@ -27,7 +27,7 @@ from os import close as _os_close, write as _os_write
 
 from ._host import channel, lifecycle as lc
 from ._host.handle import DEATH_WAIT, WorkerHandle, log, weak_method
-from .errors import LoadError, WorkerClosed
+from .errors import LoadError, ProtocolViolation, WorkerClosed
 
 READS_PER_WAKEUP = 16      # reads of the child's pipe per loop iteration: a flood can't starve the loop
 MESSAGE_BACKLOG = 10_000   # undelivered messages per messages() iterator before the child is paused
@@ -38,6 +38,7 @@ _ENDED = lc.State.ENDED
 class AsyncWorker(WorkerHandle):
     """One sandboxed worker driven by the running event loop. Create with
     `await AsyncWorker.start(path, policy=...)` or `async with AsyncWorker(path, policy=...)`."""
+    _OFFLOAD = lc.OFFLOAD_AT  # a large map or array is decoded in a thread, never on the loop
 
     def __init__(self, worker_py, policy=None, *, name: str | None = None,
                  start_timeout: float | None = None, _on_syscall=None):
@@ -56,6 +57,7 @@ class AsyncWorker(WorkerHandle):
         self._paused = False
         self._tasks = set()                  # async callbacks still running
         self._started = False
+        self._status_waiting = False         # the status came while a payload was being decoded
 
     # ---- public API -------------------------------------------------------------------------
     @classmethod
@@ -222,7 +224,7 @@ class AsyncWorker(WorkerHandle):
                 break
             self._apply(outs)
             waiter = self._waiter
-            if self._paused or (waiter is not None and waiter.done()):
+            if self._paused or core.decoding or (waiter is not None and waiter.done()):
                 break  # the awaited reply is in: let its task run (more data wakes us again)
         if self._eof and fd is not None and core.state is not _ENDED:
             self._loop.remove_reader(fd)  # EOF stays readable: the status pipe says the rest
@@ -247,6 +249,11 @@ class AsyncWorker(WorkerHandle):
             if outs is None:
                 break
             self._apply(outs)
+        if core.decoding:
+            # one of its last frames is being decoded: it counts first, the status waits for it
+            self._status_waiting = True
+            self._loop.remove_reader(fd)
+            return
         if core.state is not _ENDED:
             self._apply(self._read_status(fd))
 
@@ -320,6 +327,29 @@ class AsyncWorker(WorkerHandle):
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def _on_decode(self, out):
+        fd = self._fds.get("from")
+        if fd is not None and not self._paused:
+            self._loop.remove_reader(fd)  # nothing more is read until this payload is decoded
+        frame = out.frame
+        fut = self._loop.run_in_executor(None, _decode, out.decode, frame.payload)
+        done = weak_method(self._on_decoded)
+        fut.add_done_callback(lambda f: done(frame, f))
+
+    def _on_decoded(self, frame, fut):
+        core = self._core
+        obj, error = fut.result() if not fut.cancelled() else (None, ProtocolViolation("decode cancelled"))
+        self._apply(core.decoded(frame, obj, error))
+        if core.state is _ENDED:
+            return
+        fd = self._fds.get("from")
+        if fd is not None and not self._paused and not self._eof and not core.decoding:
+            self._loop.add_reader(fd, weak_method(self._on_from))
+            self._on_from()  # what arrived meanwhile
+        if self._status_waiting and not core.decoding:
+            self._status_waiting = False
+            self._on_status()
 
     def _on_killed(self):
         if self._death_timer is None and self._loop is not None:
@@ -429,6 +459,14 @@ class AsyncWorker(WorkerHandle):
             self._paused = False
             if "from" in self._fds and not self._finalized and not self._eof:
                 self._loop.add_reader(self._fds["from"], weak_method(self._on_from))
+
+
+def _decode(decode, payload):
+    """In the executor: (object, None), or (None, the ProtocolViolation)."""
+    try:
+        return decode(payload), None
+    except ProtocolViolation as e:
+        return None, e
 
 
 def _abandon(worker: AsyncWorker):

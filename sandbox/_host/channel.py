@@ -54,24 +54,24 @@ class Session:
     def encode_post(obj) -> bytes | tuple:
         return _frame(framing.POST, 0, protocol.dumps(obj))
 
-    def feed(self, data) -> list[tuple]:
-        """Bytes from the child: (kind, value, payload size) per whole frame."""
-        on_frame = self._on_frame
-        return [on_frame(frame) for frame in self.decoder.feed(data)]
-
-    def advance(self, n: int) -> list[tuple]:
-        """`n` bytes were read straight into decoder.payload_view()."""
-        return [self._on_frame(frame) for frame in self.decoder.advance(n)]
-
     def decode_result(self, data):
         """`data` is exactly one RESULT frame for the call in flight (framing.single_frame said so)."""
         obj = protocol.loads(data[HEADER_SIZE:], self.limits)
         self.pending_id = None
         return obj
 
-    def _on_frame(self, frame):
+    def decode(self, payload):
+        """A frame's payload, decoded under this session's budgets (thread-safe: pure)."""
+        return protocol.loads(payload, self.limits)
+
+    def decode_yielding(self, payload):
+        """The same, letting other threads run while it decodes (for an executor thread)."""
+        return protocol.loads(payload, self.limits, counted=True)
+
+    def on_frame(self, frame, obj):
+        """A whole frame and its decoded payload: (kind, value, payload size); ProtocolViolation
+        for a frame this side may not send now."""
         payload = frame.payload
-        obj = protocol.loads(payload, self.limits)
         t = frame.type
         if t == framing.RESULT or t == framing.ERROR:
             # must answer the one call in flight, by its id

@@ -20,7 +20,7 @@ import warnings
 import weakref
 
 from .. import events
-from ..errors import HostResourceError, LoadError, SandboxError, WorkerClosed
+from ..errors import HostResourceError, LoadError, ProtocolViolation, SandboxError, WorkerClosed
 from . import lifecycle as lc, notify, options, zygote_client
 from .resources import STATUS, Spawned
 
@@ -98,6 +98,7 @@ os.register_at_fork(after_in_child=_disown_after_fork)
 
 
 class WorkerHandle:
+    _OFFLOAD: int | None = None  # payload size from which the driver decodes off its thread
     def __init__(self, worker_py, policy, name: str | None, start_timeout: float | None,
                  on_syscall=None):
         self.plugin = os.path.abspath(os.fspath(worker_py))
@@ -190,7 +191,7 @@ class WorkerHandle:
             policy=self.policy.path or self.policy.name, expects_listener=bool(sp.plan.get("notify")),
             seccomp_mode=mode, deny_errno=deny_errno if isinstance(deny_errno, int) else errno.EPERM,
             dangerous=DANGEROUS, on_syscall=self._on_syscall, memory_limit=limit,
-            memory_peak=lambda: _vm_peak(pid, pidfd))
+            memory_peak=lambda: _vm_peak(pid, pidfd), offload=self._OFFLOAD)
         self._emit("started")
         return sp
 
@@ -218,9 +219,19 @@ class WorkerHandle:
                 self._on_close_input()
             elif t is lc.Answer:
                 self._answer(out)
+            elif t is lc.Decode:
+                reply = self._on_decode(out) or reply
             elif t is lc.Ended:
                 self._finish(out.death)
         return reply
+
+    def _on_decode(self, out: lc.Decode):
+        """Decode in line (the sync driver: no event loop to keep free)."""
+        try:
+            obj, error = out.decode(out.frame.payload), None
+        except ProtocolViolation as e:
+            obj, error = None, e
+        return self._apply(self._core.decoded(out.frame, obj, error))
 
     def _send_kill(self):
         """SIGKILL through the pidfd: never the wrong process, and never raises."""
@@ -281,6 +292,8 @@ class WorkerHandle:
         """One read of the worker's pipe into the core: its outputs, or None when nothing is there.
         A read error is EOF, like a closed pipe: the status pipe then says how it ended."""
         core = self._core
+        if core.decoding:
+            return None  # a payload is being decoded: the frames after it wait in the pipe
         try:
             view = core.payload_view()
             if view is not None:

@@ -93,6 +93,15 @@ class Answer:
         self.notification, self.error, self.flags = notification, error, flags
 
 
+class Decode:
+    """Decode `frame`'s payload with `decode` off the driver's loop, then feed `decoded()`;
+    read nothing more from the worker's pipe meanwhile (later frames wait, in order)."""
+    __slots__ = ("frame", "decode")
+
+    def __init__(self, frame, decode):
+        self.frame, self.decode = frame, decode
+
+
 class Ended:
     """The worker is gone: release everything. `death` is None after a close that was asked for."""
     __slots__ = ("death",)
@@ -103,6 +112,10 @@ class Ended:
 
 KILL, TAKE_HANDOFF, CLOSE_INPUT, READY_OUT = Kill(), TakeHandoff(), CloseInput(), Ready()
 NOTHING: list = []  # shared, never appended to: inputs that mean nothing return it
+HEADER = framing.HEADER_SIZE
+# msgpack's first byte of a map or an array (fix, 16 and 32 bits)
+_CONTAINER_BYTES = frozenset(range(0x80, 0xA0)) | {0xDC, 0xDD, 0xDE, 0xDF}
+OFFLOAD_AT = 32 * 1024  # a container payload this large is decoded off an event loop
 SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1
 DENIAL_BUDGET = 100        # denied syscalls per call (deny mode) before the worker is killed
 MEMORY_MARGIN = 64 << 20  # a peak this close to the memory limit is evidence that it was reached
@@ -126,7 +139,8 @@ class Lifecycle:
                  expects_listener: bool = True, seccomp_mode: str = "kill", deny_errno: int = _errno.EPERM,
                  dangerous: frozenset = frozenset(), on_syscall: Callable | None = None,
                  memory_limit: int | None = None, memory_peak: Callable[[], int | None] | None = None,
-                 buffer_budget: int = BUFFER_BUDGET, denial_budget: int = DENIAL_BUDGET):
+                 buffer_budget: int = BUFFER_BUDGET, denial_budget: int = DENIAL_BUDGET,
+                 offload: int | None = None):
         self.name, self.plugin, self.policy = name, plugin, policy
         self.state = State.STARTING
         self.session = channel.Session(max_frame)
@@ -143,6 +157,9 @@ class Lifecycle:
         self._expects_listener = expects_listener
         self._ready_seen = False
         self._untrusted = False
+        self._offload = offload                   # payload size from which Decode is asked for
+        self.decoding = False                     # a Decode is out: read nothing meanwhile
+        self._held: list = []                     # frames after the one being decoded
         self._deferred: list = []                 # inputs held back until the handoff is read
         self._mode, self._deny_errno, self._dangerous = seccomp_mode, deny_errno, dangerous
         self._on_syscall = on_syscall
@@ -224,7 +241,8 @@ class Lifecycle:
             return NOTHING
         decoder = self._decoder
         if decoder.at_boundary() and self.state is State.CALLING and \
-                framing.single_frame(data, self._max) == (framing.RESULT, self.session.pending_id):
+                framing.single_frame(data, self._max) == (framing.RESULT, self.session.pending_id) and \
+                (self._offload is None or not self._heavy(memoryview(data)[HEADER:])):
             # the usual read: exactly the awaited reply, decoded in one step
             try:
                 obj = self.session.decode_result(data)
@@ -233,10 +251,10 @@ class Lifecycle:
             self.awaiting = False
             return [Reply(obj, None)]
         try:
-            events = self.session.feed(data)
+            frames = decoder.feed(data)
         except ProtocolViolation as e:
             return self._protocol_violation(e)
-        return self._on_events(events)
+        return self._on_frames(frames)
 
     def received_into_view(self, n: int) -> list:
         """`n` bytes were read straight into payload_view(); 0 is EOF."""
@@ -245,10 +263,21 @@ class Lifecycle:
         if self.state is State.ENDED or self._untrusted:
             return NOTHING
         try:
-            events = self.session.advance(n)
+            frames = self._decoder.advance(n)
         except ProtocolViolation as e:
             return self._protocol_violation(e)
-        return self._on_events(events)
+        return self._on_frames(frames)
+
+    def decoded(self, frame, obj, error: ProtocolViolation | None) -> list:
+        """The payload of a Decode output, decoded off the driver's thread (or what was wrong)."""
+        self.decoding = False
+        held, self._held = self._held, []
+        if self.state is State.ENDED or self._untrusted:
+            return NOTHING
+        if error is not None:
+            return self._protocol_violation(error)
+        out = self._on_frame(frame, obj)
+        return out + self._on_frames(held) if held else out
 
     def eof(self) -> list:
         """The worker's pipe closed (or reading it failed): it is dying; its status says why."""
@@ -374,31 +403,58 @@ class Lifecycle:
         self.state = State.READY
         return [READY_OUT]
 
-    def _on_events(self, events) -> list:
+    def _heavy(self, payload) -> bool:
+        # Only containers can cost more to decode than to copy: a large bin or str is a memcpy.
+        return len(payload) >= self._offload and payload[0] in _CONTAINER_BYTES
+
+    def _on_frames(self, frames) -> list:
         out: list = []
-        for kind, value, size in events:
-            if kind is MESSAGE:
-                self.buffered += size
-                if self.buffered > self._buffer_budget:
-                    return out + self._kill(ProtocolViolation(
-                        f"plugin {self.name} posted more than {self._buffer_budget} bytes the host had "
-                        f"not delivered yet"))
-                out.append(Deliver(value, size))
-            elif kind is RESULT or kind is FAILURE:
-                if self.reason is not None:
-                    continue  # killed for a reason already: that reason is the call's outcome
-                self.awaiting = False
-                out.append(Reply(value, None) if kind is RESULT else Reply(None, self._failure(value)))
-            elif kind is READY:
-                if self.state is State.STARTING:
-                    self._ready_seen = True
-                    out += self._defer(self._finish_start) if not self.handoff_taken else self._finish_start()
-            elif kind is LOAD_FAILED:
-                err = channel.load_error(value, self.plugin)
-                if self._needs_handoff():
-                    out += self._defer(lambda err=err: self._kill(err))
-                else:
-                    out += self._kill(err)
+        decode, offload = self.session.decode, self._offload
+        for i, frame in enumerate(frames):
+            if offload is not None and self._heavy(frame.payload):
+                # the driver decodes it off its loop; the frames after it wait for it, in order
+                self.decoding, self._held = True, frames[i + 1:]
+                out.append(Decode(frame, self.session.decode_yielding))
+                return out
+            try:
+                obj = decode(frame.payload)
+            except ProtocolViolation as e:
+                return out + self._protocol_violation(e)
+            out += self._on_frame(frame, obj)
+            if self._untrusted:
+                break
+        return out
+
+    def _on_frame(self, frame, obj) -> list:
+        try:
+            kind, value, size = self.session.on_frame(frame, obj)
+        except ProtocolViolation as e:
+            return self._protocol_violation(e)
+        return self._on_event(kind, value, size)
+
+    def _on_event(self, kind, value, size) -> list:
+        out: list = []
+        if kind is MESSAGE:
+            self.buffered += size
+            if self.buffered > self._buffer_budget:
+                return self._protocol_violation(ProtocolViolation(
+                    f"it posted more than {self._buffer_budget} bytes the host had not delivered yet"))
+            out.append(Deliver(value, size))
+        elif kind is RESULT or kind is FAILURE:
+            if self.reason is not None:
+                return out  # killed for a reason already: that reason is the call's outcome
+            self.awaiting = False
+            out.append(Reply(value, None) if kind is RESULT else Reply(None, self._failure(value)))
+        elif kind is READY:
+            if self.state is State.STARTING:
+                self._ready_seen = True
+                out += self._defer(self._finish_start) if not self.handoff_taken else self._finish_start()
+        elif kind is LOAD_FAILED:
+            err = channel.load_error(value, self.plugin)
+            if self._needs_handoff():
+                out += self._defer(lambda err=err: self._kill(err))
+            else:
+                out += self._kill(err)
         return out
 
     def _failure(self, err: SandboxError) -> SandboxError:

@@ -4,6 +4,9 @@ msgpack's defaults would let a 5-byte array header preallocate ~800 MB; every ma
 therefore set from the frame size and an item budget, and the decoded tree is walked once to
 enforce the nesting depth. Nothing here ever builds an object the peer chose: no pickle, no ext types.
 """
+import gc
+import threading
+
 import msgpack
 
 from ..errors import ProtocolViolation
@@ -162,17 +165,23 @@ def dumps(obj) -> bytes:
         raise NotPlainData(str(e)) from None
 
 
-def loads(data: bytes, limits: Limits = DEFAULT_LIMITS):
-    """Decode one payload; any problem is a ProtocolViolation."""
+def loads(data: bytes, limits: Limits = DEFAULT_LIMITS, counted: bool = False):
+    """Decode one payload; any problem is a ProtocolViolation.
+
+    `counted`: count objects through Python-level hooks even when the size alone bounds them;
+    the decode then lets other threads run between containers (an event loop, while this runs
+    in an executor), where msgpack's C decoder would hold the GIL from start to end."""
     if len(data) > limits.max_bytes:
         raise ProtocolViolation(f"payload of {len(data)} bytes exceeds the {limits.max_bytes}-byte cap")
     size = len(data)
     items = limits.max_items
     hooks = {}
-    if size > limits.max_objects:
+    if counted or size > limits.max_objects:
         # Only a payload longer than the budget can hold more objects than it: count them as
         # each container completes, so a flood of tiny maps is refused part-way, not after.
         hooks = _budget_hooks(limits.max_objects)
+    if counted:
+        _gc_pause()
     try:
         obj = _unpackb(
             data, raw=False, strict_map_key=True,  # lists, no timestamps: the defaults
@@ -180,22 +189,50 @@ def loads(data: bytes, limits: Limits = DEFAULT_LIMITS):
             max_array_len=size if size < items else items, max_map_len=size // 2 if size // 2 < items else items,
             **hooks,
         )
+        if (type(obj) is list or type(obj) is dict) and limits.max_depth is not None:
+            check_depth(obj, limits.max_depth)
     except ProtocolViolation:
         raise
     except Exception as e:  # msgpack raises many types (ValueError, StackError, ExtraData, ...)
         raise ProtocolViolation(f"undecodable payload: {type(e).__name__}: {e}") from None
-    if (type(obj) is list or type(obj) is dict) and limits.max_depth is not None:
-        check_depth(obj, limits.max_depth)
+    finally:
+        if counted:
+            _gc_resume()
     return obj
+
+
+# A decode that builds a million objects would trigger full collections that traverse them all,
+# each holding the GIL (and so any event loop) for tens of ms: the cyclic GC waits meanwhile
+# (what it would find is acyclic by construction). Counted, so overlapping decodes nest.
+_gc_lock = threading.Lock()
+_gc_paused = [0, False]
+
+
+def _gc_pause() -> None:
+    with _gc_lock:
+        if _gc_paused[0] == 0:
+            _gc_paused[1] = gc.isenabled()
+            gc.disable()
+        _gc_paused[0] += 1
+
+
+def _gc_resume() -> None:
+    with _gc_lock:
+        _gc_paused[0] -= 1
+        if _gc_paused[0] == 0 and _gc_paused[1]:
+            gc.enable()
 
 
 _unpackb = msgpack.unpackb
 
 
 def _budget_hooks(budget: int) -> dict:
-    """list_hook/object_hook that count each completed container and its elements (an upper
-    bound of the objects built so far) and stop the decode past `budget`."""
-    left = [budget]
+    """list_hook/object_hook that stop the decode past `budget` objects. Each completed container
+    adds 1 + its length: every object is counted once as an element and a container once more
+    as itself, so the count lies between the objects built and twice that. Refusing past twice
+    the budget therefore never refuses a message within it, and a flood of empty containers
+    is stopped part-way (each counts as it completes)."""
+    left = [2 * budget]
 
     def count(node):
         left[0] -= 1 + len(node)
@@ -228,20 +265,23 @@ def _no_ext(code, data):
 
 
 def check_depth(obj, max_depth: int) -> None:
-    """Iterative walk (no recursion a hostile tree could exhaust): depth, and str map keys."""
+    """Iterative walk (no recursion a hostile tree could exhaust): depth, and str map keys.
+    Level by level, so a level of a million leaves costs one pass, not a million stack pushes."""
     if type(obj) is not list and type(obj) is not dict:
         return
-    stack = [(obj, 1)]
-    pop, push = stack.pop, stack.append
-    while stack:
-        node, depth = pop()
+    level, depth = [obj], 1
+    while level:
         if depth > max_depth:
             raise ProtocolViolation(f"payload nested deeper than {max_depth} levels")
-        if type(node) is dict:
-            for k in node:
-                if type(k) is not str:
-                    raise ProtocolViolation("map keys must be strings")
-            node = node.values()
-        for x in node:
-            if type(x) is list or type(x) is dict:
-                push((x, depth + 1))
+        deeper: list = []
+        push = deeper.append
+        for node in level:
+            if type(node) is dict:
+                for k in node:
+                    if type(k) is not str:
+                        raise ProtocolViolation("map keys must be strings")
+                node = node.values()
+            for x in node:
+                if type(x) is list or type(x) is dict:
+                    push(x)
+        level, depth = deeper, depth + 1

@@ -493,3 +493,36 @@ def test_fork_gives_the_child_its_own_library_state(plugin, plugin_dir):
     assert got["child"] == {"inherited": "closed", "own": 42, "idle_death_noticed": True,
                             "own_zygote": True}, got
     assert got["parent_calls"] >= 1
+
+
+def test_a_heavy_reply_is_decoded_off_the_event_loop(make_plugin):
+    """A reply of a million tiny objects takes the host a while to decode: never on the loop."""
+    path, policy = make_plugin(PLUGIN, "[limits]\ntimeout = 30\nmemory_mb = 1024\n")
+
+    async def main():
+        async with AsyncWorker(path, policy=policy) as w:
+            gaps, last = [], [time.monotonic()]
+
+            async def ticker():
+                while True:
+                    await asyncio.sleep(0.002)
+                    now = time.monotonic()
+                    gaps.append(now - last[0])
+                    last[0] = now
+            tick = asyncio.ensure_future(ticker())
+            t = time.monotonic()
+            got = await w.call("empty_maps", 330_000, 3)  # ~990,000 objects: within the budget
+            took = time.monotonic() - t
+            await asyncio.sleep(0.05)  # the ticker's next tick: a stall shows as the gap before it
+            tick.cancel()
+            return len(got), took, max(gaps)
+    n, took, stall = asyncio.run(main())
+    assert n == 3
+    # what the same decode costs in line, here and now (so that a loaded machine moves both)
+    import msgpack
+    from sandbox import protocol
+    payload = msgpack.packb([[{} for _ in range(330_000)] for _ in range(3)])
+    t = time.monotonic()
+    protocol.loads(payload, protocol.Limits())
+    inline = time.monotonic() - t
+    assert stall < 0.6 * inline, (stall, inline, took)

@@ -278,3 +278,25 @@ def test_nothing_after_a_breach_is_read_not_even_a_reply():
     assert c.receive(frame(framing.RESULT, "forged success", 1)) == []
     end = c.status(SIGKILLED)
     assert isinstance(end[0].error, ProtocolViolation)
+
+
+def test_a_heavy_payload_is_decoded_off_the_driver_in_order():
+    c = calling_core(offload=1024)
+    heavy = frame(framing.EVENT, [{} for _ in range(2000)])
+    data = heavy + frame(framing.RESULT, "after", 1)
+    (out,) = c.receive(data)
+    assert type(out) is lc.Decode and c.decoding
+    obj = out.decode(out.frame.payload)
+    got = c.decoded(out.frame, obj, None)
+    assert names(got) == ["Deliver", "Reply"] and got[1].value == "after" and not c.decoding
+    c.call_over()
+    c.begin_call("f", (), {})
+    (out,) = c.receive(frame(framing.RESULT, b"x" * 100_000, 2))  # a large bin: a memcpy, in line
+    assert type(out) is lc.Reply
+
+
+def test_a_heavy_payload_that_breaks_the_budget_kills():
+    c = calling_core(offload=1024)
+    (out,) = c.receive(frame(framing.RESULT, [{} for _ in range(2000)], 1))
+    got = c.decoded(out.frame, None, ProtocolViolation("payload holds more than 10 objects"))
+    assert names(got) == ["Kill"] and isinstance(c.reason, ProtocolViolation)
