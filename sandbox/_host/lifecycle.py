@@ -417,10 +417,14 @@ class Lifecycle:
                 out.append(Decode(frame, self.session.decode_yielding))
                 return out
             try:
-                obj = decode(frame.payload)
+                out += self._on_event(*self.session.on_frame(frame, decode(frame.payload)))
             except ProtocolViolation as e:
-                return out + self._protocol_violation(e)
-            out += self._on_frame(frame, obj)
+                # A read that breaks the protocol is not believed in part: a reply it carried
+                # before the breach answers nothing (the call gets the violation).
+                kept = [o for o in out if type(o) is not Reply]
+                if len(kept) != len(out):
+                    self.awaiting = True
+                return kept + self._protocol_violation(e)
             if self._untrusted:
                 break
         return out

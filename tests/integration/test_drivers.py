@@ -363,7 +363,7 @@ async def run():
     if scenario == "flood":
         w.on("message", lambda m: None)
         before = rss_mib()
-        out["posted"] = await sync(w.call("flood", 300, 8 << 20))
+        out["posted"] = await sync(w.invoke("flood", (300, 8 << 20), timeout=120))  # 2.4 GB: slow on a busy host
         out["growth_mib"] = rss_mib() - before
         await sync(w.close())
         return

@@ -300,3 +300,11 @@ def test_a_heavy_payload_that_breaks_the_budget_kills():
     (out,) = c.receive(frame(framing.RESULT, [{} for _ in range(2000)], 1))
     got = c.decoded(out.frame, None, ProtocolViolation("payload holds more than 10 objects"))
     assert names(got) == ["Kill"] and isinstance(c.reason, ProtocolViolation)
+
+
+def test_a_read_that_breaks_the_protocol_answers_nothing():
+    c = calling_core()
+    forged = frame(framing.RESULT, "evil", 1) + frame(framing.RESULT, "the real one", 1)
+    assert names(c.receive(forged)) == ["Kill"]  # the second reply is unsolicited
+    (reply, end) = c.status(SIGKILLED)
+    assert isinstance(reply.error, ProtocolViolation)
