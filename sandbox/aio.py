@@ -22,9 +22,11 @@ import asyncio
 import collections
 import inspect
 import select
+import typing
 import weakref
 from os import close as _os_close, write as _os_write
 
+from . import events as _events
 from ._host import channel, lifecycle as lc
 from ._host.handle import DEATH_WAIT, WorkerHandle, log, weak_method
 from .errors import LoadError, ProtocolViolation, WorkerClosed
@@ -32,7 +34,9 @@ from .errors import LoadError, ProtocolViolation, WorkerClosed
 READS_PER_WAKEUP = 16      # reads of the child's pipe per loop iteration: a flood can't starve the loop
 MESSAGE_BACKLOG = 10_000   # undelivered messages per messages() iterator before the child is paused
 BACKLOG_BYTES = lc.BUFFER_BUDGET // 2  # ... or undelivered bytes
-_ENDED = lc.State.ENDED
+_ENDED = lc._ENDED
+_Reply = lc.Reply
+_events_log = _events.log
 
 
 class AsyncWorker(WorkerHandle):
@@ -83,9 +87,11 @@ class AsyncWorker(WorkerHandle):
         """`async for msg in w.messages()`: every message posted from now on; ends when the worker does."""
         return Messages(self)
 
-    async def call(self, name: str, /, *args, **kwargs):
-        """Call the plugin's function `name`; every argument and keyword goes to the plugin."""
-        return await self._call(name, args, kwargs, self._timeout)
+    def call(self, name: str, /, *args, **kwargs) -> "typing.Awaitable":
+        """`await w.call(name, ...)`: call the plugin's function `name`; every argument and
+        keyword goes to the plugin. (A plain function returning the call's coroutine: one
+        coroutine less per call than an `async def` around it.)"""
+        return self._call(name, args, kwargs, self._timeout)
 
     async def invoke(self, name: str, args=(), kwargs=None, *, timeout: float | None = None):
         """`call` with the library's own options beside, never among, the plugin's arguments:
@@ -140,7 +146,7 @@ class AsyncWorker(WorkerHandle):
 
     async def _call(self, name, args, kwargs, timeout):
         async with self._lock:
-            core = self._require_core()
+            core = self._core or self._require_core()
             frame = core.begin_call(name, args, kwargs)  # WorkerClosed unless READY
             loop = self._loop
             started = loop.time()
@@ -148,9 +154,8 @@ class AsyncWorker(WorkerHandle):
             try:
                 if timeout is not None:
                     self._set_deadline(started + timeout, timeout)
-                self._send(frame)
+                self._send(frame)  # (whatever is still queued was copied: the frame's buffer is free)
                 frame = None
-                core.call_sent()  # whatever is still queued was copied
                 reply = await fut
             except asyncio.CancelledError:
                 if not (fut.done() and not fut.cancelled()):
@@ -163,8 +168,10 @@ class AsyncWorker(WorkerHandle):
             finally:
                 self._deadline = None
                 self._waiter = None
-                core.call_over()
-        return self._outcome(name, started, loop.time(), reply)
+                core.call_over(sent=True)
+        if reply.error is None and not (_events._subscribers or _events_log.isEnabledFor(20)):
+            return reply.value  # the usual outcome, without the event nobody listens to
+        return self._outcome(name, started, reply)
 
     # ---- start ------------------------------------------------------------------------------
     async def _start(self):
@@ -172,6 +179,7 @@ class AsyncWorker(WorkerHandle):
             raise RuntimeError("this AsyncWorker was already started")
         self._started = True
         loop = self._loop = asyncio.get_running_loop()
+        self._clock = loop.time
         self._dead = loop.create_future()
         t0 = loop.time()
         # The zygote's fork in a thread: a stopped or slow zygote never stalls the loop.
@@ -205,7 +213,7 @@ class AsyncWorker(WorkerHandle):
             self._waiter = None
 
     def _on_start_timeout(self):
-        if self._core is not None and self._core.state is lc.State.STARTING:
+        if self._core is not None and self._core.state is lc._STARTING:
             self._apply(self._core.deadline_passed(self._start_timeout))
 
     def _on_handoff(self):
@@ -216,13 +224,18 @@ class AsyncWorker(WorkerHandle):
     def _on_from(self):
         fd = self._fds.get("from")
         core = self._core
-        for _ in range(READS_PER_WAKEUP):
+        reads = READS_PER_WAKEUP
+        while reads:
+            reads -= 1
             if fd is None or self._eof or core.state is _ENDED:
                 break
             outs = self._read_child(fd)
             if outs is None:
                 break
-            self._apply(outs)
+            if len(outs) == 1 and type(outs[0]) is _Reply:
+                self._on_reply(outs[0])  # the usual read: exactly the awaited reply
+            else:
+                self._apply(outs)
             waiter = self._waiter
             if self._paused or core.decoding or (waiter is not None and waiter.done()):
                 break  # the awaited reply is in: let its task run (more data wakes us again)
@@ -319,8 +332,8 @@ class AsyncWorker(WorkerHandle):
 
     # ---- hooks the core's outputs call (handle.WorkerHandle._apply) -------------------------------
     def _on_reply(self, out):
-        waiter = self._waiter
-        if waiter is not None and not waiter.done() and self._core.state is not lc.State.STARTING:
+        waiter = self._waiter  # (a Reply never comes while starting: no call is in flight then)
+        if waiter is not None and not waiter.done():
             waiter.set_result(out)
 
     def _on_ready(self):

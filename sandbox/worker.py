@@ -18,13 +18,15 @@ import select
 import threading
 import time
 
+from . import events as _events
 from ._host import channel, hub as _hub, lifecycle as lc
 from ._host.handle import DEATH_WAIT, WorkerHandle, log, weak_method
 
 _monotonic = time.monotonic
 _write = os.write
-_READY, _ENDED, _STARTING = lc.State.READY, lc.State.ENDED, lc.State.STARTING
+_READY, _ENDED, _STARTING = lc._READY, lc._ENDED, lc._STARTING
 _Reply = lc.Reply
+_events_log = _events.log
 DISPATCH_AT = lc.BUFFER_BUDGET // 4  # bytes of a call's messages held before they are handed over
 HUB_READS = 16                        # reads of a worker's pipe per hub wake-up
 # what a pump waits for
@@ -146,21 +148,21 @@ class Worker(WorkerHandle):
                 try:
                     reply = self._exchange(frame, started, timeout)
                 finally:
-                    core.call_sent()
-                    core.call_over()
+                    core.call_over(sent=True)
                     if self._hub_reads or self._hub_missed:
                         self._rearm()
                     msgs = self._take_inbox() if self._inbox else None
             if msgs:  # what it posted before the reply, or before it died, still counts
                 self._dispatch(msgs)
-        return self._outcome(name, started, _monotonic(), reply)
+        if reply is not None and reply.error is None and not (_events._subscribers or _events_log.isEnabledFor(20)):
+            return reply.value  # the usual outcome, without the event nobody listens to
+        return self._outcome(name, started, reply)
 
     def _exchange(self, frame, started: float, timeout):
         """A call's I/O. The common case in a straight line: the frame goes out at once, one poll
         and one read bring exactly the reply. Anything else takes the pump."""
         deadline = None if timeout is None else started + timeout
         left = self._write_now(self._fds["to"], frame)
-        on_deadline = lambda: self._core.deadline_passed(timeout)  # noqa: E731
         if left is None:
             wait = -1 if timeout is None else (deadline - _monotonic()) * 1000
             if wait:
@@ -174,7 +176,7 @@ class Worker(WorkerHandle):
                         reply = self._apply(outs)
                         if reply is not None:
                             return reply
-        return self._pump(left, deadline, _WANT_REPLY, on_deadline)
+        return self._pump(left, deadline, _WANT_REPLY, lambda: self._core.deadline_passed(timeout))
 
     # ---- the pump: the one loop that reads the child ----------------------------------------
     def _pump(self, left, deadline, want, on_deadline):

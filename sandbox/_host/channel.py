@@ -54,12 +54,6 @@ class Session:
     def encode_post(obj) -> bytes | tuple:
         return _frame(framing.POST, 0, protocol.dumps(obj))
 
-    def decode_result(self, data):
-        """`data` is exactly one RESULT frame for the call in flight (framing.single_frame said so)."""
-        obj = protocol.loads(data[HEADER_SIZE:], self.limits)
-        self.pending_id = None
-        return obj
-
     def decode(self, payload):
         """A frame's payload, decoded under this session's budgets (thread-safe: pure)."""
         return protocol.loads(payload, self.limits)

@@ -11,11 +11,13 @@ implements the `_on_*` hooks named in `_apply`.
 from __future__ import annotations
 
 import collections
+import copy
 import errno
 import logging
 import os
 import select
 import signal
+import time
 import warnings
 import weakref
 
@@ -30,6 +32,7 @@ LOG_LINE_MAX = 4096
 LOG_BUDGET = 1 << 20  # bytes of plugin output forwarded per worker; the rest is counted, not kept
 DEATH_WAIT = 5.0      # after a kill, how long the status may take before the handle ends anyway
 _readv, _read = os.readv, os.read
+_events_log = events.log
 _HOST_ERRNOS = {errno.EMFILE: "file descriptors", errno.ENFILE: "file descriptors",
                 errno.EAGAIN: "processes", errno.ENOMEM: "memory", errno.ENOSPC: "disk space",
                 errno.EDQUOT: "disk space", errno.EROFS: "a writable disk"}
@@ -57,13 +60,18 @@ def plugin_name(path: str) -> str:
 def weak_method(method):
     """A callable for a hub or an event loop that does not keep its worker alive: a dropped
     worker is collected (and cleaned up by __del__) instead of living on in a registry."""
-    ref = weakref.WeakMethod(method)
+    ref, func = weakref.ref(method.__self__), method.__func__
 
     def call(*args):
-        m = ref()
-        if m is not None:
-            return m(*args)
-    return call
+        obj = ref()
+        if obj is not None:
+            return func(obj, *args)
+
+    def call0():  # an event loop's reader: no arguments, called for every read
+        obj = ref()
+        if obj is not None:
+            return func(obj)
+    return call0 if func.__code__.co_argcount == 1 else call
 
 
 def _vm_peak(pid: int, pidfd: int | None) -> int | None:
@@ -99,6 +107,7 @@ os.register_at_fork(after_in_child=_disown_after_fork)
 
 class WorkerHandle:
     _OFFLOAD: int | None = None  # payload size from which the driver decodes off its thread
+    _clock = staticmethod(time.monotonic)  # the driver's clock (the loop's, for AsyncWorker)
     def __init__(self, worker_py, policy, name: str | None, start_timeout: float | None,
                  on_syscall=None):
         self.plugin = os.path.abspath(os.fspath(worker_py))
@@ -128,7 +137,7 @@ class WorkerHandle:
     def alive(self) -> bool:
         """Started, not ended, and no reason to end recorded yet."""
         core = self._core
-        return core is not None and self.pid is not None and core.state is not lc.State.ENDED \
+        return core is not None and self.pid is not None and core.state is not lc._ENDED \
             and core.reason is None
 
     @property
@@ -148,14 +157,7 @@ class WorkerHandle:
 
     @property
     def _finalized(self) -> bool:
-        return self._core is not None and self._core.state is lc.State.ENDED
-
-    def _check_alive(self):
-        core = self._core
-        if core is None:
-            raise WorkerClosed(f"worker {self.name} was not started")
-        if core.state is lc.State.ENDED or core.reason is not None or core.closing:
-            raise core.closed_error()
+        return self._core is not None and self._core.state is lc._ENDED
 
     def _call_timeout(self, timeout) -> float | None:
         return options.timeout(timeout, self._timeout)
@@ -192,6 +194,9 @@ class WorkerHandle:
             seccomp_mode=mode, deny_errno=deny_errno if isinstance(deny_errno, int) else errno.EPERM,
             dangerous=DANGEROUS, on_syscall=self._on_syscall, memory_limit=limit,
             memory_peak=lambda: _vm_peak(pid, pidfd), offload=self._OFFLOAD)
+        # the read path's own bindings (one call less per read than through the core)
+        decoder = self._core.session.decoder
+        self._payload_view, self._read_size = decoder.payload_view, decoder.read_size
         self._emit("started")
         return sp
 
@@ -295,7 +300,7 @@ class WorkerHandle:
         if core.decoding:
             return None  # a payload is being decoded: the frames after it wait in the pipe
         try:
-            view = core.payload_view()
+            view = self._payload_view()
             if view is not None:
                 try:
                     n = _readv(fd, [view])
@@ -304,7 +309,7 @@ class WorkerHandle:
                 if not n:
                     self._eof = True
                 return core.received_into_view(n)
-            data = _read(fd, core.read_size())
+            data = _read(fd, self._read_size())
             if not data:
                 self._eof = True
             return core.receive(data)
@@ -347,22 +352,26 @@ class WorkerHandle:
         events.emit(name, plugin=self.name, policy=self.policy.path or self.policy.name, pid=self.pid,
                     uid=sp.uid if sp is not None else None, **fields)
 
-    def _outcome(self, fn: str, started: float, now: float, reply):
+    def _outcome(self, fn: str, started: float, reply):
         """A call's Reply (None: the worker ended without one) as its value, or raised."""
         error = reply.error if reply is not None else self._core.ended_error()
-        if events._subscribers or events.log.isEnabledFor(logging.INFO):
-            self._emit("call", function=fn, duration=now - started,
+        if events._subscribers or _events_log.isEnabledFor(logging.INFO):
+            self._emit("call", function=fn, duration=self._clock() - started,
                        outcome="ok" if error is None else error.kind)
         if error is None:
             return reply.value
+        if error.kind == "memory":  # the worker lives on: no "ended" event will say it
+            self._emit("memory", function=fn, error=str(error))
         if reply is not None:
-            reply.error = None  # the caller's frame still holds `reply`: it must not hold the error
+            # The caller's frame still holds `reply` and so its error: raising that very object
+            # would tie it to a traceback through that frame (error -> traceback -> frame ->
+            # reply -> error), a cycle that keeps a dropped worker alive until the cyclic GC
+            # runs. A copy is raised instead.
+            error = copy.copy(error)
         try:
             raise error
         finally:
-            # no frame may keep the error it raises (error -> traceback -> frame -> worker):
-            # that cycle would keep a dropped worker alive until the cyclic GC ran
-            del error
+            del error  # (nor may this frame keep the error it raises)
 
     def _disown(self, owner: int):
         """After fork, in the child: the parent's worker is the parent's. Forget its descriptors
@@ -377,7 +386,7 @@ class WorkerHandle:
     def _warn_unclosed(self):
         """From __del__: a worker dropped without close() is killed and released, with a warning."""
         core = self._core
-        if core is None or core.state is lc.State.ENDED:
+        if core is None or core.state is lc._ENDED:
             return
         # (no source=self: a recorded warning would keep the worker alive)
         warnings.warn(f"worker {self.name} (pid {self.pid}) was never closed; killing it", ResourceWarning)

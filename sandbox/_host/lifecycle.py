@@ -10,8 +10,9 @@ CLOSING only to ENDED). Inputs and what they mean:
 
     input               STARTING             READY / CALLING             CLOSING        ENDED
     bytes (frames)      READY: TakeHandoff   MESSAGE: Deliver            as READY       ignored
-                        or Ready             reply: Reply (CALLING)
-                        LOADERR: Kill        anything else: Kill(PV)
+                        or Ready             reply: Reply (CALLING)      (replies only
+                        LOADERR: Kill        anything else: Kill(PV)      without a reason)
+                        (with `offload`: a large map or array first gives Decode; decoded() goes on)
     EOF / read error    Kill (status says why, within a bounded wait)    Kill           ignored
     handoff             failure: Kill(ConfinementError); missing listener: Kill   -     ignored
     notification        kill mode: Kill(PolicyViolation); deny mode: Answer (or Kill past the budget)
@@ -20,7 +21,8 @@ CLOSING only to ENDED). Inputs and what they mean:
     status wait over    Ended with a reason saying the status never came              ignored
     close asked         CloseInput, CLOSING (the driver kills after its grace)  -       ignored
     kill asked          Kill, CLOSING                                        Kill        ignored
-    begin_call/post     WorkerClosed         frame to write (READY only)   WorkerClosed  WorkerClosed
+    begin_call          WorkerClosed         frame to write (READY only)   WorkerClosed  WorkerClosed
+    encode_post         WorkerClosed         frame to write                WorkerClosed  WorkerClosed
 
 "First reason wins": the first recorded cause of the end is the one every caller sees.
 """
@@ -30,12 +32,14 @@ import copy
 import enum
 import errno as _errno
 from dataclasses import dataclass
-from typing import Any, Callable
+from operator import itemgetter as _itemgetter
+from typing import Callable
 
 from . import channel
 from .channel import FAILURE, LOAD_FAILED, MESSAGE, READY, RESULT
 from ..errors import (ConfinementError, LoadError, PluginCrashed, PluginError, PluginMemoryError,
                       PolicyViolation, ProtocolViolation, SandboxError, WorkerClosed)
+from .. import protocol
 from ..protocol import framing
 
 
@@ -45,6 +49,15 @@ class State(enum.Enum):
     CALLING = "calling"
     CLOSING = "closing"
     ENDED = "ended"
+
+
+# the states as plain module constants: an Enum member lookup costs ~60 ns, and the hot path
+# compares states several times per call
+_STARTING, _READY, _CALLING, _CLOSING, _ENDED = (State.STARTING, State.READY, State.CALLING, State.CLOSING,
+                                                 State.ENDED)
+
+
+_tuple_new = tuple.__new__
 
 
 # ---- outputs ------------------------------------------------------------------------------------
@@ -76,12 +89,15 @@ class Deliver:
         self.message, self.size = message, size
 
 
-class Reply:
-    """The outcome of the call in flight: `error` is None and `value` the result, or the error."""
-    __slots__ = ("value", "error")
+class Reply(tuple):
+    """The outcome of the call in flight: `error` is None and `value` the result, or the error.
+    (A tuple: built in one C call on the hot path, fields read by C getters.)"""
+    __slots__ = ()
+    value = property(_itemgetter(0))
+    error = property(_itemgetter(1))
 
-    def __init__(self, value, error: SandboxError | None):
-        self.value, self.error = value, error
+    def __new__(cls, value, error: SandboxError | None):
+        return _tuple_new(cls, (value, error))
 
 
 class Answer:
@@ -113,6 +129,8 @@ class Ended:
 KILL, TAKE_HANDOFF, CLOSE_INPUT, READY_OUT = Kill(), TakeHandoff(), CloseInput(), Ready()
 NOTHING: list = []  # shared, never appended to: inputs that mean nothing return it
 HEADER = framing.HEADER_SIZE
+_single_frame, _RESULT = framing.single_frame, framing.RESULT
+_loads = protocol.loads
 # msgpack's first byte of a map or an array (fix, 16 and 32 bits)
 _CONTAINER_BYTES = frozenset(range(0x80, 0xA0)) | {0xDC, 0xDD, 0xDE, 0xDF}
 OFFLOAD_AT = 32 * 1024  # a container payload this large is decoded off an event loop
@@ -142,7 +160,7 @@ class Lifecycle:
                  buffer_budget: int = BUFFER_BUDGET, denial_budget: int = DENIAL_BUDGET,
                  offload: int | None = None):
         self.name, self.plugin, self.policy = name, plugin, policy
-        self.state = State.STARTING
+        self.state = _STARTING
         self.session = channel.Session(max_frame)
         self.reason: SandboxError | None = None  # the first cause of the end, once known
         self.death: SandboxError | None = None
@@ -169,16 +187,17 @@ class Lifecycle:
         # hot-path bindings
         self._decoder = self.session.decoder
         self._max = self.session.limits.max_bytes
+        self._limits = self.session.limits
 
     # ---- what the drivers ask -------------------------------------------------------------------
     @property
     def ended(self) -> bool:
-        return self.state is State.ENDED
+        return self.state is _ENDED
 
     @property
     def usable(self) -> bool:
         """READY with no reason to end recorded: a call may start."""
-        return self.state is State.READY and self.reason is None
+        return self.state is _READY and self.reason is None
 
     def closed_error(self) -> WorkerClosed:
         if self.death is not None and not self.closing:
@@ -203,28 +222,33 @@ class Lifecycle:
     # ---- calls and posts --------------------------------------------------------------------------
     def begin_call(self, name: str, args, kwargs):
         """The frame of a new call; WorkerClosed unless READY."""
-        if self.state is not State.READY or self.reason is not None:
+        if self.state is not _READY or self.reason is not None:
             raise self.closed_error()
         frame = self.session.encode_call(name, args, kwargs)
-        self.state = State.CALLING
+        self.state = _CALLING
         self.awaiting = True
-        self.denials = []
+        if self.denials:
+            self.denials = []
         return frame
 
     def call_sent(self) -> None:
         """The call's frame is written (or dropped): its buffer may be reused."""
         self.session.sent()
 
-    def call_over(self) -> None:
-        """The caller stopped waiting (reply, error, or cancel): nothing is in flight any more."""
-        self.session.call_done()
+    def call_over(self, sent: bool = False) -> None:
+        """The caller stopped waiting (reply, error, or cancel): nothing is in flight any more
+        (`sent`: and the frame is out, as call_sent says)."""
+        session = self.session
+        if sent:
+            session.sent()
+        session.pending_id = None
         self.awaiting = False
-        if self.state is State.CALLING:
-            self.state = State.READY
+        if self.state is _CALLING:
+            self.state = _READY
 
     def encode_post(self, obj):
         frame = channel.Session.encode_post(obj)  # encoding errors come first: the worker is fine
-        if self.state not in (State.READY, State.CALLING) or self.reason is not None:
+        if self.state not in (_READY, _CALLING) or self.reason is not None:
             raise self.closed_error()
         return frame
 
@@ -237,19 +261,21 @@ class Lifecycle:
         """Bytes read from the worker's pipe; b"" is EOF."""
         if not data:
             return self.eof()
-        if self.state is State.ENDED or self._untrusted:
+        if self.state is _ENDED or self._untrusted:
             return NOTHING
         decoder = self._decoder
-        if decoder.at_boundary() and self.state is State.CALLING and \
-                framing.single_frame(data, self._max) == (framing.RESULT, self.session.pending_id) and \
-                (self._offload is None or not self._heavy(memoryview(data)[HEADER:])):
+        if decoder._head is None and not decoder._hbuf and self.state is _CALLING and \
+                _single_frame(data, self._max) == (_RESULT, self.session.pending_id) and \
+                (self._offload is None or len(data) < self._offload + HEADER or
+                 not self._heavy(memoryview(data)[HEADER:])):
             # the usual read: exactly the awaited reply, decoded in one step
             try:
-                obj = self.session.decode_result(data)
+                obj = _loads(data[HEADER:], self._limits)
             except ProtocolViolation as e:
                 return self._protocol_violation(e)
+            self.session.pending_id = None
             self.awaiting = False
-            return [Reply(obj, None)]
+            return [_tuple_new(Reply, (obj, None))]
         try:
             frames = decoder.feed(data)
         except ProtocolViolation as e:
@@ -260,7 +286,7 @@ class Lifecycle:
         """`n` bytes were read straight into payload_view(); 0 is EOF."""
         if not n:
             return self.eof()
-        if self.state is State.ENDED or self._untrusted:
+        if self.state is _ENDED or self._untrusted:
             return NOTHING
         try:
             frames = self._decoder.advance(n)
@@ -272,7 +298,7 @@ class Lifecycle:
         """The payload of a Decode output, decoded off the driver's thread (or what was wrong)."""
         self.decoding = False
         held, self._held = self._held, []
-        if self.state is State.ENDED or self._untrusted:
+        if self.state is _ENDED or self._untrusted:
             return NOTHING
         if error is not None:
             return self._protocol_violation(error)
@@ -281,7 +307,7 @@ class Lifecycle:
 
     def eof(self) -> list:
         """The worker's pipe closed (or reading it failed): it is dying; its status says why."""
-        if self.state is State.ENDED:
+        if self.state is _ENDED:
             return NOTHING
         if self._needs_handoff():
             return self._defer(self.eof)
@@ -289,7 +315,7 @@ class Lifecycle:
 
     def handoff(self, listener: bool, failure: ConfinementError | None) -> list:
         """What the handoff socket held: a listener (or none), or a confinement step's failure."""
-        if self.handoff_taken or self.state is State.ENDED:
+        if self.handoff_taken or self.state is _ENDED:
             return NOTHING
         self.handoff_taken, self.listener = True, listener
         out: list = []
@@ -304,7 +330,7 @@ class Lifecycle:
 
     def notification(self, n: Notification) -> list:
         """The seccomp listener reported a syscall the filter did not allow."""
-        if self.state is State.ENDED:
+        if self.state is _ENDED:
             return NOTHING
         verdict = self._verdict(n)
         if verdict == "continue":
@@ -324,7 +350,7 @@ class Lifecycle:
 
     def deadline_passed(self, timeout: float | None) -> list:
         """The driver's deadline for the start or the call in flight passed."""
-        if self.state is State.STARTING:
+        if self.state is _STARTING:
             return self._kill(LoadError("TimeoutError", f"plugin {self.name} did not start within {timeout:g} s"))
         if self.awaiting:
             self.session.call_done()  # the reply to the killed call is never delivered
@@ -335,28 +361,28 @@ class Lifecycle:
 
     def status(self, raw: int | None) -> list:
         """The zygote reaped the worker: its raw wait status (None if the record was unreadable)."""
-        if self.state is State.ENDED:
+        if self.state is _ENDED:
             return NOTHING
         return self._end(raw, None)
 
     def status_wait_over(self, waited: float) -> list:
         """The worker was killed `waited` seconds ago and its status never came: end anyway."""
-        if self.state is State.ENDED:
+        if self.state is _ENDED:
             return NOTHING
         return self._end(None, PluginCrashed(
             f"plugin {self.name} was killed; its zygote did not report its exit within {waited:g} s"))
 
     def close(self) -> list:
         """Ask the worker to exit on its own (EOF on its input); the driver kills after a grace."""
-        if self.state is State.ENDED:
+        if self.state is _ENDED:
             return NOTHING
         self.closing = True
-        self.state = State.CLOSING
+        self.state = _CLOSING
         return [CLOSE_INPUT]
 
     def kill(self, reason: SandboxError | None = None) -> list:
         """terminate() (reason None: an end that was asked for) or a cancelled call (reason given)."""
-        if self.state is State.ENDED:
+        if self.state is _ENDED:
             return NOTHING
         if reason is None:
             self.closing = True
@@ -364,7 +390,7 @@ class Lifecycle:
 
     def disown(self, owner: int) -> None:
         """In a forked child: this worker belongs to process `owner`; the child may not touch it."""
-        self.state = State.ENDED
+        self.state = _ENDED
         self.death = self.reason = WorkerClosed(
             f"worker {self.name} belongs to process {owner}; a forked child makes workers of its own")
 
@@ -386,7 +412,7 @@ class Lifecycle:
 
     # ---- internals ---------------------------------------------------------------------------------
     def _needs_handoff(self) -> bool:
-        return self.state is State.STARTING and not self.handoff_taken
+        return self.state is _STARTING and not self.handoff_taken
 
     def _defer(self, step) -> list:
         # A confinement failure reported on the handoff socket must win over what the pipe says
@@ -395,12 +421,12 @@ class Lifecycle:
         return [TAKE_HANDOFF] if len(self._deferred) == 1 else NOTHING
 
     def _finish_start(self) -> list:
-        if self.reason is not None or self.state is not State.STARTING:
+        if self.reason is not None or self.state is not _STARTING:
             return NOTHING
         if self._expects_listener and not self.listener:
             return self._kill(ConfinementError("the worker did not hand over its seccomp listener",
                                                layer="seccomp"))
-        self.state = State.READY
+        self.state = _READY
         return [READY_OUT]
 
     def _heavy(self, payload) -> bool:
@@ -450,7 +476,7 @@ class Lifecycle:
             self.awaiting = False
             out.append(Reply(value, None) if kind is RESULT else Reply(None, self._failure(value)))
         elif kind is READY:
-            if self.state is State.STARTING:
+            if self.state is _STARTING:
                 self._ready_seen = True
                 out += self._defer(self._finish_start) if not self.handoff_taken else self._finish_start()
         elif kind is LOAD_FAILED:
@@ -475,8 +501,8 @@ class Lifecycle:
     def _kill(self, reason: SandboxError | None) -> list:
         if self.reason is None and reason is not None:
             self.reason = reason  # first reason wins
-        if self.state is not State.CLOSING:
-            self.state = State.CLOSING
+        if self.state is not _CLOSING:
+            self.state = _CLOSING
         if self.killed:
             return NOTHING
         self.killed = True
@@ -489,7 +515,7 @@ class Lifecycle:
         self.death, self.reason = channel.settle_death(raw, self.reason, self.closing, self.name)
         pending, self.awaiting = self.awaiting, False
         self.session.call_done()
-        self.state = State.ENDED
+        self.state = _ENDED
         out: list = [Reply(None, self.ended_error())] if pending else []
         out.append(Ended(self.death))
         return out

@@ -171,23 +171,36 @@ def loads(data: bytes, limits: Limits = DEFAULT_LIMITS, counted: bool = False):
     `counted`: count objects through Python-level hooks even when the size alone bounds them;
     the decode then lets other threads run between containers (an event loop, while this runs
     in an executor), where msgpack's C decoder would hold the GIL from start to end."""
-    if len(data) > limits.max_bytes:
-        raise ProtocolViolation(f"payload of {len(data)} bytes exceeds the {limits.max_bytes}-byte cap")
     size = len(data)
-    items = limits.max_items
-    hooks = {}
+    if size > limits.max_bytes:
+        raise ProtocolViolation(f"payload of {size} bytes exceeds the {limits.max_bytes}-byte cap")
     if counted or size > limits.max_objects:
         # Only a payload longer than the budget can hold more objects than it: count them as
         # each container completes, so a flood of tiny maps is refused part-way, not after.
-        hooks = _budget_hooks(limits.max_objects)
-    if counted:
-        _gc_pause()
+        return _loads_counted(data, limits, counted)
+    items = limits.max_items
     try:
         obj = _unpackb(
             data, raw=False, strict_map_key=True,  # lists, no timestamps: the defaults
             max_str_len=size, max_bin_len=size, max_ext_len=0, ext_hook=_no_ext,
             max_array_len=size if size < items else items, max_map_len=size // 2 if size // 2 < items else items,
-            **hooks,
+        )
+    except Exception as e:  # msgpack raises many types (ValueError, StackError, ExtraData, ...)
+        raise ProtocolViolation(f"undecodable payload: {type(e).__name__}: {e}") from None
+    if (type(obj) is list or type(obj) is dict) and limits.max_depth is not None:
+        check_depth(obj, limits.max_depth)
+    return obj
+
+
+def _loads_counted(data, limits: Limits, pause_gc: bool):
+    size, items = len(data), limits.max_items
+    if pause_gc:
+        _gc_pause()
+    try:
+        obj = _unpackb(
+            data, raw=False, strict_map_key=True, max_str_len=size, max_bin_len=size, max_ext_len=0,
+            ext_hook=_no_ext, max_array_len=size if size < items else items,
+            max_map_len=size // 2 if size // 2 < items else items, **_budget_hooks(limits.max_objects),
         )
         if (type(obj) is list or type(obj) is dict) and limits.max_depth is not None:
             check_depth(obj, limits.max_depth)
@@ -196,7 +209,7 @@ def loads(data: bytes, limits: Limits = DEFAULT_LIMITS, counted: bool = False):
     except Exception as e:  # msgpack raises many types (ValueError, StackError, ExtraData, ...)
         raise ProtocolViolation(f"undecodable payload: {type(e).__name__}: {e}") from None
     finally:
-        if counted:
+        if pause_gc:
             _gc_resume()
     return obj
 

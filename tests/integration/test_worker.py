@@ -96,9 +96,14 @@ def test_exit_code_and_signal_are_reported(make_plugin):
 
 def test_memory_limit_is_a_memory_error_only_with_evidence(make_plugin):
     path, policy = make_plugin(BASIC, "[limits]\nmemory_mb = 256\n")
+    import sandbox.events
+    seen = []
+    unsubscribe = sandbox.events.subscribe(lambda ev: ev.name == "memory" and seen.append(ev))
     with sandbox.Worker(path, policy=policy) as w:
         with pytest.raises(PluginMemoryError):
             w.call("grow")  # its peak reached the limit: the kernel's figures say so
+        unsubscribe()
+        assert len(seen) == 1 and seen[0].fields["pid"] == w.pid
         assert w.call("add", 1, 1) == 2
         # the plugin's word alone is not evidence: a PluginError of type MemoryError
         with pytest.raises(PluginError) as ei:
