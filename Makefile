@@ -6,10 +6,13 @@ PYTHON ?= $(shell python3 -c 'import sys; print(sys.executable)')
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-APT_PACKAGES := libcap-dev bubblewrap strace util-linux
+# libseccomp2: every policy is compiled with it; gcc + libcap-dev: python-prctl builds from source;
+# redis-server: the broker of the Celery integration's test; the rest: tests and benchmarks.
+APT_PACKAGES := libseccomp2 gcc libcap-dev bubblewrap strace util-linux redis-server
+EXTRAS := test,http,examples,lint,metrics,celery,recipes
 UNPRIV_USER ?= nobody
 
-.PHONY: all setup demo test test-root test-unpriv bench bench-quick doctor clean
+.PHONY: all setup demo test test-root test-unpriv lint bench bench-quick doctor clean
 
 all: test
 
@@ -20,7 +23,7 @@ $(STAMP): pyproject.toml
 	if [ -n "$$missing" ]; then echo "apt: installing$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,http,examples]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[$(EXTRAS)]'
 	@chmod -R a+rX $(VENV) . 2>/dev/null || true
 	@touch $(STAMP)
 
@@ -28,6 +31,10 @@ demo: $(STAMP)
 	$(PY) examples/demo.py
 
 test: test-root test-unpriv
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check sandbox tests benchmarks examples
+	$(VENV)/bin/mypy sandbox
 
 test-root: $(STAMP)
 	$(PY) -m pytest
@@ -48,4 +55,4 @@ doctor: $(STAMP)
 	$(PY) -m sandbox doctor
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache

@@ -70,7 +70,8 @@ def useful_plugins():
     with worker("thumbnail") as w:
         png = sample_png()
         r = w.call("thumbnail", png, 160, 160)
-        show("thumbnail.thumbnail", f"{len(png)} bytes, 800x600 -> {r['size'][0]}x{r['size'][1]} PNG of {len(r['png'])} bytes")
+        width, height = r["size"]
+        show("thumbnail.thumbnail", f"{len(png)} bytes, 800x600 -> {width}x{height} PNG of {len(r['png'])} bytes")
 
 
 HOSTILE = [

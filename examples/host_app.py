@@ -4,7 +4,10 @@
                                 [--policies policies] [--pool-size 2] [--max-queue 64]
 
 Every `<plugins>/<name>/worker.py` that has a `<policies>/<name>.toml` is served; a plugin without a
-policy, with a bad policy or that does not load is reported at start-up and skipped. See docs/http.md.
+policy, with a bad policy or that does not load is logged at start-up and skipped (clients see
+only the error's kind). Only the names a plugin exports can be called. Client input is checked
+(size while it is read, nesting depth, values msgpack can carry, the plugin's message cap) before
+any worker sees it, so a client can never make a worker fail. See docs/http.md.
 
     POST /plugins/{name}/{function}   body: [args...]  or  {"args": [...], "kwargs": {...}}
                                       -> 200 {"result": ...}  |  4xx/5xx {"error": KIND, "detail": "..."}
@@ -32,30 +35,67 @@ from starlette.responses import JSONResponse, Response  # noqa: E402
 from starlette.routing import Route  # noqa: E402
 
 from sandbox import AsyncPool, Policy  # noqa: E402
-from sandbox.errors import LoadError, PluginError, PolicyViolation, SandboxError  # noqa: E402
+from sandbox import protocol  # noqa: E402
+from sandbox.errors import (ConfinementError, LoadError, PluginError, PolicyError, PolicyViolation,  # noqa: E402
+                            SandboxError)
 
 log = logging.getLogger("host_app")
 MAX_BODY = 16 << 20
+MAX_DEPTH = 32  # arrays/objects in a body; well under the protocol's 64, so an echo comes back too
+INT_RANGE = (-(1 << 63), (1 << 64) - 1)  # what msgpack carries
 BYTES = "$bytes"  # {"$bytes": "<base64>"} stands for a bytes value, both ways
+NEVER_CALLABLE = frozenset({"on_message", "post"})  # the plugin's own plumbing, whatever it exports
 
 # error kind -> HTTP status (kinds are SandboxError.kind, the CLI's names)
 STATUS = {
     "plugin-error": 422, "load-error": 502, "timeout": 504, "violation": 502, "crashed": 502,
     "memory": 502, "protocol": 502, "confinement-error": 502, "policy-error": 500,
     "queue-full": 503, "restart-limit": 503, "closed": 503, "not-found": 404, "bad-request": 400,
+    "too-large": 413, "usage-error": 400,
 }
+# Errors whose text is for the operator (paths, a plugin's load-time output): logged, never sent.
+PRIVATE = (LoadError, ConfinementError, PolicyError)
 
 
 class BadRequest(Exception):
-    pass
+    kind = "bad-request"
+
+
+class TooLarge(BadRequest):
+    kind = "too-large"
 
 
 def error(kind: str, detail: str, **extra) -> JSONResponse:
     return JSONResponse({"error": kind, "detail": detail, **extra}, status_code=STATUS.get(kind, 500))
 
 
+def check_input(obj) -> None:
+    """Refuse what no worker should be handed: nesting past MAX_DEPTH, ints msgpack cannot carry,
+    strings that are not UTF-8 (lone surrogates). Iterative: a hostile body cannot exhaust the stack."""
+    stack = [(obj, 1)]
+    while stack:
+        x, depth = stack.pop()
+        if isinstance(x, (list, dict)):
+            if depth > MAX_DEPTH:
+                raise BadRequest(f"arguments nested deeper than {MAX_DEPTH} levels")
+            if isinstance(x, dict):
+                stack.extend((k, depth) for k in x)
+                x = x.values()
+            stack.extend((v, depth + 1) for v in x)
+        elif isinstance(x, bool) or x is None or isinstance(x, float):
+            continue
+        elif isinstance(x, int):
+            if not INT_RANGE[0] <= x <= INT_RANGE[1]:
+                raise BadRequest("an integer argument is outside the 64-bit range")
+        elif isinstance(x, str) and not x.isascii():
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BadRequest("a string argument is not valid UTF-8 (a lone surrogate)") from None
+
+
 def from_json(obj):
-    """JSON -> plain data: {"$bytes": b64} objects become bytes."""
+    """JSON -> plain data: {"$bytes": b64} objects become bytes (obj is depth-checked first)."""
     if isinstance(obj, list):
         return [from_json(x) for x in obj]
     if isinstance(obj, dict):
@@ -79,16 +119,36 @@ def to_json(obj):
     return obj
 
 
+async def read_body(request: Request, cap: int = MAX_BODY) -> bytes:
+    """The body, refused as soon as it is known to pass `cap`: by its Content-Length before a byte
+    is read, else by counting while it streams in (never buffered whole first)."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise BadRequest("Content-Length is not a number")
+        if int(length) > cap:
+            raise TooLarge(f"body of {length} bytes is over the {cap}-byte limit")
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > cap:
+            raise TooLarge(f"body is over the {cap}-byte limit")
+    return bytes(buf)
+
+
 def parse_body(raw: bytes):
     if len(raw) > MAX_BODY:
-        raise BadRequest(f"body over {MAX_BODY} bytes")
+        raise TooLarge(f"body over {MAX_BODY} bytes")
     if not raw.strip():
         return [], {}
     try:
         body = json.loads(raw)
+    except RecursionError:
+        raise BadRequest(f"body is not JSON this server accepts: nested deeper than {MAX_DEPTH} levels") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(f"body is not JSON: {e}") from None
     if isinstance(body, list):
+        check_input(body)
         return from_json(body), {}
     if isinstance(body, dict):
         extra = set(body) - {"args", "kwargs"}
@@ -97,8 +157,33 @@ def parse_body(raw: bytes):
         args, kwargs = body.get("args", []), body.get("kwargs", {})
         if not isinstance(args, list) or not isinstance(kwargs, dict):
             raise BadRequest('"args" must be an array and "kwargs" an object')
+        check_input(args)
+        check_input(kwargs)
         return from_json(args), from_json(kwargs)
     raise BadRequest("body must be a JSON array of arguments or an object {args, kwargs}")
+
+
+def check_fits(function: str, args, kwargs, raw_size: int, max_message: int) -> None:
+    """The call must fit the plugin's message cap: a frame past it would end the worker. msgpack
+    is at most ~2.3x the JSON it came from (a float), so only a large body is encoded to check."""
+    if raw_size * 3 < max_message:
+        return
+    try:
+        size = len(protocol.dumps([function, args, kwargs]))
+    except (TypeError, ValueError, OverflowError) as e:
+        raise BadRequest(f"arguments are not plain data: {e}") from None
+    if size + 64 > max_message:
+        raise TooLarge(f"arguments take {size} bytes; this plugin accepts messages up to {max_message} bytes")
+
+
+def callable_from_outside(pool, function: str) -> bool:
+    """Only what the plugin exports; while its workers have not said, its public functions."""
+    if function in NEVER_CALLABLE:
+        return False
+    exports = getattr(pool, "exports", None)
+    if exports is not None:
+        return function in exports
+    return not function.startswith("_")
 
 
 class PoolCollector:
@@ -141,6 +226,7 @@ class Host:
                                  registry=self.registry,
                                  buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
         self.registry.register(PoolCollector(self))
+        self.library_metrics = _library_metrics(self.registry)
 
     # ---- life -------------------------------------------------------------------------------
     async def start(self):
@@ -149,23 +235,26 @@ class Host:
             if os.path.isdir(self.plugins_dir) else []
         await asyncio.gather(*(self._load(n) for n in names))
         log.info("serving %d plugin(s): %s", len(self.pools), ", ".join(sorted(self.pools)) or "none")
-        for name, why in sorted(self.skipped.items()):
-            log.warning("skipped plugin %s: %s: %s", name, why["error"], why["detail"])
 
     async def _load(self, name):
         worker_py = os.path.join(self.plugins_dir, name, "worker.py")
         policy_path = os.path.join(self.policies_dir, f"{name}.toml")
         if not os.path.isfile(policy_path):
-            self.skipped[name] = {"error": "policy-error", "detail": f"no policy file {policy_path}"}
-            return
+            return self._skip(name, "policy-error", f"no policy file {policy_path}")
         try:
             policy = Policy.load(policy_path)
             self.pools[name] = await AsyncPool.start(worker_py, policy=policy, size=self.pool_size,
                                                      max_queue=self.max_queue, name=name)
         except SandboxError as e:
-            self.skipped[name] = {"error": e.kind, "detail": str(e)}
+            self._skip(name, e.kind, str(e))
         except Exception as e:  # a broken plugin must not stop the others
-            self.skipped[name] = {"error": "load-error", "detail": f"{type(e).__name__}: {e}"}
+            self._skip(name, "load-error", f"{type(e).__name__}: {e}")
+
+    def _skip(self, name, kind, detail):
+        # The text (a path, what the plugin printed or raised while loading) is the operator's:
+        # the log has it; clients see the kind alone.
+        self.skipped[name] = {"error": kind}
+        log.warning("skipped plugin %s: %s: %s", name, kind, detail)
 
     async def stop(self):
         pools, self.pools = self.pools, {}
@@ -185,21 +274,26 @@ class Host:
         pool = self.pools.get(plugin)
         if pool is None:
             why = self.skipped.get(plugin)
-            return error("not-found", f"no plugin {plugin!r}" + (f" (skipped: {why['detail']})" if why else ""))
-        if function.startswith("_"):
-            return error("not-found", f"plugin {plugin} has no public function {function!r}")
+            return error("not-found", f"no plugin {plugin!r}" + (f" (skipped: {why['error']})" if why else ""))
+        if not callable_from_outside(pool, function):
+            return error("not-found", f"plugin {plugin} exports no function {function!r}")
         try:
-            args, kwargs = parse_body(await request.body())
+            raw = await read_body(request)
+            args, kwargs = parse_body(raw)
+            check_fits(function, args, kwargs, len(raw), pool.policy.limits.max_message_bytes)
         except BadRequest as e:
-            return self._count(plugin, "bad-request", error("bad-request", str(e)))
+            response = error(e.kind, str(e))
+            if isinstance(e, TooLarge):
+                response.headers["Connection"] = "close"  # what is left of the body is not read
+            return self._count(plugin, e.kind, response)
         started = time.perf_counter()
         try:
             result = await pool.call(function, *args, **kwargs)
         except SandboxError as e:
             self.latency.labels(plugin).observe(time.perf_counter() - started)
             return self._count(plugin, *self._describe(plugin, function, e))
-        except TypeError as e:  # arguments that are not plain data (NotPlainData)
-            return self._count(plugin, "bad-request", error("bad-request", str(e)))
+        except (TypeError, ValueError, OverflowError) as e:  # arguments that are not plain data
+            return self._count(plugin, "bad-request", error("bad-request", f"arguments are not plain data: {e}"))
         self.latency.labels(plugin).observe(time.perf_counter() - started)
         try:
             body = json.dumps({"result": to_json(result)}, allow_nan=False).encode()
@@ -209,9 +303,12 @@ class Host:
         return Response(body, media_type="application/json")
 
     def _describe(self, plugin, function, e: SandboxError):
-        if (isinstance(e, PluginError) and not isinstance(e, LoadError) and e.type == "AttributeError"
+        if isinstance(e, PRIVATE):
+            log.warning("plugin %s: %s: %s", plugin, e.kind, e)
+            return e.kind, error(e.kind, f"plugin {plugin} could not serve the call ({e.kind}; see the server log)")
+        if (isinstance(e, PluginError) and e.type == "AttributeError"
                 and e.message.startswith("plugin has no public function")):
-            return "not-found", error("not-found", f"plugin {plugin} has no public function {function!r}")
+            return "not-found", error("not-found", f"plugin {plugin} exports no function {function!r}")
         if isinstance(e, PolicyViolation):
             return e.kind, error(e.kind, str(e), syscall=e.syscall)
         if isinstance(e, PluginError):
@@ -222,6 +319,17 @@ class Host:
         self.calls.labels(plugin, kind).inc()
         self.errors.labels(plugin, kind).inc()
         return response
+
+
+def _library_metrics(registry):
+    """The library's own Prometheus collector (workers, starts, calls, violations) in the app's
+    registry, where the installed sandbox has one; the pool and HTTP counters above stay."""
+    try:
+        from sandbox import metrics
+    except ImportError:
+        return None
+    enable = getattr(metrics, "enable", None)
+    return enable(registry) if callable(enable) else None
 
 
 def build_app(host: Host) -> Starlette:

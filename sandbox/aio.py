@@ -370,7 +370,7 @@ class AsyncWorker(WorkerHandle):
 
     def _on_death_timeout(self):
         self._death_timer = None
-        self._apply(self._core.status_wait_over(DEATH_WAIT))
+        self._apply(self._status_never_came())
 
     def _on_close_input(self):
         fd = self._fds.pop("to", None)

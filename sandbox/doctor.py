@@ -3,15 +3,23 @@
 A layer is reported "ok" only after a canary worker tried to get past it and failed in the
 expected way; detection alone (a feature flag, a kernel version) is never taken as proof.
 """
+from __future__ import annotations
+
 import json
 import os
+import sys
+from typing import Any, Callable
 
 from . import errors
+
+# What to install when the seccomp library is missing, by distribution family.
+LIBSECCOMP_HINT = ("install the system library libseccomp: `apt-get install libseccomp2` (Debian, Ubuntu), "
+                   "`dnf install libseccomp` (Fedora, RHEL), `apk add libseccomp` (Alpine)")
 
 CANARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "child", "canary_plugin.py")
 
 
-def _canary_policy(**seccomp):
+def _canary_policy(**seccomp: Any) -> Any:
     from .policy import Policy
     from .policy.loader import SHIPPED_DEFAULT
     # The canary may read its own /proc/self/status (resolved inside the worker: its own pid).
@@ -19,7 +27,7 @@ def _canary_policy(**seccomp):
                              "seccomp": seccomp})
 
 
-def _check(name, fn, policy=None):
+def _check(name: str, fn: Callable[[Any], tuple[bool, str]], policy: Any = None) -> dict[str, Any]:
     from .worker import Worker
     try:
         with Worker(CANARY, policy=policy or _canary_policy(), name="canary") as w:
@@ -29,8 +37,9 @@ def _check(name, fn, policy=None):
     return {"layer": name, "ok": ok, "detail": detail}
 
 
-def _expect(exc_type, fn, describe):
-    def check(w):
+def _expect(exc_type: type[errors.SandboxError], fn: Callable[[Any], object],
+            describe: Callable[[Any], str]) -> Callable[[Any], tuple[bool, str]]:
+    def check(w: Any) -> tuple[bool, str]:
         try:
             got = fn(w)
         except exc_type as e:
@@ -41,7 +50,7 @@ def _expect(exc_type, fn, describe):
     return check
 
 
-def _status_check(w):
+def _status_check(w: Any) -> tuple[bool, str]:
     st = w.call("status")
     problems = []
     if st.get("NoNewPrivs") != "1":
@@ -56,7 +65,24 @@ def _status_check(w):
             "no_new_privs, seccomp filter mode")
 
 
-def checks():
+def libseccomp_problem() -> str | None:
+    """Why the host cannot load libseccomp (it compiles every policy with it), or None."""
+    try:
+        try:
+            import seccomp  # noqa: F401  (the distribution's own bindings, when installed)
+        except ImportError:
+            import pyseccomp  # noqa: F401  (ctypes bindings: loading them loads libseccomp.so.2)
+    except (OSError, RuntimeError, ImportError) as e:
+        # pyseccomp raises RuntimeError when find_library() finds nothing, OSError when the
+        # dynamic loader refuses the file it found.
+        return f"libseccomp.so.2 cannot be loaded ({type(e).__name__}: {e}); {LIBSECCOMP_HINT}"
+    return None
+
+
+def checks() -> list[dict[str, Any]]:
+    problem = libseccomp_problem()
+    if problem is not None:  # every other check needs a compiled policy: nothing to prove
+        return [{"layer": "libseccomp", "ok": False, "detail": problem}]
     root = os.geteuid() == 0
     results = [
         _check("privileges", _status_check),
@@ -71,7 +97,8 @@ def checks():
         _check("landlock (unlisted path refused)",
                _expect(errors.PluginError, lambda w: w.call("read_file", "/etc/hostname"),
                        lambda e: f"/etc/hostname: {e.type}")),
-        _check("environment cleared", lambda w: (w.call("environment") == {}, "no variable inherited")),
+        _check("environment cleared", lambda w: (w.call("environment") == w.policy.environment({}),
+                                                  "no variable inherited (only the worker's baseline)")),
         _check("deadline (SIGKILL on timeout)",
                _expect(errors.PluginTimeout, lambda w: w.invoke("sleep", (30,), timeout=0.3),
                        lambda e: "sleep(30) killed after 0.3 s")),
@@ -89,6 +116,9 @@ def checks():
 
 def run(as_json: bool = False) -> int:
     results = checks()
+    if not as_json and results and results[0]["layer"] == "libseccomp" and not results[0]["ok"]:
+        print(f"sandbox doctor: {results[0]['detail']}", file=sys.stderr)
+        return 1
     if as_json:
         print(json.dumps(results, indent=2))
     else:

@@ -7,6 +7,21 @@ Each event is also a `logging` record on the "sandbox.events" logger with the fi
 `extra` (so a JSON log formatter sees plugin, policy, pid, uid, ...). Subscribers run on the
 thread that emitted the event: keep them quick; one that raises is logged and never breaks
 the worker that emitted.
+
+The fields each event carries (every one has `plugin` and `policy`; any may add more):
+
+| event | when | fields |
+|---|---|---|
+| started | a worker was forked | pid, uid |
+| ready | it loaded worker.py and answers | pid, uid; duration (seconds since the start was asked) if known |
+| call | a call ended, however it ended | pid, function, duration, outcome ("ok" or the error's `kind`) |
+| ended | the worker is gone and reaped | pid, reason ("closed" or the error's `kind`) |
+| violation | a forbidden syscall stopped it | pid, syscall |
+| denied | a syscall the policy answers with an errno | pid, syscall |
+| timeout, memory, crash, cancelled, load-error | why a call or a start failed | pid, detail |
+
+`sandbox.metrics` counts from these alone, so an emitter keeps them: one `started` and one
+`ended` per worker, one `call` per call.
 """
 from __future__ import annotations
 
@@ -24,11 +39,18 @@ NAMES = ("started", "ready", "call", "ended", "violation", "denied", "timeout", 
          "cancelled", "load-error")
 
 
+_monotonic = time.monotonic  # (inside Event, `time` is the field)
+
+
 @dataclass(frozen=True)
 class Event:
     name: str
     fields: dict[str, Any] = field(default_factory=dict)
     time: float = field(default_factory=time.time)
+    monotonic: float = field(default_factory=_monotonic)  # for durations between events
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.fields.get(key, default)
 
 
 _subscribers: list[Callable[[Event], None]] = []

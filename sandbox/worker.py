@@ -202,7 +202,7 @@ class Worker(WorkerHandle):
                 events = poller.poll(None if wait is None else max(wait, 0) * 1000)
                 if not events and wait is not None and wait <= 0:
                     if self._kill_at is not None and _monotonic() >= self._kill_at:
-                        outs = core.status_wait_over(DEATH_WAIT)
+                        outs = self._status_never_came()
                     else:
                         deadline, outs = None, (on_deadline() if on_deadline is not None else lc.NOTHING)
                     reply = self._apply(outs)

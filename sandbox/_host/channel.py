@@ -107,6 +107,17 @@ def plugin_error(d: dict) -> SandboxError:
     return PluginError(d["type"], d["message"], d["traceback"])
 
 
+MAX_EXPORTS = 10_000
+
+
+def exports_of(ready) -> tuple[str, ...]:
+    """The names a READY frame says the plugin exports (the worker refuses calls to others)."""
+    names = ready.get("exports") if isinstance(ready, dict) else None
+    if not isinstance(names, list) or len(names) > MAX_EXPORTS:
+        return ()
+    return tuple(n for n in names if isinstance(n, str) and len(n) <= 1000)
+
+
 def load_error(d: dict, plugin: str) -> LoadError:
     """A LOADERR frame is always a LoadError, whatever type it names: the plugin can write this
     pipe, so it never produces a ConfinementError (only the handoff socket can)."""

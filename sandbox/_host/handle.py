@@ -23,7 +23,7 @@ import weakref
 
 from .. import events
 from ..errors import HostResourceError, LoadError, ProtocolViolation, SandboxError, WorkerClosed
-from . import lifecycle as lc, notify, options, zygote_client
+from . import channel, lifecycle as lc, notify, options
 from .resources import STATUS, Spawned
 
 log = logging.getLogger("sandbox")
@@ -124,6 +124,7 @@ class WorkerHandle:
         self._pidfd = None
         self._fds: dict[str, int] = {}
         self._core: lc.Lifecycle | None = None
+        self.exports: tuple[str, ...] = ()  # what the plugin lets the host call, from its READY
         self._eof = False  # the worker's pipe reached its end: stop watching it
         self._on_syscall = on_syscall
         self._timeout = options.timeout(None, self.policy.limits.timeout)
@@ -165,11 +166,8 @@ class WorkerHandle:
     # ---- start ---------------------------------------------------------------------------------------
     def _spawn(self) -> Spawned:
         """Fork the worker through the zygote; the host's own shortage is a HostResourceError."""
-        limit = self._start_timeout
-        token = zygote_client.spawn_timeout.set(zygote_client.REPLY_TIMEOUT if limit is None
-                                                else min(limit, zygote_client.REPLY_TIMEOUT))
         try:
-            sp = Spawned(self.policy, self.plugin, self.name)
+            sp = Spawned(self.policy, self.plugin, self.name, self._start_timeout)  # bounded by it
         except OSError as e:
             what = _HOST_ERRNOS.get(e.errno)
             if what is None:
@@ -178,8 +176,6 @@ class WorkerHandle:
                                     resource=what) from None
         except RuntimeError as e:  # e.g. no free uid in the policy's range
             raise HostResourceError(f"the host could not start worker {self.name}: {e}", resource="uids") from None
-        finally:
-            zygote_client.spawn_timeout.reset(token)
         self._sp = sp
         self.pid, self._pidfd, self._fds = sp.pid, sp.pidfd, sp.fds
         sec = self.policy.seccomp
@@ -190,7 +186,7 @@ class WorkerHandle:
         pid, pidfd = sp.pid, sp.pidfd
         self._core = lc.Lifecycle(
             self.name, self.plugin, max_frame=self.policy.limits.max_message_bytes,
-            policy=self.policy.path or self.policy.name, expects_listener=bool(sp.plan.get("notify")),
+            policy=self.policy.path or self.policy.name, expects_listener=bool(sp.plan.notify),
             seccomp_mode=mode, deny_errno=deny_errno if isinstance(deny_errno, int) else errno.EPERM,
             dangerous=DANGEROUS, on_syscall=self._on_syscall, memory_limit=limit,
             memory_peak=lambda: _vm_peak(pid, pidfd), offload=self._OFFLOAD)
@@ -218,6 +214,7 @@ class WorkerHandle:
                 r = self._take_handoff()
                 reply = self._apply(r) or reply
             elif t is lc.Ready:
+                self.exports = channel.exports_of(self._core.ready_info)
                 self._emit("ready")
                 self._on_ready()
             elif t is lc.CloseInput:
@@ -291,7 +288,13 @@ class WorkerHandle:
             return lc.NOTHING
         except OSError:
             data = b""
-        return self._core.status(STATUS.unpack(data)[1] if len(data) == STATUS.size else None)
+        raw = STATUS.unpack(data)[1] if len(data) == STATUS.size else None
+        # no record: the zygote, which writes it, died (and the worker with it)
+        return self._core.status(raw, self._sp.zygote_death() if raw is None and self._sp is not None else None)
+
+    def _status_never_came(self) -> list:
+        """The bounded wait after a kill is over: end with what is known of the zygote."""
+        return self._core.status_wait_over(DEATH_WAIT, self._sp.zygote_death() if self._sp is not None else None)
 
     def _read_child(self, fd):
         """One read of the worker's pipe into the core: its outputs, or None when nothing is there.
@@ -360,6 +363,8 @@ class WorkerHandle:
                        outcome="ok" if error is None else error.kind)
         if error is None:
             return reply.value
+        if isinstance(error, WorkerClosed):
+            error.never_sent = False  # it ended after the call was written (a pool must not resend)
         if error.kind == "memory":  # the worker lives on: no "ended" event will say it
             self._emit("memory", function=fn, error=str(error))
         if reply is not None:

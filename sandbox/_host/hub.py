@@ -4,10 +4,6 @@ While a call is in flight the calling thread does its own I/O (no thread hop on 
 the hub only looks after what happens between calls: messages a plugin posts, its log lines,
 a death or a forbidden syscall. Worker fds are armed EPOLLONESHOT so the hub never spins on a
 descriptor that a calling thread currently owns.
-
-After os.fork() the child has no hub thread, and its copy of the epoll descriptor names the
-parent's epoll instance: the child forgets that hub (never touching it, so the parent is not
-disturbed) and makes a fresh one on first use.
 """
 import os
 import select
@@ -21,6 +17,8 @@ class Hub:
         self._ep = select.epoll()
         self._handlers: dict[int, callable] = {}
         self._lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._ep.register(self._wake_r, select.EPOLLIN)
         self._thread = threading.Thread(target=self._run, name="sandbox-hub", daemon=True)
         self._thread.start()
 
@@ -56,6 +54,8 @@ class Hub:
             except InterruptedError:
                 continue
             for fd, _ in events:
+                if fd == self._wake_r:
+                    continue
                 with self._lock:
                     handler = self._handlers.get(fd)
                 if handler is not None:
@@ -79,16 +79,22 @@ def get() -> Hub:
     return _hub
 
 
-def _after_fork_in_child():
+def _after_fork_in_child() -> None:
+    # The parent's hub thread does not exist here, and its epoll instance is shared with the
+    # parent: a child registering its own fds there would feed the parent's hub. Start afresh.
     global _hub, _hub_lock
-    # The parent's hub: its thread did not survive the fork, and its epoll instance is the
-    # parent's. Dropped without a call on it (closing our copy of the fd disturbs nobody).
     old, _hub, _hub_lock = _hub, None, threading.Lock()
     if old is not None:
-        try:
-            old._ep.close()
-        except OSError:
-            pass
+        _inherited.append(old)  # never freed here: nothing of it may act on a reused fd later
+        old._ep.close()  # the child's copy only
+        for fd in (old._wake_r, old._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+_inherited: list = []
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

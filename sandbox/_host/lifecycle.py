@@ -170,6 +170,7 @@ class Lifecycle:
         self.handoff_taken = False
         self.listener = False
         self.awaiting = False                     # a caller waits for a Reply
+        self.ready_info = None                    # what the READY frame said (exports)
         self.buffered = 0                         # bytes of Deliver outputs not yet acknowledged
         self.denials: list[Notification] = []     # of the call in flight (or the last one)
         self._expects_listener = expects_listener
@@ -359,17 +360,21 @@ class Lifecycle:
             return out + [Reply(None, copy.copy(self.reason))]
         return NOTHING
 
-    def status(self, raw: int | None) -> list:
-        """The zygote reaped the worker: its raw wait status (None if the record was unreadable)."""
+    def status(self, raw: int | None, unknown: SandboxError | None = None) -> list:
+        """The zygote reaped the worker: its raw wait status (None if no record came; `unknown`
+        then says what is known instead, e.g. that the zygote died)."""
         if self.state is _ENDED:
             return NOTHING
-        return self._end(raw, None)
+        if self._needs_handoff():  # a confinement failure reported there names the real cause
+            return self._defer(lambda: self._end(raw, unknown if raw is None else None))
+        return self._end(raw, unknown if raw is None else None)
 
-    def status_wait_over(self, waited: float) -> list:
-        """The worker was killed `waited` seconds ago and its status never came: end anyway."""
+    def status_wait_over(self, waited: float, known: SandboxError | None = None) -> list:
+        """The worker was killed `waited` seconds ago and its status never came: end anyway
+        (`known`: what is known of its zygote)."""
         if self.state is _ENDED:
             return NOTHING
-        return self._end(None, PluginCrashed(
+        return self._end(None, known or PluginCrashed(
             f"plugin {self.name} was killed; its zygote did not report its exit within {waited:g} s"))
 
     def close(self) -> list:
@@ -478,6 +483,7 @@ class Lifecycle:
         elif kind is READY:
             if self.state is _STARTING:
                 self._ready_seen = True
+                self.ready_info = value
                 out += self._defer(self._finish_start) if not self.handoff_taken else self._finish_start()
         elif kind is LOAD_FAILED:
             err = channel.load_error(value, self.plugin)

@@ -1,10 +1,14 @@
-"""Turn (policy, plugin, identity) into the plain-data plan the child's confinement steps read.
+"""Turn (policy, plugin, identity) into the typed Plan the worker's confinement steps read.
 
-Everything the child needs is decided here, in the host, before fork: the BPF program (compiled
-once per policy), the Landlock paths, the rlimits, the environment.
+Everything the worker needs is decided here, in the host, before fork: the BPF program
+(compiled once per policy), the Landlock paths, the rlimits, the environment. Checked here
+too, so that nothing the policy says can fail later in the zygote or halfway through the
+worker's confinement: a path or value with a NUL byte is a PolicyError naming the key.
 """
 import os
 
+from ..errors import PolicyError, UsageError
+from ..protocol.plan import Landlock, Plan, PlanError
 from ..zygote.leftovers import may_start_processes
 from .zygote_client import runtime_paths
 
@@ -13,17 +17,31 @@ from .zygote_client import runtime_paths
 SYSTEM_READ = ("/usr/lib", "/lib", "/lib64", "/usr/lib64", "/etc/ld.so.cache", "/etc/localtime",
                "/usr/share/zoneinfo")
 
-_runtime = None
+_runtime: tuple[str, ...] | None = None
 
 
-def _runtime_read():
+def _runtime_read() -> tuple[str, ...]:
     global _runtime
     if _runtime is None:
         _runtime = tuple(runtime_paths()) + SYSTEM_READ
     return _runtime
 
 
-def build(policy, plugin: str, module_name: str, uid: int | None, scratch: str | None) -> dict:
+def _check_text(policy, key: str, values) -> None:
+    for value in values:
+        if not isinstance(value, str) or "\0" in value:
+            raise PolicyError(f"{value!r} is not usable: a NUL byte (or not text)", path=policy.path, key=key)
+
+
+def _title(name: str, policy) -> str:
+    """What `ps` shows for the worker: printable, short."""
+    text = f"sandbox: {name} (policy {policy.name})"
+    return "".join(c if c.isprintable() else "?" for c in text)[:200]
+
+
+def build(policy, plugin: str, module_name: str, uid: int | None, scratch: str | None) -> Plan:
+    if "\0" in plugin or "\0" in module_name:
+        raise UsageError(f"the plugin path {plugin!r} contains a NUL byte")
     lim = policy.limits
     own_userns = uid is None and lim.processes > 0
     rlimits = {
@@ -38,24 +56,27 @@ def build(policy, plugin: str, module_name: str, uid: int | None, scratch: str |
         "nproc": (lim.processes + 1) if uid is not None or own_userns else None,
     }
     fs = policy.filesystem
-    read = list(_runtime_read()) + [os.path.dirname(plugin)] + list(fs.read_only)
-    write = list(fs.writable) + ([scratch] if scratch else [])
+    _check_text(policy, "filesystem.read_only", fs.read_only)
+    _check_text(policy, "filesystem.writable", fs.writable)
+    _check_text(policy, "python.preload", policy.preload)
+    env = policy.environment(dict(os.environ))
+    _check_text(policy, "environment", list(env) + list(env.values()))
+    bad_names = [k for k in env if not k or "=" in k]
+    if bad_names:
+        raise PolicyError(f"{bad_names[0]!r} is not a variable name", path=policy.path, key="environment")
+    read = _runtime_read() + (os.path.dirname(plugin),) + tuple(fs.read_only)
+    write = tuple(fs.writable) + ((scratch,) if scratch else ())
     families = set(getattr(policy.network, "families", ()) or ())
     notify = policy.seccomp.default_action == "kill"
-    return {
-        "plugin": plugin,
-        "module_name": module_name,
-        "uid": uid,
-        "gid": uid,
-        "rlimits": rlimits,
-        "env": policy.environment(dict(os.environ)),
-        "preload": list(policy.preload),
-        "landlock": {"read": read, "write": write, "network": bool(policy.network.allow),
-                     "abstract_unix": bool(policy.network.allow) and "unix" in families},
-        "bpf": policy.bpf(notify=notify),
-        "notify": notify,
-        "max_frame": lim.max_message_bytes,
-        "own_userns": own_userns,
-        "may_fork": may_start_processes(policy),  # the zygote then kills what it started, too
-        "cwd": scratch or "/",
-    }
+    try:
+        return Plan(
+            plugin=plugin, module_name=module_name, title=_title(module_name, policy),
+            uid=uid, gid=uid, rlimits=rlimits, env=env, preload=tuple(policy.preload),
+            landlock=Landlock(read=read, write=write, network=bool(policy.network.allow),
+                              abstract_unix=bool(policy.network.allow) and "unix" in families),
+            bpf=policy.bpf(notify=notify), notify=notify, max_frame=lim.max_message_bytes,
+            own_userns=own_userns,
+            may_fork=may_start_processes(policy),  # the zygote then kills what it started, too
+            cwd=scratch or "/")
+    except PlanError as e:
+        raise PolicyError(f"the policy does not make a usable plan: {e}", path=policy.path) from None

@@ -7,20 +7,23 @@ import fcntl
 import os
 import shutil
 import socket
-import struct
 import tempfile
+import time
 from typing import NamedTuple
 
 import msgpack
 
-from ..errors import ConfinementError
-from . import plan as plans, uids
+from ..errors import ConfinementError, HostResourceError, SandboxError, ZygoteDied
+from ..protocol import plan as plan_wire
+from ..protocol.zygote import MAX_PLAN, STATUS, SpawnFds, SpawnRequest, plan_frame
+from . import plan as plans, rulesets, uids
 from . import zygote_client as zygote
 
-F_SETPIPE_SZ = 1031
+F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
 PIPE_SIZE = 1 << 20
-STATUS = struct.Struct("<ii")  # (pid, raw wait status) written by the zygote when it reaps
 MAX_HANDOFF = 64 * 1024
+SPAWN_TIMEOUT = 10.0  # when the caller gives none
+__all__ = ["STATUS", "Spawned", "Handoff", "close_fd"]
 
 
 class Handoff(NamedTuple):
@@ -46,6 +49,14 @@ def _pipe():
     return r, w
 
 
+def _host_short_of(e: OSError) -> SandboxError:
+    names = {24: "file descriptors", 23: "file descriptors", 12: "memory", 28: "disk space", 11: "processes"}
+    what = names.get(e.errno)
+    if what is None:
+        return HostResourceError(f"a worker could not be set up: {e}")
+    return HostResourceError(f"the host is out of {what} ({e.strerror})", resource=what)
+
+
 def close_fd(fd):
     try:
         os.close(fd)
@@ -56,44 +67,91 @@ def close_fd(fd):
 class Spawned:
     """The host's side of one forked worker. `fds`: to, from, log, status (+ listener later)."""
 
-    def __init__(self, policy, plugin: str, name: str):
+    def __init__(self, policy, plugin: str, name: str, start_timeout: float | None = None):
+        deadline = time.monotonic() + (SPAWN_TIMEOUT if start_timeout is None else start_timeout)
         self.policy = policy
         self.uid = uids.allocate(*policy.uid_range) if os.geteuid() == 0 else None
         self.scratch = None
         self.fds: dict[str, int] = {}
         self.pid = self.pidfd = None
         self.handoff = None
+        self.zygote_proc = None
         self._handoff = Handoff(None, None)
-        child = []
+        child: dict[str, int] = {}
         try:
             if policy.filesystem.scratch:
                 self.scratch = tempfile.mkdtemp(prefix=f"sandbox-{name}-")
                 if self.uid is not None:
                     os.chown(self.scratch, self.uid, self.uid)
+            # Built and checked before anything is forked: a plan the policy can't make is a
+            # PolicyError here, never a failure in the zygote.
+            self.plan = plans.build(policy, plugin, name, self.uid, self.scratch)
+            frame = plan_frame(plan_wire.encode(self.plan))
+            if len(frame) > MAX_PLAN:
+                raise SandboxError(f"the plan for {plugin} is {len(frame)} bytes, over {MAX_PLAN} "
+                                   "(very long path or environment lists in the policy)")
             to_r, to_w = _pipe()
-            child.append(to_r)
+            child["from_host"] = to_r
             self.fds["to"] = to_w
             from_r, from_w = _pipe()
-            child.append(from_w)
+            child["to_host"] = from_w
             self.fds["from"] = from_r
             self.handoff, h_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            child.append(h_child.detach())
+            child["handoff"] = h_child.detach()
             log_r, log_w = os.pipe2(os.O_CLOEXEC)
-            child.append(log_w)
+            child["log"] = log_w
             self.fds["log"] = log_r
             st_r, st_w = os.pipe2(os.O_CLOEXEC)
-            child.append(st_w)
+            child["status"] = st_w
             self.fds["status"] = st_r
             for fd in self.fds.values():
                 os.set_blocking(fd, False)
-            self.plan = plans.build(policy, plugin, name, self.uid, self.scratch)
-            self.pid, self.pidfd = zygote.get(bool(policy.network.allow)).spawn(self.plan, child)
+            if fcntl.fcntl(to_w, F_GETPIPE_SZ) < len(frame):
+                raise SandboxError(f"the plan for {plugin} ({len(frame)} bytes) does not fit in the "
+                                   "worker's input pipe")
+            # Into the empty pipe before the fork, so the worker finds it at once (the whole frame
+            # fits: checked above); a worker the zygote never forks never reads it.
+            if os.write(to_w, frame) != len(frame):
+                raise SandboxError("the plan could not be written to the worker's input at once")
+            request = SpawnRequest(uid=self.uid, may_fork=self.plan.may_fork)
+            fds = list(SpawnFds(**child))
+            ruleset = rulesets.shared_ruleset(self.plan.landlock)  # the cache's: not closed here
+            if ruleset is not None:
+                fds.append(ruleset)
+            try:
+                self.pid, self.pidfd, self.zygote_proc = zygote.get(bool(policy.network.allow)).spawn(
+                    request, fds, max(deadline - time.monotonic(), 0.001))
+            except SandboxError as e:
+                if getattr(e, "worker_may_run", False):
+                    # A stalled zygote may still fork this request when it resumes: that worker
+                    # is confined as usual and dies at its first write (nobody reads), and its
+                    # uid never goes to another worker (the zygote kills leftovers by uid).
+                    self.uid = None
+                raise
+        except OSError as e:
+            self.release()
+            raise _host_short_of(e) from None
         except BaseException:
             self.release()
             raise
         finally:
-            for fd in child:
+            for fd in child.values():
                 close_fd(fd)
+
+    def end_reason(self, status: int | None) -> SandboxError | None:
+        """Evidence the plugin can't forge for why a worker ended, if any: the confinement step
+        that failed (from the handoff socket), or the zygote's death (no status record came:
+        the zygote writes it, and the worker dies with the zygote)."""
+        failure = self.take_handoff().failure
+        if failure is not None:
+            return failure
+        if status is None:
+            return self.zygote_death()
+        return None
+
+    def zygote_death(self) -> ZygoteDied:
+        """Why a worker ended without a status record: the zygote, which writes it, died."""
+        return zygote.zygote_death(self.zygote_proc)
 
     def take_listener(self) -> int | None:
         """The seccomp listener fd the child sent before READY (None if it sent none)."""

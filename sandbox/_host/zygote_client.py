@@ -3,26 +3,26 @@
 One zygote per namespace profile: workers without network come from a zygote living in an
 empty network namespace; a policy that grants network gets a zygote without one.
 """
-import contextvars
+import errno
+import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
-import logging
 import threading
+import time
 
 import msgpack
 
-from ..errors import ConfinementError, SandboxError, ZygoteDied
+from ..errors import ConfinementError, HostResourceError, SandboxError, ZygoteDied
+from ..protocol.zygote import MAX_REPLY, SpawnRequest, decode_reply, encode_request
 
 log = logging.getLogger("sandbox")
 _PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # sandbox/
 _PKG_ROOT = os.path.dirname(_PKG_DIR)
 _ZYGOTE_MAIN = os.path.join(_PKG_DIR, "zygote", "__main__.py")
 REPLY_TIMEOUT = 10.0
-# How long a spawn may wait for the zygote (its lock, then its reply): a handle sets it to what
-# is left of its start_timeout, so that a stopped zygote can't hold a start past its bound.
-spawn_timeout: contextvars.ContextVar[float] = contextvars.ContextVar("spawn_timeout", default=REPLY_TIMEOUT)
 
 
 def runtime_paths() -> list[str]:
@@ -55,11 +55,12 @@ class Zygote:
     def __init__(self, namespaces: tuple[str, ...]):
         self.namespaces = namespaces
         self._lock = threading.Lock()
-        self._proc = None
-        self._ctl = None
+        self._proc: subprocess.Popen | None = None
+        self._ctl: socket.socket | None = None
+        self._retired: list[tuple[subprocess.Popen, socket.socket]] = []
         self.report: dict = {}
 
-    def _start(self):
+    def _start(self, timeout: float = REPLY_TIMEOUT):
         host_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # PDEATHSIG fires when the *thread* that started the zygote ends, so it is only asked for
         # when that thread is the main one; otherwise EOF on the control socket does the job alone.
@@ -73,16 +74,23 @@ class Zygote:
                                           # out of the host's process group: a terminal's Ctrl-C is
                                           # the host's to handle, not a reason for the zygote to die
                                           start_new_session=True)
+        except OSError as e:
+            host_end.close()
+            raise HostResourceError(f"the zygote could not be started: {e}", resource=_resource(e)) from None
         finally:
             child_end.close()
-        host_end.settimeout(REPLY_TIMEOUT)
+        host_end.settimeout(max(timeout, 0.001))
         try:
             hello = msgpack.unpackb(host_end.recv(65536), raw=False)
         except (OSError, ValueError) as e:
+            host_end.close()
             self._proc.kill()
             self._proc.wait()
             raise ConfinementError(f"the zygote did not start: {e}", layer="zygote") from None
-        if "ready" not in hello:
+        if not isinstance(hello, dict) or "ready" not in hello:
+            host_end.close()
+            self._proc.kill()
+            self._proc.wait()
             raise ConfinementError(f"the zygote did not start: {hello}", layer="zygote")
         self._ctl = host_end
         self.report = hello
@@ -94,41 +102,86 @@ class Zygote:
     def pid(self):
         return self._proc.pid if self._proc else None
 
-    def spawn(self, plan: dict, fds: list[int]) -> tuple[int, int]:
-        """Fork a worker; returns (pid, pidfd). The zygote never sees anything but the plan."""
-        payload = msgpack.packb(plan, use_bin_type=True)
-        limit = spawn_timeout.get()
-        if not self._lock.acquire(timeout=limit):
-            raise ZygoteDied(f"the zygote did not answer within {limit:g} s (another start holds it)")
+    def spawn(self, request: SpawnRequest, fds: list[int], timeout: float = REPLY_TIMEOUT
+              ) -> tuple[int, int, subprocess.Popen]:
+        """Fork a worker: (pid, pidfd, the zygote's process), within `timeout` seconds.
+
+        The zygote learns the descriptors and the request (uid, may_fork), nothing else: the
+        plan goes to the worker over its own pipe. A zygote found dead is replaced once; a
+        ZygoteDied says so when the replacement dies too, or when no answer came in time."""
+        deadline = time.monotonic() + timeout
+        payload = encode_request(request)
+        if not self._lock.acquire(timeout=max(timeout, 0)):
+            raise ZygoteDied(f"the zygote did not take the request within {timeout:g} s "
+                             "(another start is waiting on it)")
         try:
-            for attempt in (0, 1):
+            why = "it ended"
+            for _ in (0, 1):
                 if self._ctl is None or self._proc.poll() is not None:
-                    self._restart()
+                    self._kill()
+                    self._start(max(deadline - time.monotonic(), 0.001))
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._ctl.settimeout(left)
                 try:
-                    self._ctl.settimeout(limit)
                     socket.send_fds(self._ctl, [payload], fds)
-                    msg, got, _, _ = socket.recv_fds(self._ctl, 65536, 1)
+                    msg, got, _, _ = socket.recv_fds(self._ctl, MAX_REPLY, 1)
                 except socket.timeout:
-                    # stopped or wedged: it is no use to anyone now; the next start gets a new one
-                    self._kill()
-                    raise ZygoteDied(f"the zygote did not answer within {limit:g} s") from None
-                except (BrokenPipeError, ConnectionResetError) as e:
-                    self._kill()
-                    if attempt:
-                        raise ZygoteDied(f"zygote failed: {e}") from None
+                    self._retire()
+                    err = ZygoteDied(f"the zygote did not answer within {timeout:.2g} s (stopped or "
+                                     "overloaded); it takes no more requests and the next worker "
+                                     "starts on a new zygote")
+                    err.worker_may_run = True  # it may still fork this request when it resumes
+                    raise err from None
+                except OSError as e:
+                    why = self._bury(e.strerror or str(e))
                     continue
                 if not msg:
-                    self._kill()
+                    why = self._bury("it closed the control socket")
                     continue
-                reply = msgpack.unpackb(msg, raw=False)
-                if "pid" not in reply or len(got) != 1:
+                pid, error = decode_reply(msg)
+                if pid is not None and len(got) != 1:
                     for fd in got:
                         os.close(fd)
-                    raise SandboxError(f"zygote refused the spawn: {reply.get('error', reply)}")
-                return reply["pid"], got[0]
-            raise ZygoteDied("zygote died twice while spawning")
+                    err = HostResourceError("the host is out of file descriptors: the new worker's pidfd "
+                                            "could not be received", resource="file descriptors")
+                    err.worker_may_run = True  # forked: it dies at its first write, nobody reads
+                    raise err
+                if pid is None or len(got) != 1:
+                    for fd in got:
+                        os.close(fd)
+                    raise _refusal(error or "no pidfd came with the reply")
+                return pid, got[0], self._proc
+            else:
+                raise ZygoteDied(f"the zygote died while starting a worker ({why}), and so did its replacement")
+            raise ZygoteDied(f"no zygote answered within {timeout:g} s")
         finally:
             self._lock.release()
+
+    def _bury(self, seen: str) -> str:
+        """The zygote failed mid-request: make sure it is gone; how it ended, in words."""
+        proc = self._proc
+        if self._ctl is not None:
+            self._ctl.close()
+            self._ctl = None
+        if proc is None:
+            return seen
+        try:
+            proc.wait(0.2)  # it is exiting: its own exit status says why
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return f"{seen}; it was still running and was killed"
+        return f"{seen}; it had {describe_exit(proc.returncode)}"
+
+    def _retire(self):
+        """A zygote that did not answer in time may still be serving its workers: leave it (and
+        them) alone, send it nothing more, and start the next worker on a new one. Its control
+        socket stays open, since EOF on it would make it kill every worker it has."""
+        if self._proc is not None and self._ctl is not None:
+            self._retired.append((self._proc, self._ctl))
+        self._proc = self._ctl = None
 
     def _restart(self):
         self._kill()
@@ -145,12 +198,58 @@ class Zygote:
     def close(self):
         with self._lock:
             self._kill()
+            for proc, ctl in self._retired:
+                ctl.close()
+                proc.kill()
+                proc.wait()
+            self._retired.clear()
 
     def ensure_started(self):
         with self._lock:
             if self._ctl is None or self._proc.poll() is not None:
                 self._restart()
         return self.report
+
+
+def describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "not ended yet"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = str(-returncode)
+        return f"been killed by signal {name}"
+    return f"exited with code {returncode}"
+
+
+def zygote_death(proc: subprocess.Popen | None, wait: float = 0.05) -> ZygoteDied:
+    """What a worker's caller is told when its status never came: the zygote that would have
+    written it died (the worker dies with it), and how, if that can be known in `wait` s."""
+    if proc is None:
+        return ZygoteDied("the zygote died, and the worker with it (why is unknown)")
+    end = time.monotonic() + wait
+    while proc.poll() is None and time.monotonic() < end:
+        time.sleep(0.005)
+    how = describe_exit(proc.returncode) if proc.returncode is not None else "ended (how is unknown)"
+    return ZygoteDied(f"the zygote (pid {proc.pid}) died, and the worker with it: the zygote had {how}"
+                      if proc.returncode is not None else
+                      f"the zygote (pid {proc.pid}) stopped reporting, and the worker with it")
+
+
+def _resource(e: OSError) -> str | None:
+    return {errno.EMFILE: "file descriptors", errno.ENFILE: "file descriptors", errno.EAGAIN: "processes",
+            errno.ENOMEM: "memory"}.get(e.errno)
+
+
+def _refusal(error: str) -> SandboxError:
+    """The zygote answered but did not fork: say what the host is short of, if that is it."""
+    lowered = error.lower()
+    if "fork failed" in lowered:
+        return HostResourceError(f"the zygote could not fork a worker: {error}", resource="processes")
+    if "descriptor" in lowered:
+        return HostResourceError(f"the zygote refused the spawn: {error}", resource="file descriptors")
+    return SandboxError(f"the zygote refused the spawn: {error}")
 
 
 _zygotes: dict[tuple, Zygote] = {}
@@ -166,17 +265,21 @@ def get(network: bool) -> Zygote:
         return z
 
 
-def _after_fork_in_child():
-    global _zygotes, _zlock
-    # The parent's zygotes answer the parent: a forked child asking them would mix its replies
-    # with the parent's. Forget them without closing or killing anything (that would end the
-    # parent's workers); the child starts zygotes of its own on first use.
-    # (Closing our copy of a control socket is harmless: the zygote sees EOF only when the
-    # parent's copy closes too.)
+_inherited: list = []  # a forked child's copies of the parent's zygotes: kept, never used
+
+
+def _after_fork_in_child() -> None:
+    # The parent's zygotes are the parent's: requests from the child on the same control socket
+    # would interleave with the parent's. Close the child's copy (so that a zygote still sees EOF
+    # when its host ends) and let the child start its own on first use.
+    global _zlock
+    _zlock = threading.Lock()
     for z in _zygotes.values():
-        z._proc = None       # never kill() the parent's zygote from here
-        z._ctl = None
-    _zygotes, _zlock = {}, threading.Lock()
+        if z._ctl is not None:
+            z._ctl.close()
+            z._ctl = None
+        _inherited.append(z)
+    _zygotes.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

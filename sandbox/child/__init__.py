@@ -1,7 +1,7 @@
 """What runs in the forked child only (never in the host, never in the zygote's own loop).
 
     steps.py        the confinement steps, in `STEPS` order, with `STEPS` right after them
-    landlock.py     Landlock rulesets (the zygote builds shared ones with it too)
+    landlock.py     Landlock rulesets (the host builds shared ones with it too: _host/rulesets.py)
     seccomp.py      installs the host-compiled BPF program
     syscalls.py     the few raw kernel calls Python's os module lacks
     serve.py        the child's entry point and serve loop: confine, load worker.py, answer frames

@@ -39,10 +39,14 @@ class _NetPort(ctypes.Structure):
     _fields_ = [("allowed", ctypes.c_uint64), ("port", ctypes.c_uint64)]
 
 
-def abi_version() -> int:
-    """0 when Landlock is unavailable (old kernel, disabled at boot)."""
+def abi_version(at_most: int | None = None) -> int:
+    """0 when Landlock is unavailable (old kernel, disabled at boot). `at_most` caps the answer:
+    a test (or a cautious operator) can make this kernel behave like an older one, never newer."""
     ret = libc.syscall(SYS_create_ruleset, None, 0, CREATE_RULESET_VERSION)
-    return ret if ret > 0 else 0
+    abi = ret if ret > 0 else 0
+    if isinstance(at_most, int) and not isinstance(at_most, bool) and at_most >= 0:
+        abi = min(abi, at_most)
+    return abi
 
 
 def handled_fs(abi: int) -> int:

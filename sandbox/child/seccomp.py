@@ -11,6 +11,7 @@ SECCOMP_SET_MODE_FILTER = 1
 SECCOMP_GET_ACTION_AVAIL = 2
 SECCOMP_FILTER_FLAG_TSYNC = 1 << 0
 SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
+SECCOMP_FILTER_FLAG_TSYNC_ESRCH = 1 << 4  # 5.7+; Landlock (5.13+) is required anyway
 PR_SET_NO_NEW_PRIVS = 38
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -33,8 +34,9 @@ def install_filter(bpf: bytes, *, listener: bool = False) -> int | None:
     prog = _SockFprog(len(bpf) // 8, ctypes.addressof(buf))
     flags = SECCOMP_FILTER_FLAG_TSYNC
     if listener:
-        # TSYNC and NEW_LISTENER can't be combined without TSYNC_ESRCH; the child is single-threaded here.
-        flags = SECCOMP_FILTER_FLAG_NEW_LISTENER
+        # Every thread gets the filter, also those a preload started (OpenBLAS does, at import):
+        # without TSYNC they would run unfiltered. With a listener, TSYNC needs TSYNC_ESRCH.
+        flags = SECCOMP_FILTER_FLAG_NEW_LISTENER | SECCOMP_FILTER_FLAG_TSYNC | SECCOMP_FILTER_FLAG_TSYNC_ESRCH
     ret = _libc.syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, flags, ctypes.byref(prog))
     if ret < 0:
         err = ctypes.get_errno()

@@ -1,11 +1,13 @@
 """The forked child's confinement: one small named step each, in the order the kernel needs,
 with `STEPS` (the order) right after them. Runs in the forked child only.
 
-Each step takes (plan, state): `plan` is plain data prepared by the host before fork,
+Each step takes (plan, state): `plan` is the typed Plan the host built before fork,
 `state` carries what one step hands to the next. Any exception stops the worker before the
 plugin's first line runs; the serve loop reports which step failed.
 
 The order is the kernel's, not taste: fds and session first (nothing inherited survives);
+the proof that we are pid 1 of a PID namespace of our own (zygote/pidns.py); the read-only
+mount view (child/mounts.py) while we may still mount, in the zygote's user namespace;
 a user namespace of its own before the rlimits (the namespace records the limit in force when
 it is made, and then caps every level above with it); Landlock while we may still restrict
 ourselves; the credential change (which clears PDEATHSIG and resets dumpable, so those come
@@ -22,9 +24,11 @@ import socket
 
 import prctl
 
-from . import landlock, seccomp, syscalls as _sys
+from ..zygote import pidns
+from . import landlock, mounts, seccomp, syscalls as _sys
 
-# Fixed descriptor numbers inside the worker.
+from ..protocol.zygote import FROM_HOST, HANDOFF, STDERR, STDIN, STDOUT, TO_HOST  # noqa: F401 - the fixed numbers
+
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 PR_CAPBSET_READ, PR_CAPBSET_DROP, PR_SET_SECUREBITS = 23, 24, 28
 # NOROOT (+lock), NO_CAP_AMBIENT_RAISE (+lock), and KEEP_CAPS / NO_SETUID_FIXUP locked *off*, so
@@ -35,7 +39,7 @@ try:
         _LAST_CAP = int(_f.read())
 except OSError:
     _LAST_CAP = 40
-STDIN, STDOUT, STDERR, FROM_HOST, TO_HOST, HANDOFF = 0, 1, 2, 3, 4, 5
+host_pid: int | None = None  # this worker's pid as the host sees it (os.getpid() is 1 here), set by watch_self
 RULESET = 6  # a Landlock ruleset prepared by the zygote, closed as soon as it is applied
 
 
@@ -61,16 +65,33 @@ def _dup_high(fd):
     return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100)
 
 
+def pid_namespace(plan, state):
+    """The zygote forked us as pid 1 of a PID namespace of our own (zygote/pidns.py): no other
+    process on the machine can be addressed from here, and all we start dies with us. The
+    evidence is our own pid, which only the first process of a new namespace has."""
+    if not pidns.in_own_namespace():
+        raise OSError(f"the worker has no PID namespace of its own: {pidns.refusal or 'it is not pid 1'}")
+
+
+def watch_self(plan, state):
+    """Open what die_with_parent reads about this very process while the host's /proc is still
+    there (the view step mounts the worker's own, and Landlock may grant no /proc at all); an
+    open descriptor keeps answering."""
+    global host_pid
+    fd = state["self_stat"] = os.open("/proc/self/stat", os.O_RDONLY | os.O_CLOEXEC)
+    host_pid = int(os.pread(fd, 64, 0).split(b" ", 1)[0])  # as the host's /proc numbers us
+
+
 def new_session(plan, state):
     """No controlling terminal (TIOCSTI needs one) and out of the host's process group."""
     os.setsid()
-    os.chdir(plan.get("cwd") or "/")
+    os.chdir(plan.cwd)
 
 
 def clear_environment(plan, state):
     if os.environ:
         os.environ.clear()
-    for key, value in plan["env"].items():
+    for key, value in plan.env.items():
         os.environ[key] = value
 
 
@@ -81,7 +102,7 @@ def own_user_namespace(plan, state):
     per user and namespace). Before the rlimits: the namespace keeps the RLIMIT_NPROC in force
     when it is made as the cap on the levels above, which count the host's processes too.
     Before Landlock: the maps are files in /proc/self."""
-    if not plan.get("own_userns"):
+    if not plan.own_userns:
         return
     uid, gid = os.geteuid(), os.getegid()
     _sys.unshare(_sys.CLONE_NEWUSER)
@@ -93,8 +114,34 @@ def own_user_namespace(plan, state):
             os.close(fd)
 
 
+def scratch_path(plan) -> str | None:
+    """The worker's scratch folder: the plan's `scratch`, else its cwd when that is one of the
+    writable paths (which is where the host puts the scratch folder)."""
+    if hasattr(plan, "scratch"):
+        return plan.scratch or None
+    cwd = plan.cwd
+    return cwd if cwd and cwd != "/" and cwd in plan.landlock.write else None
+
+
+def read_only_view(plan, state):
+    """A mount namespace where all is read-only but the writable paths, and scratch is a tmpfs
+    with a quota (child/mounts.py says why). Before Landlock, which forbids mount changes, and
+    before a user namespace of the worker's own, from which it could not mount here."""
+    scratch = scratch_path(plan)
+    owner = (plan.uid, plan.gid if plan.gid is not None else plan.uid) if plan.uid is not None \
+        else (os.geteuid(), os.getegid())
+    mounts.read_only_view(plan.landlock.write, scratch, owner=owner,
+                          scratch_bytes=getattr(plan, "scratch_bytes", mounts.DEFAULT_SCRATCH_BYTES),
+                          scratch_inodes=getattr(plan, "scratch_inodes", mounts.DEFAULT_SCRATCH_INODES))
+    if scratch:
+        state["own_ruleset"] = "scratch is the worker's own tmpfs"
+        os.chdir(plan.cwd or scratch)  # the old cwd is the host folder now hidden beneath
+    if any(p == "/proc" or p.startswith("/proc/") for p in plan.landlock.read + plan.landlock.write):
+        state["own_ruleset"] = "its /proc is the worker's own"
+
+
 def set_rlimits(plan, state):
-    for name, value in plan["rlimits"].items():
+    for name, value in plan.rlimits.items():
         res = getattr(resource, "RLIMIT_" + name.upper())
         if value is None:
             continue
@@ -104,26 +151,29 @@ def set_rlimits(plan, state):
 
 
 def restrict_filesystem(plan, state):
-    ll = plan.get("landlock")
-    if ll is None:
-        return
+    ll = plan.landlock
     ruleset = state.pop("ruleset", None)
+    if ruleset is not None and state.get("own_ruleset"):
+        # the host's ruleset names the host's inodes: its scratch folder, not the tmpfs over it,
+        # and the host's /proc, not the worker's
+        os.close(ruleset)
+        ruleset = None
     if ruleset is not None:
         try:
             landlock.restrict_self(ruleset)
         finally:
             os.close(ruleset)
         return
-    abi = landlock.abi_version()
+    abi = landlock.abi_version(getattr(ll, "abi_max", None))
     if abi < 1:
         raise OSError("Landlock is not available in this kernel (the policy's filesystem rules need it)")
-    landlock.restrict(ll["read"], ll["write"], abi=abi, deny_tcp=not ll["network"],
-                      scope_abstract_unix=not ll["abstract_unix"])
+    landlock.restrict(list(ll.read), list(ll.write), abi=abi, deny_tcp=not ll.network,
+                      scope_abstract_unix=not ll.abstract_unix)
 
 
 def drop_privileges(plan, state):
     """Root: a uid/gid unique to this worker, no groups, no capabilities, locked securebits."""
-    uid, gid = plan.get("uid"), plan.get("gid")
+    uid, gid = plan.uid, plan.gid
     if uid is not None:
         if uid == 0 or gid == 0:
             raise OSError("refusing to run a worker as uid/gid 0")
@@ -191,14 +241,42 @@ def _is_real_root():
 def die_with_parent(plan, state):
     """After the credential change, which clears PDEATHSIG and resets dumpable."""
     prctl.set_pdeathsig(signal.SIGKILL)
-    if os.getppid() != plan["zygote_pid"]:
+    if _parent_pid(state) != state["zygote_pid"]:
         os._exit(1)  # the zygote died before PDEATHSIG was armed
     prctl.set_dumpable(False)
 
 
+def _parent_pid(state) -> int:
+    """Our parent's pid as the zygote numbers it. getppid() says 0 in a PID namespace of our
+    own (the parent lives outside it); /proc/self/stat, opened before Landlock, counts in the
+    namespace /proc was mounted for, the zygote's."""
+    fd = state.pop("self_stat", None)
+    if fd is None:
+        return os.getppid()
+    try:
+        data = os.pread(fd, 4096, 0)
+    finally:
+        os.close(fd)
+    return int(data.rsplit(b")", 1)[1].split()[1])
+
+
+class PreloadFailed(Exception):
+    """A `[python] preload` module failed to import: reported as a load error naming it, whatever
+    it raised (OpenBLAS that cannot start its threads raises SIGINT: a KeyboardInterrupt here)."""
+
+    def __init__(self, module: str, error: BaseException):
+        hint = (" (a SIGINT during the import: OpenBLAS sends one when it cannot start its threads; "
+                "grant threads or set OPENBLAS_NUM_THREADS=1)") if isinstance(error, KeyboardInterrupt) else ""
+        super().__init__(f"preload {module!r} failed: {type(error).__name__}: {error}{hint}")
+        self.module = module
+
+
 def preload_modules(plan, state):
-    for name in plan.get("preload", ()):
-        importlib.import_module(name)
+    for name in plan.preload:
+        try:
+            importlib.import_module(name)
+        except BaseException as e:  # noqa: BLE001 - named and reported, never swallowed
+            raise PreloadFailed(name, e) from e
 
 
 def no_new_privs(plan, state):
@@ -207,12 +285,12 @@ def no_new_privs(plan, state):
 
 def install_seccomp(plan, state):
     """Last step: the policy's BPF; the listener fd goes to the host and never stays here."""
-    bpf = plan.get("bpf")
+    bpf = plan.bpf
     if not bpf:
         raise OSError("no seccomp program in the plan: refusing to run unconfined")
     # built before the filter (construction makes syscalls); family and type given: no probing
     hand = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=HANDOFF)
-    listener = seccomp.install_filter(bpf, listener=plan.get("notify", False))
+    listener = seccomp.install_filter(bpf, listener=plan.notify)
     if listener is not None:
         try:
             socket.send_fds(hand, [b"L"], [listener])
@@ -225,8 +303,11 @@ def install_seccomp(plan, state):
 # The order is the kernel's, not taste (see the module docstring).
 STEPS = (
     ("arrange_fds", arrange_fds),
+    ("pid_namespace", pid_namespace),
+    ("watch_self", watch_self),
     ("new_session", new_session),
     ("clear_environment", clear_environment),
+    ("read_only_view", read_only_view),
     ("own_user_namespace", own_user_namespace),
     ("set_rlimits", set_rlimits),
     ("restrict_filesystem", restrict_filesystem),
@@ -245,7 +326,7 @@ class StepFailed(Exception):
         self.error = error
 
 
-def apply(plan: dict, state: dict) -> None:
+def apply(plan, state: dict) -> None:
     for name, step in STEPS:
         try:
             step(plan, state)

@@ -3,6 +3,11 @@
 Started once by the host as `python -I <this file> <ctl-fd> <package-root>` with an empty
 environment, it never holds the host's memory, so a forked worker can't find the host's secrets.
 Its loop: wait for a spawn request or a child's death; fork; reap; report.
+
+A spawn request carries the worker's descriptors, its uid and whether it may start processes:
+what the zygote needs to fork and reap, and nothing else. The plan (environment, paths, filter)
+goes from the host to the worker over the worker's own input pipe, so the zygote and its spare
+never hold one, and no worker can find an earlier worker's data in what it inherited.
 """
 import gc
 import mmap
@@ -17,13 +22,11 @@ import msgpack
 import prctl
 
 from ..child import serve, steps  # imported here so children never import after fork
-from . import rulesets
+from ..protocol.zygote import (MAX_REQUEST, MAX_SPAWN_FDS, SPAWN_FD_COUNT, STATUS, WORKER_FD_COUNT,
+                               SpawnFds, decode_request, encode_reply)
 from .leftovers import Leftovers
+from .pidns import fork_worker
 from .spare import Spare
-
-MAX_REQUEST = 1 << 20
-SPAWN_FDS = 5  # from_host_r, to_host_w, handoff, log_w, status_w
-STATUS = struct.Struct("<ii")  # pid, raw wait status
 
 
 def run(ctl: socket.socket, pdeathsig: bool) -> None:
@@ -96,63 +99,86 @@ def _reap(status_fds):
 
 
 def _handle_request(ctl, status_fds, wake_fds) -> bool:
+    """One spawn request: False when the host hung up. Never raises: whatever a request holds,
+    it fails alone, with an answer, and the zygote and its other workers carry on."""
     try:
         msg, fds, flags = _receive(ctl)
     except InterruptedError:
         return True
+    except OSError as e:  # e.g. EMFILE while receiving the descriptors: this request fails alone
+        _answer(ctl, error=f"the zygote could not receive the descriptors: {e.strerror or e}")
+        return True
     if not msg and not fds:
         return False  # host closed the control socket
-    if len(fds) != SPAWN_FDS or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-        for fd in fds:
-            os.close(fd)
-        _reply(ctl, {"error": "bad spawn request (wrong descriptors, or a plan over "
-                              f"{MAX_REQUEST} bytes)"})
-        return True
-    plan = msgpack.unpackb(msg, raw=False)
     try:
-        ruleset = rulesets.shared_ruleset(plan.get("landlock"))
-    except OSError:
-        ruleset = None  # the child builds its own and reports what fails
-    pid = _spare.hand_off(msg, fds[:4], ruleset)
-    if pid is None:
-        plan["zygote_pid"] = os.getpid()  # taken here: in the child, getppid() may already be 1
-        try:
-            pid = os.fork()
-        except OSError as e:  # no memory, no pids: this request fails, the zygote and its workers don't
-            for fd in fds:
-                os.close(fd)
-            _reply(ctl, {"error": f"fork failed: {e}"})
-            return True
-        if pid == 0:
-            _in_child(ctl, status_fds, wake_fds, plan, fds, ruleset)
-    try:
-        pidfd = os.pidfd_open(pid)
-        socket.send_fds(ctl, [msgpack.packb({"pid": pid})], [pidfd])
-        os.close(pidfd)
-    except OSError:
-        os.kill(pid, signal.SIGKILL)
-    for fd in fds[:4]:
-        os.close(fd)
-    status_fds[pid] = fds[4]
-    _leftovers.watch(pid, plan)
-    _spare.fork()  # the next request's child, paid for while we would otherwise be idle
+        _spawn(ctl, status_fds, msg, fds, flags)
+    except BaseException as e:  # noqa: BLE001 - no request may end the zygote
+        for fd in fds:  # those not yet passed on (_spawn empties the list once it has)
+            _close(fd)
+        _answer(ctl, error=f"the zygote could not start the worker: {type(e).__name__}: {e}")
     return True
 
 
-# Allocated once (a fresh megabyte per request costs an mmap), untouched pages cost nothing, and
-# MAP_PRIVATE because every worker inherits it: a shared mapping would let one write the next plan.
+def _spawn(ctl, status_fds, msg, fds: list[int], flags) -> None:
+    if len(fds) not in (SPAWN_FD_COUNT, MAX_SPAWN_FDS) or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        raise ValueError(f"a spawn request is {SPAWN_FD_COUNT} descriptors (and a ruleset) and at most "
+                         f"{MAX_REQUEST} bytes (got {len(fds)} descriptors{', truncated' if flags else ''})")
+    request = decode_request(msg)
+    worker = SpawnFds(*fds[:SPAWN_FD_COUNT])
+    ruleset = fds[SPAWN_FD_COUNT] if len(fds) > SPAWN_FD_COUNT else None
+    own = fds[:WORKER_FD_COUNT] + ([ruleset] if ruleset is not None else [])  # what the worker gets
+    pid = _spare.hand_off(own)
+    if pid is None:
+        zygote = os.getpid()  # taken here: in the child, getppid() may already be 1
+        try:
+            pid = fork_worker()  # a PID namespace of its own (pidns.py)
+        except OSError as e:  # no memory, no pids: this request fails, the zygote and its workers don't
+            raise OSError(e.errno, f"fork failed: {e.strerror}") from None
+        if pid == 0:
+            _in_child(worker, ruleset, zygote)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError as e:  # the worker is reaped and reported as usual; the host hears why now
+        os.kill(pid, signal.SIGKILL)
+        _answer(ctl, error=f"no pidfd for the worker: {e.strerror} (out of file descriptors?)")
+    else:
+        try:
+            socket.send_fds(ctl, [encode_reply(pid)], [pidfd])
+        except OSError:
+            os.kill(pid, signal.SIGKILL)  # the host is gone: the next poll sees EOF
+        finally:
+            os.close(pidfd)
+    fds.clear()  # from here on, they are the worker's (and the status pipe is ours to report on)
+    for fd in own:
+        _close(fd)
+    status_fds[pid] = worker.status
+    _leftovers.watch(pid, {"uid": request.uid, "may_fork": request.may_fork})
+    _spare.fork()  # the next request's child, paid for while we would otherwise be idle
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+# Allocated once and small: a request is a few bytes (uid, may_fork) and holds nothing of a plan.
+# MAP_PRIVATE because every worker inherits it: a shared mapping would let one write the next.
 _request = mmap.mmap(-1, MAX_REQUEST, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-_FDS_SPACE = socket.CMSG_SPACE(SPAWN_FDS * 4)
+_FDS_SPACE = socket.CMSG_SPACE(MAX_SPAWN_FDS * 4)
 
 
 def _receive(ctl):
-    """One spawn request: (plan bytes, fds, flags), like socket.recv_fds but into _request."""
+    """One spawn request: (bytes, fds, flags), like socket.recv_fds but into _request."""
     n, ancdata, flags, _ = ctl.recvmsg_into([_request], _FDS_SPACE)
     fds = []
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds += list(struct.unpack(f"{len(data) // 4}i", data[:len(data) - len(data) % 4]))
-    return memoryview(_request)[:n], fds, flags
+    data = bytes(_request[:n])
+    _request[:n] = bytes(n)  # not retained: the next spare or worker finds zeros here
+    return data, fds, flags
 
 
 _spare = Spare()
@@ -163,13 +189,23 @@ def _reply(ctl, obj):
     ctl.send(msgpack.packb(obj))
 
 
-def _in_child(ctl, status_fds, wake_fds, plan, fds, ruleset):
+def _answer(ctl, error: str) -> None:
+    try:
+        ctl.send(encode_reply(error=error[:1000]))
+    except OSError:
+        pass  # the host is gone: the next poll sees EOF
+
+
+def _in_child(worker: SpawnFds, ruleset: int | None, zygote: int):
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    os.close(fds[4])  # the status pipe is the zygote's to write
+    os.close(worker.status)  # the status pipe is the zygote's to write
     # The remaining zygote fds (ctl, wake pipe, other workers' status pipes) are closed by the
     # first confinement step, which keeps only the worker's own descriptors.
-    serve.child_main(plan, fds[:4], ruleset)
+    try:
+        serve.child_main(list(worker[:WORKER_FD_COUNT]), zygote, ruleset)
+    finally:
+        os._exit(70)  # never back into the zygote's loop
 
 
 def _shutdown(status_fds):

@@ -3,28 +3,28 @@
 Forking a Python process is cheap; what a new child pays for is the copy-on-write fault on
 every page it writes, and its first pass through the runtime's code touches a few hundred.
 A spare pays the fork and that warm-up while the zygote is idle. When a spawn request comes,
-the zygote hands the spare its plan and descriptors over a private socket, and the spare
-specialises exactly as a freshly forked child would: same confinement steps, same order.
+the zygote hands the spare the worker's descriptors over a private socket; the spare reads its
+plan from the host on the first of them and specialises exactly as a freshly forked child
+would: same confinement steps, same order.
 
 The spare holds nothing between its fork and its plan: every descriptor the zygote had is
-closed at once, and no plan, uid or plugin is known yet. What it knows is what any child of
-the zygote knows.
+closed at once, and no plan, uid or plugin is known yet, since the zygote never has one. What
+it knows is what any child of the zygote knows.
 """
 import ctypes
 import os
 import resource
 import signal
 import socket
+import types
 
-import msgpack
 import prctl
 
 from .. import protocol
 from ..child import landlock, seccomp, serve, steps, syscalls as _sys
-from ..protocol import framing
-
-MAX_PLAN = 128 * 1024  # a bigger plan (very long path lists) goes to a fresh fork instead
-CHILD_FDS = 5  # from_host_r, to_host_w, handoff, log_w, and the Landlock ruleset if any
+from ..protocol import framing, plan as plan_wire
+from ..protocol.zygote import WORKER_FD_COUNT
+from .pidns import fork_worker
 
 
 class Spare:
@@ -40,7 +40,7 @@ class Spare:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         zygote = os.getpid()
         try:
-            pid = os.fork()
+            pid = fork_worker()  # a PID namespace of its own (pidns.py)
         except OSError:  # none for now: the next request forks on demand, then tries again
             ours.close()
             theirs.close()
@@ -51,15 +51,16 @@ class Spare:
         theirs.close()
         self.pid, self._sock = pid, ours
 
-    def hand_off(self, payload, fds: list[int], ruleset: int | None) -> int | None:
-        """Give the spare this plan (the host's bytes, as received): its pid, or None when a
-        fresh fork must serve instead."""
-        if self.pid is None or len(payload) > MAX_PLAN:
+    def hand_off(self, fds: list[int]) -> int | None:
+        """Give the spare a worker's descriptors (it reads its plan from the first; a Landlock
+        ruleset may follow them): its pid, or
+        None when a fresh fork must serve instead."""
+        if self.pid is None:
             return None
         pid, sock = self.pid, self._sock
         self.pid = self._sock = None
         try:
-            socket.send_fds(sock, [payload], fds + ([ruleset] if ruleset is not None else []))
+            socket.send_fds(sock, [b"W"], fds)
         except OSError:
             _kill(pid)  # it died or is wedged: either way it is not a worker
             return None
@@ -101,13 +102,12 @@ def _spare_main(sock: socket.socket, zygote: int) -> None:
             _warm_up()
         except Exception:  # noqa: BLE001 - only a speed-up: a spare that skipped it is still sound
             pass
-        msg, fds, _, _ = socket.recv_fds(sock, MAX_PLAN, CHILD_FDS)
+        msg, fds, _, _ = socket.recv_fds(sock, 1, WORKER_FD_COUNT + 1)
         sock.close()
-        if not msg or len(fds) < 4:
+        if msg != b"W" or len(fds) not in (WORKER_FD_COUNT, WORKER_FD_COUNT + 1):
             os._exit(0)  # the zygote is closing, or sent nonsense: nothing to become
-        plan = msgpack.unpackb(msg, raw=False)
-        plan["zygote_pid"] = zygote  # if it died meanwhile, getppid() differs and die_with_parent exits
-        serve.child_main(plan, fds[:4], fds[4] if len(fds) > 4 else None)
+        # if the zygote died meanwhile, getppid() differs and die_with_parent exits
+        serve.child_main(fds[:WORKER_FD_COUNT], zygote, fds[WORKER_FD_COUNT] if len(fds) > WORKER_FD_COUNT else None)
     except BaseException:  # noqa: BLE001 - a spare must never fall back into zygote code
         code = 70
     os._exit(code)
@@ -124,6 +124,24 @@ def _warm_up() -> None:
         protocol.loads(f.payload, limits)
     compile("def f(x):\n    return x\n", "<warm-up>", "exec")
     _warm_up_steps()
+    _warm_up_serve()
+
+
+def _warm_up_serve() -> None:
+    """The child's own first steps: a plan decoded (a made-up one: the spare has none), a file
+    read the way worker.py is (this module's own source), a module's exports listed."""
+    sample = plan_wire.Plan(
+        plugin="/nonexistent/worker.py", module_name="warm_up", title="sandbox: warm-up", uid=None,
+        gid=None, rlimits={"core": 0, "nproc": None}, env={"K": "v"}, preload=(),
+        landlock=plan_wire.Landlock(read=("/usr/lib",), write=(), network=False, abstract_unix=False),
+        bpf=b"\0" * 64, notify=True, max_frame=1 << 20, own_userns=False, may_fork=False, cwd="/")
+    plan_wire.decode(plan_wire.encode(sample))
+    serve.read_plugin_file(os.path.abspath(__file__))
+    _sys.libc.setfsuid(-1), _sys.libc.setfsgid(-1)  # -1 changes nothing: only the lookups are paid
+    os.getgroups()
+    module = types.ModuleType("warm_up")
+    exec(compile("def f(x):\n    return x\n", "<warm-up>", "exec"), module.__dict__)
+    serve._exports(module)
 
 
 def _warm_up_steps() -> None:

@@ -238,11 +238,14 @@ def test_terminate_twice_then_close_never_raise(driver, plugin):
         w.call("add", 1, 2)
 
 
-def test_a_plain_sigsys_is_a_crash_not_a_violation(driver, plugin):
+def test_a_plain_sigsys_is_never_a_violation(driver, plugin):
+    """Only the seccomp listener reports violations: a SIGSYS the plugin raises itself is a
+    crash if it kills the worker (as the init of its PID namespace, it may well survive it)."""
     with driver.worker(*plugin) as w:
-        with pytest.raises(PluginCrashed) as ei:
+        try:
             w.call("sigsys")
-        assert ei.value.signal == signal.SIGSYS
+        except PluginCrashed as e:
+            assert e.signal == signal.SIGSYS
 
 
 def test_a_forged_confinement_error_frame_is_a_load_error(driver, make_plugin):

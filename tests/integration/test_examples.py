@@ -3,11 +3,12 @@ import io
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 import sandbox
-from conftest import POLICIES, ROOT
+from conftest import POLICIES, ROOT, children_of
 
 pytestmark = pytest.mark.unpriv
 PLUGINS = os.path.join(ROOT, "examples", "plugins")
@@ -82,3 +83,75 @@ def test_demo_runs_end_to_end():
                          text=True, timeout=180, cwd="/")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "All plugins behaved as expected" in out.stdout
+
+
+def _recipe(name):
+    return os.path.join(ROOT, "examples", "recipes", name)
+
+
+@pytest.mark.parametrize("recipe,engine", [("dask_workers.py", "distributed"), ("ray_actors.py", "ray")])
+def test_recipe_runs_and_stops_what_it_started(recipe, engine, plugin_dir):
+    pytest.importorskip(engine)
+    # Ray keeps its session files (sockets: a short path) under $RAY_TMPDIR and a token under $HOME
+    # (and never reports usage statistics anywhere)
+    env = dict(os.environ, RAY_TMPDIR=plugin_dir, HOME=plugin_dir, RAY_USAGE_STATS_ENABLED="0")
+    proc = subprocess.Popen([sys.executable, _recipe(recipe)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd="/", env=env)
+    seen, zygotes = {}, set()
+    while proc.poll() is None:  # note every process the recipe's cluster starts, zygotes included
+        for pid in children_of(proc.pid):
+            if pid not in seen:
+                seen[pid] = _start_time(pid)
+                if b"sandbox/zygote" in _cmdline(pid):
+                    zygotes.add(pid)
+        time.sleep(0.02)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out + err
+    assert out.count(" words") == 8 and "stopped, PolicyViolation syscall=socket" in out
+    assert zygotes, "no zygote seen: no pool was made"
+
+    def left():
+        return [pid for pid, started in seen.items() if started is not None and _start_time(pid) == started]
+    deadline = time.monotonic() + 15
+    while left() and time.monotonic() < deadline:  # the zygotes go when their engine's worker has gone
+        time.sleep(0.05)
+    assert not left(), f"left running: {[(pid, _cmdline(pid)[:120]) for pid in left()]}"
+
+
+def test_celery_recipe_declares_tasks_with_agreeing_limits():
+    pytest.importorskip("celery")
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("celery_recipe", _recipe("celery_tasks.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    textstats = sandbox.Policy.load(os.path.join(POLICIES, "textstats.toml")).limits.timeout
+    assert module.textstats.name == "plugins.textstats.stats"
+    task = module.textstats
+    assert task.soft_time_limit > textstats and task.time_limit > task.soft_time_limit
+
+
+def _start_time(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except OSError:
+        return None
+
+
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def test_the_readme_first_example_runs():
+    # The README's opening example, as written, from the examples folder (where plugins/ is).
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=os.path.join(ROOT, "examples"))
+    assert out.returncode == 0, out.stderr
+    assert "'words': 6" in out.stdout and "counted words" in out.stdout

@@ -1,5 +1,6 @@
 """examples/host_app.py as a real server process, driven by a real HTTP client (httpx)."""
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -22,8 +23,10 @@ APP = os.path.join(ROOT, "examples", "host_app.py")
 PLUGINS = os.path.join(ROOT, "tests", "plugins", "http")
 POLICIES = {
     "burner": "[limits]\ntimeout = 10\n",
-    "flaky": "[limits]\ntimeout = 1.0\n",
+    # a small message cap: arguments that would pass it must be refused before a worker sees them
+    "flaky": "[limits]\ntimeout = 1.0\nmax_message_bytes = 65536\n",
     "badpolicy": "[limits]\ntimeout = \"soon\"\n",
+    "loadfail": "[limits]\ntimeout = 10\n",
     # nopolicy: deliberately none
 }
 
@@ -109,13 +112,97 @@ def post(server, path, body=None, **kw):
     return httpx.post(server.url + path, json=body if body is not None else [], timeout=30, **kw)
 
 
-def test_bad_plugins_are_reported_and_skipped(server):
-    h = httpx.get(server.url + "/health").json()
+def test_bad_plugins_are_logged_and_skipped_and_clients_see_only_the_kind(server):
+    r = httpx.get(server.url + "/health")
+    h = r.json()
     assert h["status"] == "ok" and h["plugins"] == ["burner", "flaky"]
-    assert h["skipped"]["nopolicy"]["error"] == "policy-error" and "no policy file" in h["skipped"]["nopolicy"]["detail"]
-    assert h["skipped"]["badpolicy"]["error"] == "policy-error" and "timeout" in h["skipped"]["badpolicy"]["detail"]
+    assert h["skipped"] == {"nopolicy": {"error": "policy-error"}, "badpolicy": {"error": "policy-error"},
+                            "loadfail": {"error": "load-error"}}
+    r404 = post(server, "/plugins/loadfail/anything")
+    assert r404.status_code == 404 and "load-error" in r404.text
+    for text in (r.text, r404.text):
+        assert "hunter2" not in text and "no policy file" not in text and "soon" not in text
     out = server.output()
-    assert "skipped plugin nopolicy" in out and "skipped plugin badpolicy" in out
+    assert "skipped plugin nopolicy: policy-error: no policy file" in out
+    assert "skipped plugin badpolicy: policy-error" in out
+    assert "skipped plugin loadfail: load-error" in out and "hunter2-load-secret" in out
+
+
+def test_only_exported_names_are_served(server):
+    for function in ("on_message", "post", "_messages", "__all__", "os"):
+        r = post(server, f"/plugins/flaky/{function}", [{"x": 1}])
+        assert r.status_code == 404 and r.json()["error"] == "not-found", function
+    assert post(server, "/plugins/flaky/seen").json() == {"result": 0}  # on_message never ran
+
+
+def _raw(server, head: bytes, body_chunks=()):
+    """An HTTP/1.1 request over a plain socket (a client that lies or streams): (response text,
+    body bytes the server let us send)."""
+    sent = 0
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        s.sendall(head)
+        try:
+            for chunk in body_chunks:
+                s.sendall(chunk)
+                sent += len(chunk)
+            s.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the server stopped reading: what it answered may still be there
+        out = b""
+        try:
+            while data := s.recv(65536):
+                out += data
+        except OSError:
+            pass
+        return out.decode("latin-1"), sent
+
+
+def _peak_rss_mib(pid) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_body_cap_is_enforced_while_reading(server):
+    head = b"POST /plugins/flaky/echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    # Content-Length past the cap: refused before a byte of the body is read
+    out, _ = _raw(server, head + b"Content-Length: %d\r\n\r\n" % (256 << 20))
+    assert " 413 " in out.split("\r\n")[0] and '"error":"too-large"' in out, out[:300]
+    # no Content-Length (chunked): counted as it streams in, refused once past the cap
+    chunk = b"%x\r\n%s\r\n" % (1 << 20, b"[" + b"0," * ((1 << 19) - 1) + b"0")
+    chunks = (chunk for _ in range(256))
+    out, sent = _raw(server, head + b"Transfer-Encoding: chunked\r\n\r\n", chunks)
+    assert out == "" or (" 413 " in out.split("\r\n")[0] and "too-large" in out), out[:300]
+    assert sent < (64 << 20)  # it stopped reading soon after the 16 MiB cap
+    assert _peak_rss_mib(server.proc.pid) < 200  # a 256 MiB body was never held
+    assert post(server, "/plugins/flaky/echo", ["fine"]).json() == {"result": "fine"}
+
+
+def test_deep_json_is_a_400_without_a_traceback(server):
+    before = server.output()
+    r = httpx.post(server.url + "/plugins/flaky/echo", content=b"[" * 100_000 + b"]" * 100_000, timeout=30)
+    assert r.status_code == 400 and r.json()["error"] == "bad-request"
+    assert "Traceback" not in server.output()[len(before):]
+
+
+def test_client_input_never_counts_against_the_plugin(server):
+    restarts = _metric(server, 'sandbox_pool_restarts_total{plugin="flaky"}')
+    deep = [0]
+    for _ in range(70):  # past the protocol's 64 levels: an echo of it would break the protocol
+        deep = [deep]
+    floats = "[" + ",".join(["1.5"] * 12_000) + "]"  # 47 KB of JSON, 108 KB of msgpack: past the cap
+    for _ in range(12):  # more than the restart limit (10 within 60 s) if each cost a worker
+        r = post(server, "/plugins/flaky/echo", [deep])
+        assert r.status_code == 400 and "nested deeper" in r.json()["detail"]
+        r = httpx.post(server.url + "/plugins/flaky/echo", content=f"[{floats}]".encode(), timeout=30)
+        assert r.status_code == 413 and r.json()["error"] == "too-large", r.text
+    for body, what in (([2 ** 70], "64-bit"), (["\ud800"], "UTF-8")):
+        r = httpx.post(server.url + "/plugins/flaky/echo", content=json.dumps(body).encode(), timeout=30)
+        assert r.status_code == 400 and what in r.json()["detail"], r.text
+    assert post(server, "/plugins/flaky/echo", ["still here"]).json() == {"result": "still here"}
+    assert _metric(server, 'sandbox_pool_restarts_total{plugin="flaky"}') == restarts
 
 
 def test_calls_and_error_statuses(server):
@@ -224,8 +311,12 @@ def test_sigterm_leaves_no_worker_behind(root):
 
 
 def _ok_calls(server) -> float:
+    return _metric(server, 'sandbox_http_calls_total{outcome="ok",plugin="flaky"}')
+
+
+def _metric(server, name) -> float:
     for line in httpx.get(server.url + "/metrics").text.splitlines():
-        if line.startswith('sandbox_http_calls_total{outcome="ok",plugin="flaky"}'):
+        if line.startswith(name + " "):
             return float(line.split()[-1])
     return 0.0
 

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from sandbox import HostResourceError
 from sandbox._host import uids
 from conftest import IS_ROOT, ROOT
 
@@ -29,7 +30,7 @@ def test_two_hosts_never_share_a_uid():
         assert len(theirs) == 2
         ours = {uids.allocate(lo, hi) for _ in range(2)}
         assert ours.isdisjoint(theirs) and ours | theirs == set(range(lo, hi + 1))
-        with pytest.raises(RuntimeError, match="no free uid"):
+        with pytest.raises(HostResourceError, match="no free uid"):
             uids.allocate(lo, hi)
     finally:
         other.stdin.close()
@@ -49,3 +50,4 @@ def test_claims_live_in_a_root_only_directory():
         assert os.path.exists(os.path.join(uids.CLAIMS, str(uid)))
     finally:
         uids.release(uid)
+    assert not os.path.exists(os.path.join(uids.CLAIMS, str(uid)))  # a release leaves no file behind

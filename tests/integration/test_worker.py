@@ -91,7 +91,8 @@ def test_exit_code_and_signal_are_reported(make_plugin):
         with pytest.raises((PluginCrashed, PolicyViolation)) as ei:
             w.call("abort")
         if isinstance(ei.value, PluginCrashed):
-            assert ei.value.signal == signal.SIGABRT
+            # pid 1 of its PID namespace ignores its own SIGABRT; abort() then faults (SIGSEGV)
+            assert ei.value.signal in (signal.SIGABRT, signal.SIGSEGV)
 
 
 def test_memory_limit_is_a_memory_error_only_with_evidence(make_plugin):

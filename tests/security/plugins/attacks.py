@@ -45,6 +45,18 @@ def read(path):
         return f"refused: {e.strerror}"
 
 
+def stat_errno(path):
+    try:
+        os.stat(path)
+        return 0
+    except OSError as e:
+        return e.errno
+
+
+def proc_pids():
+    return sorted(int(n) for n in os.listdir("/proc") if n.isdigit())
+
+
 def fds():
     found = []
     for fd in range(1025):

@@ -1,6 +1,11 @@
 """Every way a call can go wrong, and ways it goes right."""
 import os
 
+from sandbox.plugin import post  # importable plumbing: never callable from outside
+
+__all__ = ["echo", "greet", "blob", "length", "boom", "crash", "spin", "sock", "seen"]
+_messages = []
+
 
 def echo(x):
     return x
@@ -34,3 +39,12 @@ def spin():
 def sock():
     import socket
     socket.socket()
+
+
+def seen():
+    return len(_messages)
+
+
+def on_message(msg):
+    _messages.append(msg)
+    post({"echo": msg})

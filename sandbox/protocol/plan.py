@@ -1,0 +1,170 @@
+"""The plan: everything one worker's confinement steps need, decided in the host before fork.
+
+Built once by the host (`sandbox._host.plan.build`), sent to the worker over the worker's own
+input pipe as its first frame, and rebuilt there by field name with a type check per field.
+The zygote never sees it: a zygote (or a spare) that held plans would hand every later worker
+the environment and paths of the earlier ones, since workers never exec.
+
+A plain frozen class with a field table rather than a dataclass: `dataclasses` would pull
+`inspect` and a dozen other modules into the zygote, and so into every worker.
+"""
+from typing import Any, Callable
+
+import msgpack
+
+
+class PlanError(ValueError):
+    """A plan that does not have the fields and types below (a host bug, never plugin input)."""
+
+
+def _is_str(v: Any) -> bool:
+    return type(v) is str and "\0" not in v
+
+
+def _is_int(v: Any) -> bool:
+    return type(v) is int
+
+
+def _is_opt_int(v: Any) -> bool:
+    return v is None or type(v) is int
+
+
+def _is_bool(v: Any) -> bool:
+    return type(v) is bool
+
+
+def _is_bytes(v: Any) -> bool:
+    return type(v) is bytes
+
+
+def _is_strs(v: Any) -> bool:
+    return type(v) is tuple and all(_is_str(x) for x in v)
+
+
+def _is_env(v: Any) -> bool:
+    return type(v) is dict and all(_is_str(k) and k and "=" not in k and _is_str(x) for k, x in v.items())
+
+
+def _is_rlimits(v: Any) -> bool:
+    return type(v) is dict and all(_is_str(k) and _is_opt_int(x) for k, x in v.items())
+
+
+class _Record:
+    """Frozen, slotted, typed by FIELDS: {name: (check, what it is)}."""
+
+    __slots__ = ()
+    FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {}
+
+    def __init__(self, **fields: Any) -> None:
+        missing = self.FIELDS.keys() - fields.keys()
+        extra = fields.keys() - self.FIELDS.keys()
+        if missing or extra:
+            raise PlanError(f"{type(self).__name__}: missing {sorted(missing)}, unknown {sorted(extra)}")
+        for name, (check, what) in self.FIELDS.items():
+            value = fields[name]
+            if not check(value):
+                raise PlanError(f"{type(self).__name__}.{name} must be {what}, not {type(value).__name__}")
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is frozen")
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and all(getattr(self, f) == getattr(other, f) for f in self.FIELDS)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{f}=...' for f in self.FIELDS)})"  # never the values
+
+    def to_wire(self) -> dict:
+        out = {}
+        for name in self.FIELDS:
+            value = getattr(self, name)
+            out[name] = value.to_wire() if isinstance(value, _Record) else value
+        return out
+
+
+class Landlock(_Record):
+    __slots__ = ("read", "write", "network", "abstract_unix")
+    read: tuple[str, ...]
+    write: tuple[str, ...]
+    network: bool
+    abstract_unix: bool
+    FIELDS = {
+        "read": (_is_strs, "a tuple of paths"),
+        "write": (_is_strs, "a tuple of paths"),
+        "network": (_is_bool, "a bool (TCP allowed)"),
+        "abstract_unix": (_is_bool, "a bool (abstract unix sockets allowed)"),
+    }
+
+    @classmethod
+    def from_wire(cls, d: Any) -> "Landlock":
+        if type(d) is not dict:
+            raise PlanError("Plan.landlock must be a map")
+        d = dict(d)
+        for key in ("read", "write"):
+            if type(d.get(key)) is list:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+def _is_landlock(v: Any) -> bool:
+    return type(v) is Landlock
+
+
+class Plan(_Record):
+    __slots__ = ("plugin", "module_name", "title", "uid", "gid", "rlimits", "env", "preload", "landlock",
+                 "bpf", "notify", "max_frame", "own_userns", "may_fork", "cwd")
+    plugin: str
+    module_name: str
+    title: str
+    uid: int | None
+    gid: int | None
+    rlimits: dict[str, int | None]
+    env: dict[str, str]
+    preload: tuple[str, ...]
+    landlock: Landlock
+    bpf: bytes
+    notify: bool
+    max_frame: int
+    own_userns: bool
+    may_fork: bool
+    cwd: str
+    FIELDS = {
+        "plugin": (_is_str, "the absolute path of worker.py"),
+        "module_name": (_is_str, "the plugin's module name"),
+        "title": (_is_str, "the process title"),
+        "uid": (_is_opt_int, "an int or None"),
+        "gid": (_is_opt_int, "an int or None"),
+        "rlimits": (_is_rlimits, "a map of rlimit name to int or None"),
+        "env": (_is_env, "a map of variable name to value"),
+        "preload": (_is_strs, "a tuple of module names"),
+        "landlock": (_is_landlock, "a Landlock record"),
+        "bpf": (_is_bytes, "the compiled seccomp program"),
+        "notify": (_is_bool, "a bool (the host receives seccomp notifications)"),
+        "max_frame": (_is_int, "an int"),
+        "own_userns": (_is_bool, "a bool"),
+        "may_fork": (_is_bool, "a bool"),
+        "cwd": (_is_str, "a path"),
+    }
+
+    @classmethod
+    def from_wire(cls, d: Any) -> "Plan":
+        if type(d) is not dict:
+            raise PlanError("a plan must be a map")
+        d = dict(d)
+        d["landlock"] = Landlock.from_wire(d.get("landlock"))
+        if type(d.get("preload")) is list:
+            d["preload"] = tuple(d["preload"])
+        return cls(**d)
+
+
+def encode(plan: Plan) -> bytes:
+    return msgpack.packb(plan.to_wire(), use_bin_type=True)
+
+
+def decode(data: bytes) -> Plan:
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as e:  # noqa: BLE001 - any decoding failure is one kind of error here
+        raise PlanError(f"the plan is not valid msgpack: {e}") from None
+    return Plan.from_wire(obj)
