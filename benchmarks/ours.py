@@ -40,7 +40,7 @@ def timeout_overshoot(pol, runs, timeout=0.2):
         w = sandbox.Worker(PLUGIN, policy=pol)
         t = time.monotonic()
         try:
-            w.call("sleep_forever", timeout=timeout)
+            w.invoke("sleep_forever", timeout=timeout)
         except sandbox.PluginTimeout:
             out.append((time.monotonic() - t - timeout) * 1000)
         w.terminate()

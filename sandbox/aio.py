@@ -6,56 +6,62 @@
         async for msg in w.messages():
             ...
 
-No thread per worker and no polling: the child->host pipe, the status pipe, the log pipe and the
-seccomp listener are watched with `loop.add_reader`; a write that would block waits in a buffer
-for `loop.add_writer`. The protocol rules live in `session.Session` (shared with the sync Worker);
-the few pieces of Worker that are pure bookkeeping are borrowed from it, not copied.
+A driver of the lifecycle core (`_host/lifecycle.py`), like the sync Worker: the decisions are
+the core's, this file owns the loop's readers, writers and timers. No thread per worker and no
+polling: the child->host pipe, the status pipe, the log pipe and the seccomp listener are
+watched with `loop.add_reader`; a write that would block waits in a buffer for
+`loop.add_writer`. The zygote's fork runs in a thread (`run_in_executor`), so a stuck zygote
+never stalls the loop, and the start is bounded by `start_timeout`.
 
-Error semantics are the Worker's: a call past its deadline SIGKILLs the worker and raises
-PluginTimeout; a forbidden syscall ends in PolicyViolation(syscall=...); any ProtocolViolation
-kills; a death is explained by `session.classify_death`. Cancelling a task that awaits `call()`
-kills the worker (plugin code cannot be interrupted, and a late reply must never answer the next
-call); the death is `WorkerClosed`.
+Cancelling a task that awaits `call()` kills the worker (plugin code cannot be interrupted, and
+a late reply must never answer the next call); the death is `WorkerClosed`.
 """
+from __future__ import annotations
+
 import asyncio
 import collections
 import inspect
-import logging
-import os
 import select
-import signal
+import typing
 import weakref
+from os import close as _os_close, write as _os_write
 
-from ._host import channel as S
-from .errors import ConfinementError, LoadError, ProtocolViolation, SandboxError, WorkerClosed
-from ._host.handle import DEATH_WAIT, WorkerHandle
-from ._host.resources import STATUS, Spawned
+from . import events as _events
+from ._host import channel, lifecycle as lc
+from ._host.handle import DEATH_WAIT, WorkerHandle, log, weak_method
+from .errors import LoadError, ProtocolViolation, WorkerClosed
 
-log = logging.getLogger("sandbox")
 READS_PER_WAKEUP = 16      # reads of the child's pipe per loop iteration: a flood can't starve the loop
 MESSAGE_BACKLOG = 10_000   # undelivered messages per messages() iterator before the child is paused
+BACKLOG_BYTES = lc.BUFFER_BUDGET // 2  # ... or undelivered bytes
+_ENDED = lc._ENDED
+_Reply = lc.Reply
+_events_log = _events.log
 
 
 class AsyncWorker(WorkerHandle):
     """One sandboxed worker driven by the running event loop. Create with
     `await AsyncWorker.start(path, policy=...)` or `async with AsyncWorker(path, policy=...)`."""
+    _OFFLOAD = lc.OFFLOAD_AT  # a large map or array is decoded in a thread, never on the loop
 
     def __init__(self, worker_py, policy=None, *, name: str | None = None,
-                 start_timeout: float | None = None):
-        super().__init__(worker_py, policy, name, start_timeout)
+                 start_timeout: float | None = None, _on_syscall=None):
+        super().__init__(worker_py, policy, name, start_timeout, _on_syscall)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = asyncio.Lock()          # one call in flight
         self._waiter: asyncio.Future | None = None  # READY while starting, then the reply of the call
-        self._want: tuple = ()
         self._out = collections.deque()      # frames (or their tails) waiting for the pipe
         self._drainers: list[asyncio.Future] = []
         self._dead: asyncio.Future | None = None
         self._death_timer = None
         self._deadline = None                # of the call in flight (monotonic, loop.time())
+        self._deadline_timeout = None
         self._deadline_timer = None          # one lazily re-armed timer, not one per call
         self._subscribers = weakref.WeakSet()
         self._paused = False
         self._tasks = set()                  # async callbacks still running
+        self._started = False
+        self._status_waiting = False         # the status came while a payload was being decoded
 
     # ---- public API -------------------------------------------------------------------------
     @classmethod
@@ -65,7 +71,7 @@ class AsyncWorker(WorkerHandle):
         return w
 
     async def __aenter__(self):
-        if self._sp is None:
+        if not self._started:
             await self._start()
         return self
 
@@ -73,220 +79,201 @@ class AsyncWorker(WorkerHandle):
         await self.close()
 
     def on(self, event: str, callback) -> "AsyncWorker":
-        """Register a callback (plain function or coroutine function) for message, exit or log."""
-        if event not in self._callbacks:
-            raise ValueError(f"unknown event {event!r} (message, exit, log)")
-        self._callbacks[event].append(self._wrap(callback))
+        """Register a callback (plain function or coroutine function) for message, exit, log or denied."""
+        self._on_event_callback(event, self._wrap(callback))
         return self
 
     def messages(self) -> "Messages":
         """`async for msg in w.messages()`: every message posted from now on; ends when the worker does."""
         return Messages(self)
 
-    async def call(self, name: str, *args, timeout: float | None = None, **kwargs):
-        timeout = self._timeout if timeout is None else timeout
-        async with self._lock:
-            self._check_alive()
-            loop = self._loop
-            fut = None
-            try:
-                frame = self._session.encode_call(name, args, kwargs)
-                fut = self._waiter = loop.create_future()
-                self._want = (S.RESULT, S.FAILURE)
-                if timeout:
-                    self._set_deadline(loop.time() + timeout, timeout)
-                self._send(frame)
-                frame = None
-                self._session.sent()  # whatever is still queued was copied
-                kind, value = await fut
-            except asyncio.CancelledError:
-                if fut is not None and not (fut.done() and not fut.cancelled()):
-                    # The plugin is still running this call: only killing it keeps the reply from
-                    # answering a later call.
-                    self._kill(WorkerClosed(f"a call to {self.name}.{name} was cancelled; the worker was killed"))
-                raise
-            finally:
-                self._deadline = None
-                self._waiter = None
-                self._want = ()
-                self._session.call_done()
-        if kind == S.RESULT:
-            return value
-        raise value
+    def call(self, name: str, /, *args, **kwargs) -> "typing.Awaitable":
+        """`await w.call(name, ...)`: call the plugin's function `name`; every argument and
+        keyword goes to the plugin. (A plain function returning the call's coroutine: one
+        coroutine less per call than an `async def` around it.)"""
+        return self._call(name, args, kwargs, self._timeout)
 
     async def invoke(self, name: str, args=(), kwargs=None, *, timeout: float | None = None):
         """`call` with the library's own options beside, never among, the plugin's arguments:
-        every keyword of `call` goes to the plugin; here `timeout` is the sandbox's deadline."""
-        return await self.call(name, *args, timeout=timeout, **(kwargs or {}))
+        `timeout` in seconds (None: the policy's; math.inf: none)."""
+        return await self._call(name, tuple(args), dict(kwargs or {}), self._call_timeout(timeout))
 
     async def post(self, obj, *, timeout: float | None = None) -> None:
-        """Deliver obj to the plugin's on_message (plain data only); returns once it is written."""
-        frame = S.Session.encode_post(obj)
-        self._check_alive()
-        self._send(frame)
+        """Deliver obj to the plugin's on_message (plain data only); returns once it is written.
+        A worker that does not read it within `timeout` is killed (PluginTimeout)."""
+        timeout = self._call_timeout(timeout)
+        core = self._require_core()
+        self._send(core.encode_post(obj))
         if not self._out:
             return
-        timeout = timeout or self._timeout or 10.0
         try:
             await asyncio.wait_for(self._drain(), timeout)
         except asyncio.TimeoutError:
-            self._kill(S.timeout_error(self.name, timeout))
-            raise self._reason from None
+            self._apply(core.kill(channel.timeout_error(self.name, timeout)))
+            raise core.ended_error() from None
 
     async def terminate(self) -> None:
         """Kill the worker now (SIGKILL) and wait, bounded, until it is reaped."""
-        if self._sp is None or self._finalized:
+        core = self._core
+        if core is None or core.state is _ENDED:
             return
-        self._closing = True
-        self._kill(None)
+        self._apply(core.kill())
         await asyncio.shield(self._dead)
 
     async def close(self, grace: float = 1.0) -> None:
         """Ask the worker to exit (EOF on its input), then kill it if it hasn't within `grace`."""
-        if self._sp is None or self._finalized:
+        core = self._core
+        if core is None or core.state is _ENDED:
             return
-        self._closing = True
-        self._close_input()
+        self._apply(core.close())
         try:
             await asyncio.wait_for(asyncio.shield(self._dead), grace)
         except asyncio.TimeoutError:
             await self.terminate()
 
+    def __del__(self):
+        self._warn_unclosed()
+
     def __repr__(self):
-        state = "alive" if self.alive else ("not started" if self._sp is None else "ended")
+        state = "alive" if self.alive else ("not started" if self._core is None else "ended")
         return f"<AsyncWorker {self.name} pid={self.pid} {state}>"
+
+    # ---- calls ------------------------------------------------------------------------------
+    def _require_core(self) -> lc.Lifecycle:
+        if self._core is None:
+            raise WorkerClosed(f"worker {self.name} was not started")
+        return self._core
+
+    async def _call(self, name, args, kwargs, timeout):
+        async with self._lock:
+            core = self._core or self._require_core()
+            frame = core.begin_call(name, args, kwargs)  # WorkerClosed unless READY
+            loop = self._loop
+            started = loop.time()
+            fut = self._waiter = loop.create_future()
+            try:
+                if timeout is not None:
+                    self._set_deadline(started + timeout, timeout)
+                self._send(frame)  # (whatever is still queued was copied: the frame's buffer is free)
+                frame = None
+                reply = await fut
+            except asyncio.CancelledError:
+                if not (fut.done() and not fut.cancelled()):
+                    # The plugin is still running this call: only killing it keeps the reply from
+                    # answering a later call.
+                    self._emit("cancelled", function=name)
+                    self._apply(core.kill(WorkerClosed(
+                        f"a call to {self.name}.{name} was cancelled; the worker was killed")))
+                raise
+            finally:
+                self._deadline = None
+                self._waiter = None
+                core.call_over(sent=True)
+        if reply.error is None and not (_events._subscribers or _events_log.isEnabledFor(20)):
+            return reply.value  # the usual outcome, without the event nobody listens to
+        return self._outcome(name, started, reply)
 
     # ---- start ------------------------------------------------------------------------------
     async def _start(self):
-        if self._sp is not None:
+        if self._started:
             raise RuntimeError("this AsyncWorker was already started")
+        self._started = True
         loop = self._loop = asyncio.get_running_loop()
+        self._clock = loop.time
         self._dead = loop.create_future()
-        self._sp = sp = Spawned(self.policy, self.plugin, self.name, self._start_timeout)  # the zygote's fork: ~1 ms
-        self.pid, self._pidfd, self._fds = sp.pid, sp.pidfd, sp.fds
-        fds = self._fds
-        loop.add_reader(fds["log"], self._on_log)
-        loop.add_reader(fds["from"], self._on_from)
-        loop.add_reader(fds["status"], self._on_status)
+        t0 = loop.time()
+        # The zygote's fork in a thread: a stopped or slow zygote never stalls the loop.
+        spawn = loop.run_in_executor(None, self._spawn)
+        try:
+            await asyncio.wait_for(asyncio.shield(spawn), self._start_timeout)
+        except (asyncio.TimeoutError, asyncio.CancelledError) as e:
+            spawn.add_done_callback(_abandon(self))
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            raise LoadError("TimeoutError", f"plugin {self.name} did not start within "
+                                            f"{self._start_timeout:g} s (the zygote did not answer)") from None
+        sp, fds = self._sp, self._fds
+        loop.add_reader(fds["log"], weak_method(self._on_log))
+        loop.add_reader(fds["from"], weak_method(self._on_from))
+        loop.add_reader(fds["status"], weak_method(self._on_status))
         # The listener arrives before READY: take it as soon as it does, so that a forbidden
         # syscall made while worker.py loads is reported as such, not as a start timeout.
-        loop.add_reader(sp.handoff.fileno(), self._on_handoff)
+        loop.add_reader(sp.handoff.fileno(), weak_method(self._on_handoff))
         fut = self._waiter = loop.create_future()
-        self._want = (S.READY,)
-        timer = loop.call_later(self._start_timeout, self._on_start_timeout, fut)
+        left = self._start_timeout - (loop.time() - t0)
+        timer = loop.call_later(max(left, 0), self._on_start_timeout)
         try:
-            _, ready = await fut
-            self.exports = S.exports_of(ready)
+            await fut
         except asyncio.CancelledError:
-            self._kill(WorkerClosed(f"the start of worker {self.name} was cancelled"))
+            self._emit("cancelled")
+            self._apply(self._core.kill(WorkerClosed(f"the start of worker {self.name} was cancelled")))
             raise
         finally:
             timer.cancel()
             self._waiter = None
-            self._want = ()
-        self._on_handoff()
-        if sp.plan.notify and self._listener is None:
-            self._kill(ConfinementError("the worker did not hand over its seccomp listener", layer="seccomp"))
-            await asyncio.shield(self._dead)
-            raise self.death
 
-    def _on_start_timeout(self, fut):
-        if not fut.done():
-            self._kill(LoadError("TimeoutError", f"plugin {self.name} did not start within "
-                                                 f"{self._start_timeout:g} s"))
+    def _on_start_timeout(self):
+        if self._core is not None and self._core.state is lc._STARTING:
+            self._apply(self._core.deadline_passed(self._start_timeout))
 
     def _on_handoff(self):
-        sp = self._sp
-        if sp is None or sp.handoff is None:
-            return
-        self._loop.remove_reader(sp.handoff.fileno())
-        fd = sp.take_listener()
-        if fd is not None and not self._finalized:
-            self._listener = fd
-            self._loop.add_reader(fd, self._on_listener)
+        if self._core is not None and self._core.state is not _ENDED:
+            self._apply(self._take_handoff())
 
     # ---- reading the child --------------------------------------------------------------------
     def _on_from(self):
-        self._read_frames(READS_PER_WAKEUP)
-
-    def _read_frames(self, budget):
         fd = self._fds.get("from")
-        while fd is not None and budget and not self._finalized:
-            budget -= 1
-            try:
-                events = self._session.read_from(fd)
-            except BlockingIOError:
-                return
-            except ProtocolViolation as e:
-                self._kill(ProtocolViolation(f"plugin {self.name} broke the protocol: {e}"))
-                self._loop.remove_reader(fd)
-                return
-            except OSError:
-                events = None
-            if events is None:
-                # EOF: the child closed its pipe or died; the status pipe says which (bounded wait).
-                self._loop.remove_reader(fd)
-                self._fds.pop("from", None)  # the same dict as Spawned.fds: closed here, once
-                os.close(fd)
-                self._arm_death_timer()
-                return
-            for kind, value in events:
-                self._on_event(kind, value)
-            if self._want and self._waiter is not None and self._waiter.done():
-                return  # the awaited reply is in: let its task run (more data wakes us again)
+        core = self._core
+        reads = READS_PER_WAKEUP
+        while reads:
+            reads -= 1
+            if fd is None or self._eof or core.state is _ENDED:
+                break
+            outs = self._read_child(fd)
+            if outs is None:
+                break
+            if len(outs) == 1 and type(outs[0]) is _Reply:
+                self._on_reply(outs[0])  # the usual read: exactly the awaited reply
+            else:
+                self._apply(outs)
+            waiter = self._waiter
+            if self._paused or core.decoding or (waiter is not None and waiter.done()):
+                break  # the awaited reply is in: let its task run (more data wakes us again)
+        if self._eof and fd is not None and core.state is not _ENDED:
+            self._loop.remove_reader(fd)  # EOF stays readable: the status pipe says the rest
 
-    def _on_event(self, kind, value):
-        if kind == S.MESSAGE:
-            self._deliver(value)
-        elif kind == S.LOAD_FAILED:
-            self._kill(S.load_error(value, self.plugin))
-        elif kind in self._want and self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result((kind, value))
-        elif kind == S.READY:
-            pass
-        else:
-            # a reply nobody waits for: Session already checked ids, so this is a late reply
-            self._kill(ProtocolViolation(f"plugin {self.name} sent an unexpected {kind} frame"))
-
-    def _on_listener(self):
-        if self._finalized or self._listener is None:
+    def _on_listener_ready(self):
+        core = self._core
+        if core is None or core.state is _ENDED or self._listener is None:
             return
-        before = self._reason
-        self._on_violation()
-        if self._reason is before and _hung_up(self._listener):
+        outs = self._on_listener()
+        if not outs and _hung_up(self._listener):
             self._loop.remove_reader(self._listener)  # every task under the filter is gone
+        self._apply(outs)
 
     def _on_status(self):
         fd = self._fds.get("status")
-        if fd is None:
+        core = self._core
+        if fd is None or core.state is _ENDED:
             return
-        try:
-            data = os.read(fd, STATUS.size)
-        except BlockingIOError:
+        frm = self._fds.get("from")
+        while frm is not None and not self._eof and core.state is not _ENDED:
+            outs = self._read_child(frm)  # what it wrote before dying still counts
+            if outs is None:
+                break
+            self._apply(outs)
+        if core.decoding:
+            # one of its last frames is being decoded: it counts first, the status waits for it
+            self._status_waiting = True
+            self._loop.remove_reader(fd)
             return
-        except OSError:
-            data = b""
-        if self._reason is None:
-            self._read_frames(-1)  # what it wrote before dying still counts
-        status = STATUS.unpack(data)[1] if len(data) == STATUS.size else None
-        if self._reason is None and self._sp is not None:
-            self._on_handoff()  # a confinement failure, reported there, names the step
-            self._reason = self._sp.end_reason(status)
-        self._finalize(status)
+        if core.state is not _ENDED:
+            self._apply(self._read_status(fd))
 
     def _on_log(self):
         fd = self._fds.get("log")
-        try:
-            data = os.read(fd, 65536)
-        except BlockingIOError:
-            return
-        except (OSError, TypeError):
-            data = b""
-        if not data:
-            if fd is not None:
-                self._loop.remove_reader(fd)
-            return
-        self._take_log(data)
+        if fd is not None and not self._read_log(fd):
+            self._loop.remove_reader(fd)
 
     # ---- writing to the child ---------------------------------------------------------------
     def _send(self, frame):
@@ -299,7 +286,7 @@ class AsyncWorker(WorkerHandle):
             raise WorkerClosed(f"worker {self.name} is closing")
         if not self._out:
             try:
-                n = os.write(fd, frame)
+                n = _os_write(fd, frame)
             except BlockingIOError:
                 n = 0
             except OSError:
@@ -307,26 +294,28 @@ class AsyncWorker(WorkerHandle):
             if n == len(frame):
                 return
             frame = memoryview(frame)[n:]
-            self._loop.add_writer(fd, self._on_writable)
+            self._loop.add_writer(fd, weak_method(self._on_writable))
         # queued: a copy, because a large payload is a view of the encoder's reusable buffer
         self._out.append(bytes(frame))
 
     def _on_writable(self):
         fd = self._fds.get("to")
+        if fd is None:
+            self._out.clear()
+            return
         try:
             while self._out:
                 head = self._out[0]
-                n = os.write(fd, head)
+                n = _os_write(fd, head)
                 if n < len(head):
                     self._out[0] = memoryview(head)[n:]
                     return
                 self._out.popleft()
         except BlockingIOError:
             return
-        except (OSError, TypeError):
+        except OSError:
             self._out.clear()  # the child is gone; its death arrives on the status pipe
-        if fd is not None:
-            self._loop.remove_writer(fd)
+        self._loop.remove_writer(fd)
         self._wake_drainers(None)
 
     async def _drain(self):
@@ -341,13 +330,107 @@ class AsyncWorker(WorkerHandle):
             if not fut.done():
                 fut.set_exception(exc) if exc is not None else fut.set_result(None)
 
-    def _close_input(self):
+    # ---- hooks the core's outputs call (handle.WorkerHandle._apply) -------------------------------
+    def _on_reply(self, out):
+        waiter = self._waiter  # (a Reply never comes while starting: no call is in flight then)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(out)
+
+    def _on_ready(self):
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _on_decode(self, out):
+        fd = self._fds.get("from")
+        if fd is not None and not self._paused:
+            self._loop.remove_reader(fd)  # nothing more is read until this payload is decoded
+        frame = out.frame
+        fut = self._loop.run_in_executor(None, _decode, out.decode, frame.payload)
+        done = weak_method(self._on_decoded)
+        fut.add_done_callback(lambda f: done(frame, f))
+
+    def _on_decoded(self, frame, fut):
+        core = self._core
+        obj, error = fut.result() if not fut.cancelled() else (None, ProtocolViolation("decode cancelled"))
+        self._apply(core.decoded(frame, obj, error))
+        if core.state is _ENDED:
+            return
+        fd = self._fds.get("from")
+        if fd is not None and not self._paused and not self._eof and not core.decoding:
+            self._loop.add_reader(fd, weak_method(self._on_from))
+            self._on_from()  # what arrived meanwhile
+        if self._status_waiting and not core.decoding:
+            self._status_waiting = False
+            self._on_status()
+
+    def _on_killed(self):
+        if self._death_timer is None and self._loop is not None:
+            self._death_timer = self._loop.call_later(DEATH_WAIT, weak_method(self._on_death_timeout))
+
+    def _on_death_timeout(self):
+        self._death_timer = None
+        self._apply(self._status_never_came())
+
+    def _on_close_input(self):
         fd = self._fds.pop("to", None)
         if fd is not None:
             self._loop.remove_writer(fd)
             self._out.clear()
-            os.close(fd)
+            _os_close(fd)
         self._wake_drainers(WorkerClosed(f"worker {self.name} is closing"))
+
+    def _unwatch_handoff(self, fd):
+        self._loop.remove_reader(fd)
+
+    def _watch_listener(self, fd):
+        self._loop.add_reader(fd, weak_method(self._on_listener_ready))
+
+    def _unwatch_all(self):
+        for timer in (self._death_timer, self._deadline_timer):
+            if timer is not None:
+                timer.cancel()
+        self._death_timer = self._deadline_timer = None
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        sp = self._sp
+        if sp is not None and sp.handoff is not None:
+            loop.remove_reader(sp.handoff.fileno())
+        for fd in self._fds.values():
+            loop.remove_reader(fd)
+            loop.remove_writer(fd)
+        self._out.clear()
+
+    def _on_ended(self, death):
+        ended = self._core.ended_error()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(ended)
+        self._wake_drainers(ended)
+        for sub in list(self._subscribers):
+            sub._end()
+        if self._dead is not None and not self._dead.done():
+            self._dead.set_result(None)
+
+    def _set_deadline(self, when: float, timeout: float):
+        """Calls in a row with the same timeout share one timer: it is re-armed when it fires
+        early for the call then in flight, instead of a call_later and a cancel per call."""
+        self._deadline, self._deadline_timeout = when, timeout
+        timer = self._deadline_timer
+        if timer is None or timer.when() > when:
+            if timer is not None:
+                timer.cancel()
+            self._deadline_timer = self._loop.call_at(when, weak_method(self._on_deadline))
+
+    def _on_deadline(self):
+        self._deadline_timer = None
+        when, fut = self._deadline, self._waiter
+        if when is None or fut is None or fut.done():
+            return
+        if self._loop.time() < when:
+            self._deadline_timer = self._loop.call_at(when, weak_method(self._on_deadline))
+            return
+        self._apply(self._core.deadline_passed(self._deadline_timeout))
 
     # ---- messages and callbacks ---------------------------------------------------------------
     def _wrap(self, callback):
@@ -365,129 +448,67 @@ class AsyncWorker(WorkerHandle):
         if not task.cancelled() and task.exception() is not None:
             log.error("callback of worker %s failed", self.name, exc_info=task.exception())
 
-    def _deliver(self, msg):
+    def _on_deliver(self, out):
+        msg = out.message
         for cb in list(self._callbacks["message"]):
             try:
                 cb(msg)
             except Exception:
                 log.exception("message callback of worker %s failed", self.name)
+        # The core's budget covers what one batch of reads holds; the iterators' queues are kept
+        # in bounds by back-pressure (the pipe is no longer read) instead.
+        self._core.delivered(out.size)
         for sub in list(self._subscribers):
-            sub._push(msg)
-            if len(sub._queue) >= MESSAGE_BACKLOG and not self._paused and "from" in self._fds:
+            sub._push(msg, out.size)
+            if (len(sub._queue) >= MESSAGE_BACKLOG or sub._bytes >= BACKLOG_BYTES) and not self._paused \
+                    and "from" in self._fds:
                 # back-pressure: stop reading; the plugin blocks in post() until the consumer catches up
                 self._paused = True
                 self._loop.remove_reader(self._fds["from"])
 
     def _maybe_resume(self):
-        if self._paused and all(len(s._queue) < MESSAGE_BACKLOG // 2 for s in list(self._subscribers)):
+        if self._paused and all(len(s._queue) < MESSAGE_BACKLOG // 2 and s._bytes < BACKLOG_BYTES // 2
+                                for s in list(self._subscribers)):
             self._paused = False
-            if "from" in self._fds and not self._finalized:
-                self._loop.add_reader(self._fds["from"], self._on_from)
+            if "from" in self._fds and not self._finalized and not self._eof:
+                self._loop.add_reader(self._fds["from"], weak_method(self._on_from))
 
-    # ---- death ------------------------------------------------------------------------------
-    def _kill(self, reason: SandboxError | None):
-        if self._reason is None and reason is not None:
-            self._reason = reason
-        if self._pidfd is None:
+
+def _decode(decode, payload):
+    """In the executor: (object, None), or (None, the ProtocolViolation)."""
+    try:
+        return decode(payload), None
+    except ProtocolViolation as e:
+        return None, e
+
+
+def _abandon(worker: AsyncWorker):
+    """A spawn the start gave up on: if it completes after all, kill and release that worker."""
+    ref = weakref.ref(worker)
+
+    def done(fut):
+        w = ref()
+        if w is None or fut.cancelled() or fut.exception() is not None:
             return
-        try:
-            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
-        except (ProcessLookupError, OSError):
-            pass
-        self._arm_death_timer()
-
-    def _arm_death_timer(self):
-        if self._death_timer is None and not self._finalized and self._loop is not None:
-            self._death_timer = self._loop.call_later(DEATH_WAIT, self._on_death_timeout)
-
-    def _on_death_timeout(self):
-        # The status pipe stayed silent: kill (again) and give it one more period, then give up.
-        self._death_timer = None
-        if self._finalized:
-            return
-        try:
-            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
-        except (ProcessLookupError, OSError, TypeError):
-            pass
-        self._death_timer = self._loop.call_later(DEATH_WAIT, self._finalize, None)
-
-    def _set_deadline(self, when: float, timeout: float):
-        """Calls in a row with the same timeout share one timer: it is re-armed when it fires
-        early for the call then in flight, instead of a call_later and a cancel per call."""
-        self._deadline, self._deadline_timeout = when, timeout
-        timer = self._deadline_timer
-        if timer is None or timer.when() > when:
-            if timer is not None:
-                timer.cancel()
-            self._deadline_timer = self._loop.call_at(when, self._on_deadline)
-
-    def _on_deadline(self):
-        self._deadline_timer = None
-        when, fut = self._deadline, self._waiter
-        if when is None or fut is None or fut.done():
-            return
-        if self._loop.time() < when:
-            self._deadline_timer = self._loop.call_at(when, self._on_deadline)
-            return
-        self._kill(S.timeout_error(self.name, self._deadline_timeout))
-        fut.set_exception(self._reason)
-
-    def _finalize(self, status):
-        if self._finalized:
-            return
-        self._finalized = True
-        self.exit_status = status
-        self.death, self._reason = S.settle_death(status, self._reason, self._closing, self.name)
-        if self.death is not None and not isinstance(self.death, WorkerClosed):
-            log.info("worker %s (pid %s) ended: %s", self.name, self.pid, self.death)
-        self._release()
-        ended = self.death or WorkerClosed(f"worker {self.name} was closed")
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_exception(ended)
-        self._wake_drainers(ended)
-        for sub in list(self._subscribers):
-            sub._end()
-        if not self._dead.done():
-            self._dead.set_result(None)
-        for cb in list(self._callbacks["exit"]):
-            try:
-                cb(self.death)
-            except Exception:
-                log.exception("exit callback of worker %s failed", self.name)
-
-    def _release(self):
-        if self._death_timer is not None:
-            self._death_timer.cancel()
-            self._death_timer = None
-        if self._deadline_timer is not None:
-            self._deadline_timer.cancel()
-            self._deadline_timer = None
-        if "log" in self._fds:
-            self._drain_log()
-        loop = self._loop
-        sp = self._sp
-        if sp.handoff is not None:
-            loop.remove_reader(sp.handoff.fileno())
-        for fd in self._fds.values():
-            loop.remove_reader(fd)
-            loop.remove_writer(fd)
-        self._out.clear()
-        sp.release()
-        self._fds = {}
-        self._pidfd = None
+        w._send_kill()
+        if w._sp is not None:
+            w._sp.release()
+        w._core = None
+    return done
 
 
 class Messages:
     """Async iterator over a worker's messages (from its creation on); ends when the worker ends.
 
-    Each iterator buffers up to MESSAGE_BACKLOG messages; past that the worker's pipe is no longer
-    read (the plugin blocks in post()) until the consumer catches up. Drop or `aclose()` an
-    iterator you no longer read.
+    Each iterator buffers up to MESSAGE_BACKLOG messages (or BACKLOG_BYTES); past that the
+    worker's pipe is no longer read (the plugin blocks in post()) until the consumer catches up.
+    Drop or `aclose()` an iterator you no longer read.
     """
 
     def __init__(self, worker: AsyncWorker):
         self._worker = worker
         self._queue = collections.deque()
+        self._bytes = 0
         self._waiter = None
         self._ended = worker._finalized
         worker._subscribers.add(self)
@@ -504,20 +525,23 @@ class Messages:
                 await self._waiter
             finally:
                 self._waiter = None
-        msg = self._queue.popleft()
+        msg, size = self._queue.popleft()
+        self._bytes -= size
         self._worker._maybe_resume()
         return msg
 
     async def aclose(self):
         self._ended = True
         self._queue.clear()
+        self._bytes = 0
         self._worker._subscribers.discard(self)
         self._worker._maybe_resume()
 
-    def _push(self, msg):
+    def _push(self, msg, size: int):
         if self._ended:
             return
-        self._queue.append(msg)
+        self._queue.append((msg, size))
+        self._bytes += size
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
@@ -531,3 +555,4 @@ def _hung_up(fd) -> bool:
     p = select.poll()
     p.register(fd, select.POLLIN)
     return any(ev & (select.POLLHUP | select.POLLERR) and not ev & select.POLLIN for _, ev in p.poll(0))
+

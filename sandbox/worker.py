@@ -2,119 +2,126 @@
 
     with Worker("plugins/resize/worker.py", policy="policies/resize.toml") as w:
         w.on("message", print)
-        w.call("resize", data, width=64)
+        w.call("resize", data, width=64)          # every keyword goes to the plugin
+        w.invoke("resize", (data,), {"width": 64}, timeout=5)   # the library's options beside
 
-A call does its own I/O in the calling thread (poll with a deadline: the host never blocks
-forever); between calls the hub thread watches the worker. Either way, whatever the child
-does ends in one of the errors of `sandbox.errors`, and the worker is gone when it should be.
+A driver of the lifecycle core (`_host/lifecycle.py`), which decides what everything means:
+this file only owns descriptors, poll(), locks and threads. A call does its own I/O in the
+calling thread (poll with a deadline: the host never blocks forever); between calls the hub
+thread watches the worker. Whatever the child does ends in one of the errors of
+`sandbox.errors`, and the worker is gone when it should be.
 """
+from __future__ import annotations
+
 import os
 import select
-import signal
 import threading
 import time
 
-from ._host import channel as S, hub as _hub
-from ._host.handle import DEATH_WAIT, WorkerHandle, log
-from ._host.resources import STATUS, Spawned
-from .errors import ConfinementError, LoadError, ProtocolViolation, SandboxError, WorkerClosed
+from . import events as _events
+from ._host import channel, hub as _hub, lifecycle as lc
+from ._host.handle import DEATH_WAIT, WorkerHandle, log, weak_method
 
-_REPLIES = (S.RESULT, S.FAILURE)
 _monotonic = time.monotonic
 _write = os.write
+_READY, _ENDED, _STARTING = lc._READY, lc._ENDED, lc._STARTING
+_Reply = lc.Reply
+_events_log = _events.log
+DISPATCH_AT = lc.BUFFER_BUDGET // 4  # bytes of a call's messages held before they are handed over
+HUB_READS = 16                        # reads of a worker's pipe per hub wake-up
+# what a pump waits for
+_WANT_REPLY, _WANT_READY, _WANT_WRITTEN, _WANT_END = 1, 2, 3, 4
 
 
 class Worker(WorkerHandle):
-    def __init__(self, worker_py, policy=None, *, name: str | None = None, start_timeout: float | None = None):
-        super().__init__(worker_py, policy, name, start_timeout)
-        self._io = threading.Lock()      # whoever holds it reads the child's fds
+    def __init__(self, worker_py, policy=None, *, name: str | None = None, start_timeout: float | None = None,
+                 _on_syscall=None):
+        super().__init__(worker_py, policy, name, start_timeout, _on_syscall)
+        self._io = threading.Lock()      # whoever holds it reads the child's fds and feeds the core
         self._calls = threading.Lock()   # one call in flight
-        self._final = threading.Lock()
+        self._pidfd_lock = threading.Lock()
         self._hub_missed = False
         self._hub_reads = False  # the hub reads the child's pipe between calls only for "message" listeners
-        self._inbox = []
+        self._inbox: list = []
+        self._inbox_bytes = 0
         self._poller = None
         self._handoff_fd = None
+        self._kill_at = None     # monotonic time at which the bounded wait for the status ends
+        self._hub = None
         self._start(self._start_timeout)
 
     # ---- public API -------------------------------------------------------------------------
     def on(self, event: str, callback) -> "Worker":
-        if event not in self._callbacks:
-            raise ValueError(f"unknown event {event!r} (message, exit, log)")
-        self._callbacks[event].append(callback)
+        """Register a callback for "message", "exit", "log" or "denied"."""
+        self._on_event_callback(event, callback)
         if event == "message" and not self._hub_reads:
             # Someone listens now: let the hub read what the plugin posts between calls. Until
             # then the pipe simply holds it (the plugin blocks when it is full) till the next call.
             self._hub_reads = True
             if not self._finalized and "from" in self._fds:
-                _hub.get().arm(self._fds["from"])
+                self._hub.arm(self._fds["from"])
         return self
 
-    def call(self, name: str, *args, timeout: float | None = None, **kwargs):
-        timeout = self._timeout if timeout is None else timeout
-        with self._calls:
-            if self._finalized or self._reason is not None:
-                self._check_alive()  # raises WorkerClosed, saying why
-            deadline = _monotonic() + timeout
-            try:
-                with self._io:
-                    if self._finalized or self._reason is not None:
-                        self._check_alive()  # again: the hub may have seen it die while we waited
-                    if self._hub_reads:
-                        _hub.get().disarm(self._fds["from"])
-                    try:
-                        frame = self._session.encode_call(name, args, kwargs)
-                        kind, value = self._exchange(frame, deadline, timeout)
-                    finally:
-                        self._session.call_done()
-                        self._session.sent()
-                        if self._hub_reads or self._hub_missed:
-                            self._rearm()
-            finally:
-                if self._inbox:  # what it posted before the reply, or before it died, still counts
-                    self._dispatch()
-            if kind == S.RESULT:
-                return value
-            raise value
+    def call(self, name: str, /, *args, **kwargs):
+        """Call the plugin's function `name`; every argument and keyword goes to the plugin."""
+        return self._call(name, args, kwargs, self._timeout)
 
     def invoke(self, name: str, args=(), kwargs=None, *, timeout: float | None = None):
         """`call` with the library's own options beside, never among, the plugin's arguments:
-        every keyword of `call` goes to the plugin; here `timeout` is the sandbox's deadline."""
-        return self.call(name, *args, timeout=timeout, **(kwargs or {}))
+        `timeout` in seconds (None: the policy's; math.inf: none)."""
+        return self._call(name, tuple(args), dict(kwargs or {}), self._call_timeout(timeout))
 
-    def post(self, obj) -> None:
-        """Deliver obj to the plugin's on_message (plain data only)."""
-        frame = S.Session.encode_post(obj)
-        self._check_alive()
+    def post(self, obj, *, timeout: float | None = None) -> None:
+        """Deliver obj to the plugin's on_message (plain data only); returns once it is written.
+        A worker that does not read it within `timeout` is killed (PluginTimeout)."""
+        timeout = self._call_timeout(timeout)
+        core = self._core
         with self._io:
-            self._check_alive()
+            frame = core.encode_post(obj)
             if self._hub_reads:
-                _hub.get().disarm(self._fds["from"])
+                self._hub.disarm(self._fds["from"])
             try:
-                self._pump(frame, time.monotonic() + (self._timeout or 10.0), self._timeout, want=())
+                left = self._write_now(self._fds["to"], frame)
+                if left is not None:
+                    deadline = None if timeout is None else _monotonic() + timeout
+                    self._pump(left, deadline, _WANT_WRITTEN,
+                               lambda: core.kill(channel.timeout_error(self.name, timeout)))
             finally:
                 self._rearm()
-        self._dispatch()
+                msgs = self._take_inbox()
+        self._dispatch(msgs)
+        if core.reason is not None:
+            raise core.ended_error()
 
     def terminate(self) -> None:
         """Kill the worker now (SIGKILL) and wait, bounded, until it is reaped."""
-        if self._finalized or self.pid is None:
+        core = self._core
+        if core is None or core.state is _ENDED:
             return
-        self._closing = True
-        self._kill(None)
-        self._await_death()
+        core.closing = True   # a plain flag: the caller of a call in flight sees "closed", not "killed"
+        self._send_kill()     # without the lock: a call in flight ends at once
+        with self._io:
+            self._apply(core.kill())
+            self._pump(None, None, _WANT_END, None)
+            msgs = self._take_inbox()
+        self._dispatch(msgs)
 
     def close(self, grace: float = 1.0) -> None:
         """Ask the worker to exit (EOF on its input), then kill it if it hasn't within `grace`."""
-        if self._finalized or self.pid is None:
+        core = self._core
+        if core is None or core.state is _ENDED:
             return
-        self._closing = True
-        fd = self._fds.pop("to", None)
-        if fd is not None:
-            os.close(fd)
-        self._await_death(grace)
-        if not self._finalized:
-            self.terminate()
+        if not self._io.acquire(timeout=grace):
+            self.terminate()  # a call is in flight and outlasts the grace: it can't end cleanly
+            return
+        try:
+            if core.state is not _ENDED:
+                self._apply(core.close())
+                self._pump(None, _monotonic() + grace, _WANT_END, core.kill)
+            msgs = self._take_inbox()
+        finally:
+            self._io.release()
+        self._dispatch(msgs)
 
     def __enter__(self):
         return self
@@ -122,77 +129,130 @@ class Worker(WorkerHandle):
     def __exit__(self, *exc):
         self.close()
 
+    def __del__(self):
+        self._warn_unclosed()
+
     def __repr__(self):
         state = "alive" if self.alive else "ended"
         return f"<Worker {self.name} pid={self.pid} {state}>"
 
-    # ---- start ------------------------------------------------------------------------------
-    def _start(self, start_timeout):
-        self._sp = sp = Spawned(self.policy, self.plugin, self.name, start_timeout)
-        self.pid, self._pidfd, self._fds = sp.pid, sp.pidfd, sp.fds
-        hub = _hub.get()
-        hub.watch(self._fds["log"], self._on_log, oneshot=False)
-        with self._io:
-            # The listener arrives before the plugin loads: watch for it from the start, so that a
-            # forbidden syscall made while worker.py imports is reported as what it is.
-            self._handoff_fd = sp.handoff.fileno()
-            self._get_poller().register(self._handoff_fd, select.POLLIN)
-            try:
-                _, ready = self._pump(None, time.monotonic() + start_timeout, start_timeout,
-                                      want=(S.READY,), starting=True)
-                self.exports = S.exports_of(ready)
-            finally:
-                if self._handoff_fd is not None:
-                    self._take_listener()
-            if sp.plan.notify and self._listener is None:
-                self._kill(ConfinementError("the worker did not hand over its seccomp listener", layer="seccomp"))
-                self._await_status()
-                raise self._ended()
-            hub.watch(self._fds["from"], self._on_hub_event, armed=self._hub_reads)
-            hub.watch(self._fds["status"], self._on_hub_event)
-            if self._listener is not None:
-                hub.watch(self._listener, self._on_hub_event)
-        self._dispatch()
-
-    # ---- the pump: the one place that reads the child ----------------------------------------
-    def _pump(self, out, deadline: float, timeout, want, starting=False):
-        """Write `out` (a frame, or None), then read until an event in `want` arrives (returned)
-        or the worker ends."""
-        poller = self._poller or self._get_poller()
-        to_fd = self._fds.get("to")
-        view = None  # what is left to write: a list of memoryviews
-        if out:
-            if to_fd is None:
-                raise WorkerClosed(f"worker {self.name} is closing")
-            view = self._write_now(to_fd, out)
-            if view is not None:
-                poller.register(to_fd, select.POLLOUT)
-        try:
-            return self._pump_loop(poller, view, to_fd, deadline, timeout, want, starting)
-        finally:
-            if view is not None:
+    # ---- calls ------------------------------------------------------------------------------
+    def _call(self, name, args, kwargs, timeout):
+        core = self._core
+        with self._calls:
+            with self._io:
+                frame = core.begin_call(name, args, kwargs)  # WorkerClosed unless READY
+                started = _monotonic()
+                if self._hub_reads:
+                    self._hub.disarm(self._fds["from"])
                 try:
-                    poller.unregister(to_fd)
-                except KeyError:
-                    pass
+                    reply = self._exchange(frame, started, timeout)
+                finally:
+                    core.call_over(sent=True)
+                    if self._hub_reads or self._hub_missed:
+                        self._rearm()
+                    msgs = self._take_inbox() if self._inbox else None
+            if msgs:  # what it posted before the reply, or before it died, still counts
+                self._dispatch(msgs)
+        if reply is not None and reply.error is None and not (_events._subscribers or _events_log.isEnabledFor(20)):
+            return reply.value  # the usual outcome, without the event nobody listens to
+        return self._outcome(name, started, reply)
 
-    def _exchange(self, frame, deadline: float, timeout):
+    def _exchange(self, frame, started: float, timeout):
         """A call's I/O. The common case in a straight line: the frame goes out at once, one poll
         and one read bring exactly the reply. Anything else takes the pump."""
-        to_fd = self._fds.get("to")
-        if to_fd is None or self._poller is None:
-            return self._pump(frame, deadline, timeout, want=_REPLIES)
-        left = self._write_now(to_fd, frame)
-        if left is not None:  # the pipe is full: the pump writes the rest as the child reads
-            return self._pump(tuple(left), deadline, timeout, want=_REPLIES)
-        remaining = deadline - _monotonic()
-        if remaining > 0:
-            events = self._poller.poll(remaining * 1000)
-            if len(events) == 1 and events[0][0] == self._fds["from"]:
-                result = self._read_frames(_REPLIES)
-                if result is not None:
-                    return result
-        return self._pump(None, deadline, timeout, want=_REPLIES)  # events stay pending: level-triggered
+        deadline = None if timeout is None else started + timeout
+        left = self._write_now(self._fds["to"], frame)
+        if left is None:
+            wait = -1 if timeout is None else (deadline - _monotonic()) * 1000
+            if wait:
+                events = self._poller.poll(wait if wait > 0 else 0)
+                from_fd = self._fds["from"]
+                if len(events) == 1 and events[0][0] == from_fd:
+                    outs = self._read_child(from_fd)
+                    if outs:
+                        if len(outs) == 1 and type(outs[0]) is _Reply:
+                            return outs[0]  # the usual read: exactly the awaited reply
+                        reply = self._apply(outs)
+                        if reply is not None:
+                            return reply
+        return self._pump(left, deadline, _WANT_REPLY, lambda: self._core.deadline_passed(timeout))
+
+    # ---- the pump: the one loop that reads the child ----------------------------------------
+    def _pump(self, left, deadline, want, on_deadline):
+        """Poll and feed the core until `want` happens or the worker ends; `left`: what is still
+        to write (memoryviews). `on_deadline()`: the core's input when `deadline` passes."""
+        core = self._core
+        poller = self._poller
+        fds = self._fds
+        to_fd = fds.get("to")
+        if left is not None:
+            poller.register(to_fd, select.POLLOUT)
+        try:
+            while True:
+                if core.state is _ENDED:
+                    return None
+                if (want == _WANT_READY and core.state is not _STARTING) or \
+                        (want == _WANT_WRITTEN and (left is None or core.reason is not None)):
+                    return None
+                now = _monotonic()
+                wait = None if deadline is None else deadline - now
+                if self._kill_at is not None and (wait is None or self._kill_at - now < wait):
+                    wait = self._kill_at - now
+                events = poller.poll(None if wait is None else max(wait, 0) * 1000)
+                if not events and wait is not None and wait <= 0:
+                    if self._kill_at is not None and _monotonic() >= self._kill_at:
+                        outs = self._status_never_came()
+                    else:
+                        deadline, outs = None, (on_deadline() if on_deadline is not None else lc.NOTHING)
+                    reply = self._apply(outs)
+                    if reply is not None and want == _WANT_REPLY:
+                        return reply
+                    continue
+                for fd, ev in events:
+                    reply = None
+                    if fd == fds["from"]:
+                        outs = self._read_child(fd)
+                        if self._eof:
+                            _unregister(poller, fd)  # EOF stays readable: the status pipe says the rest
+                        if outs:
+                            reply = self._apply(outs)
+                    elif fd == to_fd and left is not None:
+                        left = self._write_some(to_fd, left)
+                        if left is None:
+                            poller.unregister(to_fd)
+                    elif fd == self._listener:
+                        if ev & select.POLLIN:
+                            reply = self._apply(self._on_listener())
+                        else:
+                            poller.unregister(fd)  # every task under the filter is gone
+                    elif fd == self._handoff_fd:
+                        reply = self._apply(self._take_handoff())
+                    elif fd == fds["status"]:
+                        reply = self._drain_child()  # what it wrote before dying still counts
+                        if core.state is not _ENDED:
+                            reply = self._apply(self._read_status(fd)) or reply
+                    if reply is not None and want == _WANT_REPLY:
+                        return reply
+                    if core.state is _ENDED:
+                        break  # its fds are closed now: nothing more from this poll
+                if self._inbox_bytes > DISPATCH_AT:
+                    self._dispatch_midway()
+        finally:
+            if left is not None and core.state is not _ENDED:
+                _unregister(poller, to_fd)
+
+    def _drain_child(self, reads: int = -1):
+        """Read what the pipe holds (at most `reads` times: a flood can't keep the hub here)."""
+        reply = None
+        fd = self._fds.get("from")
+        while reads and fd is not None and not self._eof and self._core.state is not _ENDED:
+            reads -= 1
+            outs = self._read_child(fd)
+            if outs is None:
+                break
+            reply = self._apply(outs) or reply
+        return reply
 
     def _write_now(self, fd, out):
         """Write what fits of a frame now (a small one in one write; a large one, header and
@@ -207,57 +267,6 @@ class Worker(WorkerHandle):
         except OSError:
             return None
         return None if n >= len(out) else self._write_some(fd, [memoryview(out)[n:]])
-
-    def _get_poller(self):
-        if self._poller is None:
-            self._poller = select.poll()
-            self._poller.register(self._fds["from"], select.POLLIN)
-            self._poller.register(self._fds["status"], select.POLLIN)
-        return self._poller
-
-    def _take_listener(self):
-        self._poller.unregister(self._handoff_fd)
-        self._handoff_fd = None
-        self._listener = self._sp.take_listener()
-        if self._listener is not None:
-            self._poller.register(self._listener, select.POLLIN)
-
-    def _pump_loop(self, poller, view, to_fd, deadline, timeout, want, starting):
-        fds = self._fds
-        if view is None and not want:
-            return (None, None)
-        while True:
-            remaining = deadline - _monotonic()
-            if remaining <= 0:
-                self._kill(S.timeout_error(self.name, timeout) if not starting else
-                           LoadError("TimeoutError", f"plugin {self.name} did not start within {timeout:g} s"))
-                raise self._reason
-            events = poller.poll(remaining * 1000)
-            for fd, ev in events:
-                if fd == fds["from"]:
-                    result = self._read_frames(want)
-                    if result is not None:
-                        return result
-                elif fd == to_fd and view is not None:
-                    view = self._write_some(to_fd, view)
-                    if view is None:
-                        try:
-                            poller.unregister(to_fd)
-                        except KeyError:
-                            pass
-                        if not want:
-                            return (None, None)
-                elif fd == self._listener:
-                    if ev & select.POLLIN:
-                        self._on_violation()
-                    else:
-                        poller.unregister(fd)  # every task under the filter is gone
-                elif fd == self._handoff_fd:
-                    self._take_listener()
-                elif fd == fds["status"]:
-                    self._read_frames(())  # what it wrote before dying still counts
-                    self._on_status()
-                    raise self._ended()
 
     @staticmethod
     def _write_some(fd, parts):
@@ -278,122 +287,83 @@ class Worker(WorkerHandle):
             return None
         return None
 
-    def _read_frames(self, want):
-        found = None
-        while True:
-            try:
-                events = self._session.read_from(self._fds["from"])
-            except BlockingIOError:
-                return found
-            except ProtocolViolation as e:
-                self._kill(ProtocolViolation(f"plugin {self.name} broke the protocol: {e}"))
-                self._await_status()
-                raise self._ended() from None
-            if events is None:
-                # EOF: the child closed its pipe or died; wait for the status pipe to say which.
-                self._await_status()
-                raise self._ended()
-            if len(events) == 1 and found is None and events[0][0] in want and self._session.decoder.at_boundary():
-                return events[0]  # the usual read: exactly the awaited reply
-            for kind, value in events:
-                if kind == S.MESSAGE:
-                    self._inbox.append(value)
-                elif kind == S.LOAD_FAILED:
-                    self._kill(S.load_error(value, self.plugin))
-                    self._await_status()
-                    raise self._ended()
-                elif kind in want and found is None:
-                    found = (kind, value)
-                elif kind == S.READY:
-                    continue
-                else:
-                    # a reply nobody waits for: Session already checked ids, so this is a late reply
-                    self._kill(ProtocolViolation(f"plugin {self.name} sent an unexpected {kind} frame"))
-                    self._await_status()
-                    raise self._ended()
-            if found is not None and self._session.decoder.at_boundary():
-                return found
-
-    # ---- death ------------------------------------------------------------------------------
-    def _kill(self, reason: SandboxError | None):
-        if self._reason is None and reason is not None:
-            self._reason = reason
-        try:
-            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
-        except (ProcessLookupError, OSError):
-            pass
-
-    def _await_status(self, limit: float = DEATH_WAIT):
-        fd = self._fds.get("status")
-        if fd is None:
-            return
-        p = select.poll()
-        p.register(fd, select.POLLIN)
-        if self._listener is not None:
-            p.register(self._listener, select.POLLIN)
-        end = time.monotonic() + limit
-        while not self._finalized:
-            left = end - time.monotonic()
-            if left <= 0:
-                self._kill(None)
-                end = time.monotonic() + limit
-                left = limit
-            for f, ev in p.poll(left * 1000):
-                if f == self._listener:
-                    if ev & select.POLLIN:
-                        self._on_violation()
-                    else:
-                        p.unregister(f)
-                else:
-                    self._on_status()
-                    return
-
-    def _on_status(self):
-        try:
-            data = os.read(self._fds["status"], STATUS.size)
-        except (BlockingIOError, KeyError):
-            return
-        status = STATUS.unpack(data)[1] if len(data) == STATUS.size else None
-        if self._reason is None and self._sp is not None:
-            if self._handoff_fd is not None:
-                self._take_listener()  # a confinement failure, reported there, names the step
-            self._reason = self._sp.end_reason(status)
-        self._finalize(status)
-
-    def _await_death(self, limit: float = DEATH_WAIT):
+    # ---- start ------------------------------------------------------------------------------
+    def _start(self, start_timeout):
+        t0 = _monotonic()
+        sp = self._spawn()
+        self._hub = hub = _hub.get()
+        hub.watch(self._fds["log"], weak_method(self._on_log), oneshot=False)
+        core = self._core
         with self._io:
-            self._await_status(limit)
+            self._poller = poller = select.poll()
+            poller.register(self._fds["from"], select.POLLIN)
+            poller.register(self._fds["status"], select.POLLIN)
+            # The listener arrives before the plugin loads: watch for it from the start, so that a
+            # forbidden syscall made while worker.py imports is reported as what it is.
+            self._handoff_fd = sp.handoff.fileno()
+            poller.register(self._handoff_fd, select.POLLIN)
+            deadline = None if start_timeout is None else t0 + start_timeout
+            self._pump(None, deadline, _WANT_READY, lambda: core.deadline_passed(start_timeout))
+            if core.state is not _READY:
+                self._pump(None, None, _WANT_END, None)  # killed already: bounded
+                raise core.ended_error()
+            on_event = weak_method(self._on_hub_event)
+            hub.watch(self._fds["from"], on_event, armed=self._hub_reads)
+            hub.watch(self._fds["status"], on_event)
+            if self._listener is not None:
+                hub.watch(self._listener, on_event)
+            msgs = self._take_inbox()
+        self._dispatch(msgs)
 
-    def _finalize(self, status):
-        with self._final:
-            if self._finalized:
-                return
-            self._finalized = True
-        self.exit_status = status
-        self.death, self._reason = S.settle_death(status, self._reason, self._closing, self.name)
-        if self.death is not None and not isinstance(self.death, WorkerClosed):
-            log.info("worker %s (pid %s) ended: %s", self.name, self.pid, self.death)
-        self._release()
-        for cb in list(self._callbacks["exit"]):
-            try:
-                cb(self.death)
-            except Exception:
-                log.exception("exit callback of worker %s failed", self.name)
+    # ---- hooks the core's outputs call (handle.WorkerHandle._apply) -------------------------------
+    def _on_deliver(self, out):
+        if not self._callbacks["message"]:
+            self._core.delivered(out.size)  # nobody listens: nothing to keep
+            return
+        self._inbox.append(out)
+        self._inbox_bytes += out.size
 
-    def _release(self):
-        if "log" in self._fds:
-            self._drain_log()
-        hub = _hub.get()
-        for fd in self._fds.values():
-            hub.unwatch(fd)
-        if self._sp is not None:
-            self._sp.release()
-        self._fds = {}
-        self._pidfd = None
+    def _on_killed(self):
+        self._kill_at = _monotonic() + DEATH_WAIT
 
-    def _ended(self) -> SandboxError:
-        """The error for a caller whose worker just ended (closed on purpose, or died)."""
-        return self.death or WorkerClosed(f"worker {self.name} was closed")
+    def _on_close_input(self):
+        fd = self._fds.pop("to", None)
+        if fd is not None:
+            os.close(fd)
+
+    def _unwatch_handoff(self, fd):
+        if self._handoff_fd is not None:
+            if self._poller is not None:
+                _unregister(self._poller, fd)
+            self._handoff_fd = None
+
+    def _watch_listener(self, fd):
+        if self._poller is not None:
+            self._poller.register(fd, select.POLLIN)
+
+    def _unwatch_all(self):
+        hub = self._hub
+        if hub is not None:
+            for fd in self._fds.values():
+                hub.unwatch(fd)
+        self._poller = None
+        self._handoff_fd = None
+
+    def _disown(self, owner: int):
+        super()._disown(owner)
+        # a lock some parent thread held at the fork would stay held in the child forever
+        self._io, self._calls, self._pidfd_lock = threading.Lock(), threading.Lock(), threading.Lock()
+        self._hub = None
+        self._poller = None
+
+    def _send_kill(self):
+        with self._pidfd_lock:  # never a pidfd number that finalisation closed meanwhile
+            super()._send_kill()
+
+    def _finish(self, death):
+        with self._pidfd_lock:
+            self._pidfd = None
+        super()._finish(death)
 
     # ---- between calls (hub thread) -----------------------------------------------------------
     def _on_hub_event(self, fd):
@@ -401,53 +371,68 @@ class Worker(WorkerHandle):
             self._hub_missed = True  # a caller owns the fds; it re-arms when done
             return
         try:
-            if self._finalized:
+            if self._core.state is _ENDED:
                 return
             if fd == self._listener:
-                self._on_violation()
-                if self._reason is not None:  # killed for it; a stale or hang-up wake-up kills nothing
-                    self._await_status()
+                self._apply(self._on_listener())
             elif fd == self._fds.get("status"):
-                self._read_frames(())
-                self._on_status()
+                self._drain_child()
+                if self._core.state is not _ENDED:
+                    self._apply(self._read_status(fd))
             else:
-                self._read_frames(())
-        except SandboxError:
-            pass  # recorded as self.death; exit callbacks already ran
+                self._drain_child(HUB_READS)
+            msgs = self._take_inbox()
         finally:
             self._io.release()
-            self._rearm()
-        self._dispatch()
+            self._rearm(listener=True)
+        self._dispatch(msgs)
 
-    def _rearm(self):
+    def _rearm(self, listener: bool = False):
         if self._finalized:
             return
-        hub = _hub.get()
-        if self._hub_reads:
+        hub = self._hub
+        if self._hub_reads and not self._eof:
             hub.arm(self._fds.get("from", -1))
-        if self._hub_missed:
+        if self._hub_missed or listener:
             self._hub_missed = False
             hub.arm(self._fds.get("status", -1))
             if self._listener is not None:
                 hub.arm(self._listener)
 
-    def _dispatch(self):
-        while self._inbox:
-            msg = self._inbox.pop(0)
+    def _take_inbox(self) -> list:
+        """Under self._io: the messages read so far, handed over (and off the core's budget)."""
+        msgs, self._inbox = self._inbox, []
+        if msgs:
+            self._core.delivered(self._inbox_bytes)
+            self._inbox_bytes = 0
+        return msgs
+
+    def _dispatch_midway(self):
+        """A call's messages pile up past DISPATCH_AT: hand them over now, with the fds let go
+        for the while (a callback may post), instead of holding them all until the reply."""
+        msgs = self._take_inbox()
+        self._io.release()
+        try:
+            self._dispatch(msgs)
+        finally:
+            self._io.acquire()
+
+    def _dispatch(self, msgs):
+        for out in msgs:
             for cb in list(self._callbacks["message"]):
                 try:
-                    cb(msg)
+                    cb(out.message)
                 except Exception:
                     log.exception("message callback of worker %s failed", self.name)
 
     # ---- plugin output ----------------------------------------------------------------------
     def _on_log(self, fd):
-        try:
-            data = os.read(fd, 65536)
-        except BlockingIOError:
-            return
-        if not data:
-            _hub.get().unwatch(fd)
-            return
-        self._take_log(data)
+        if not self._read_log(fd):
+            self._hub.unwatch(fd)
 
+
+def _unregister(poller, fd):
+    try:
+        poller.unregister(fd)
+    except KeyError:
+        pass

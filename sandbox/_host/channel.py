@@ -7,13 +7,11 @@ import os
 import signal
 
 from .. import protocol
-from ..errors import (LoadError, ConfinementError, PluginCrashed, PluginError, PluginMemoryError,
-                     PluginTimeout, PolicyViolation, ProtocolViolation, SandboxError)
+from ..errors import LoadError, PluginCrashed, PluginError, PluginTimeout, ProtocolViolation, SandboxError
 from ..protocol import framing
 
-_read = os.read
-_single_frame, HEADER_SIZE, RESULT_FRAME = framing.single_frame, framing.HEADER_SIZE, framing.RESULT
-# What feed() returns, one tuple per event.
+HEADER_SIZE = framing.HEADER_SIZE
+# What feed() returns, one (kind, value, payload size) per event.
 READY, RESULT, FAILURE, MESSAGE, LOAD_FAILED = "ready", "result", "failure", "message", "load-failed"
 
 
@@ -56,38 +54,18 @@ class Session:
     def encode_post(obj) -> bytes | tuple:
         return _frame(framing.POST, 0, protocol.dumps(obj))
 
-    def feed(self, data: bytes) -> list[tuple]:
-        return [self._on_frame(frame) for frame in self.decoder.feed(data)]
+    def decode(self, payload):
+        """A frame's payload, decoded under this session's budgets (thread-safe: pure)."""
+        return protocol.loads(payload, self.limits)
 
-    def read_from(self, fd: int):
-        """One read of the child's pipe into the decoder: the events, or None at EOF.
+    def decode_yielding(self, payload):
+        """The same, letting other threads run while it decodes (for an executor thread)."""
+        return protocol.loads(payload, self.limits, counted=True)
 
-        The one place that touches an fd here (BlockingIOError passes through); large payloads are
-        read straight into their buffer instead of through a temporary bytes object."""
-        decoder = self.decoder
-        view = decoder.payload_view()
-        if view is not None:
-            try:
-                n = os.readv(fd, [view])
-            finally:
-                view.release()
-            return self.advance(n) if n else None
-        data = _read(fd, decoder.read_size())
-        if not data:
-            return None
-        if decoder.at_boundary() and _single_frame(data, self.limits.max_bytes) == (RESULT_FRAME, self.pending_id):
-            obj = protocol.loads(data[HEADER_SIZE:], self.limits)  # the usual read: the awaited reply
-            self.pending_id = None
-            return [(RESULT, obj)]
-        on_frame = self._on_frame
-        return [on_frame(frame) for frame in decoder.feed(data)]
-
-    def advance(self, n: int) -> list[tuple]:
-        """`n` bytes were read straight into decoder.payload_view()."""
-        return [self._on_frame(frame) for frame in self.decoder.advance(n)]
-
-    def _on_frame(self, frame):
-        obj = protocol.loads(frame.payload, self.limits)
+    def on_frame(self, frame, obj):
+        """A whole frame and its decoded payload: (kind, value, payload size); ProtocolViolation
+        for a frame this side may not send now."""
+        payload = frame.payload
         t = frame.type
         if t == framing.RESULT or t == framing.ERROR:
             # must answer the one call in flight, by its id
@@ -97,20 +75,19 @@ class Session:
                 raise ProtocolViolation(f"reply for call {frame.call_id} while call {self.pending_id} is in flight")
             self.pending_id = None
             if t == framing.RESULT:
-                return (RESULT, obj)
-            return (FAILURE, plugin_error(_strings(obj)))
+                return (RESULT, obj, len(payload))
+            return (FAILURE, plugin_error(_strings(obj)), len(payload))
         if t == framing.EVENT:
-            return (MESSAGE, obj)
+            return (MESSAGE, obj, len(payload))
         if t == framing.READY:
             if self.ready:
                 raise ProtocolViolation("second READY frame")
             self.ready = True
-            return (READY, obj)
+            return (READY, obj, len(payload))
         # LOADERR (the decoder lets no other type through from a child)
         if self.ready:
             raise ProtocolViolation("load error after the plugin was ready")
-        return (LOAD_FAILED, _strings(obj, ("type", "message", "traceback", "layer"))
-                if isinstance(obj, dict) and "layer" in obj else _strings(obj))
+        return (LOAD_FAILED, _strings(obj), len(payload))
 
 
 def _frame(ftype, call_id, payload):
@@ -125,10 +102,8 @@ _header = framing.HEADER.pack
 
 
 def plugin_error(d: dict) -> SandboxError:
-    if d["type"] == "MemoryError":
-        e = PluginMemoryError(f"the plugin ran out of memory: {d['message'] or 'MemoryError'}")
-        e.traceback = d["traceback"]
-        return e
+    """What an ERROR frame says, taken as the plugin's word: a `MemoryError` stays a PluginError
+    here; only the host's own evidence (lifecycle.memory_evidence) makes it a PluginMemoryError."""
     return PluginError(d["type"], d["message"], d["traceback"])
 
 
@@ -143,9 +118,9 @@ def exports_of(ready) -> tuple[str, ...]:
     return tuple(n for n in names if isinstance(n, str) and len(n) <= 1000)
 
 
-def load_error(d: dict, plugin: str) -> SandboxError:
-    # A load-error frame comes from the worker's output pipe, which plugin code can write: it is
-    # never a ConfinementError, whatever it calls itself (those come on the handoff socket only).
+def load_error(d: dict, plugin: str) -> LoadError:
+    """A LOADERR frame is always a LoadError, whatever type it names: the plugin can write this
+    pipe, so it never produces a ConfinementError (only the handoff socket can)."""
     return LoadError(d["type"], f"could not load {plugin}: {d['message']}", d["traceback"])
 
 
@@ -157,8 +132,8 @@ def classify_death(status: int | None, reason: SandboxError | None, plugin: str)
         return PluginCrashed(f"plugin {plugin} died (status unknown)")
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
-        if sig == signal.SIGSYS:
-            return PolicyViolation(f"plugin {plugin} was killed by the seccomp filter (a forbidden syscall)")
+        # A SIGSYS death alone is no evidence of a violation (a plugin can raise SIGSYS itself):
+        # only the seccomp listener reports violations.
         name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
         return PluginCrashed(f"plugin {plugin} was killed by signal {name}", signal=sig)
     code = os.waitstatus_to_exitcode(status)

@@ -1,21 +1,43 @@
-"""What the sync Worker and the AsyncWorker share: the state of one worker as the host sees it,
-and the parts that do no I/O of their own kind (liveness, violation reports, plugin output).
+"""What the sync Worker and the AsyncWorker share: everything but their kind of I/O.
 
-Each subclass brings its I/O: threads and poll() (worker.py), or the event loop (aio.py). Both
-must provide `_kill(reason)`.
+The decisions live in `lifecycle.Lifecycle` (no I/O at all). This base owns what both drivers
+do the same way around it: spawning (with host-resource errors named), carrying out the core's
+outputs that need no loop or thread of their own (kill through the pidfd, answer a seccomp
+notification, finalise), one read of a pipe, plugin output, structured events.
+
+Each subclass brings its I/O: threads and poll() (worker.py), or the event loop (aio.py), and
+implements the `_on_*` hooks named in `_apply`.
 """
+from __future__ import annotations
+
 import collections
+import copy
+import errno
 import logging
 import os
+import select
+import signal
+import time
+import warnings
+import weakref
 
-from . import channel as S, notify
-from ..errors import LoadError, PolicyViolation, SandboxError, WorkerClosed
+from .. import events
+from ..errors import HostResourceError, LoadError, ProtocolViolation, SandboxError, WorkerClosed
+from . import channel, lifecycle as lc, notify, options
+from .resources import STATUS, Spawned
 
 log = logging.getLogger("sandbox")
 log.addHandler(logging.NullHandler())  # a library doesn't print on its own
 LOG_LINE_MAX = 4096
 LOG_BUDGET = 1 << 20  # bytes of plugin output forwarded per worker; the rest is counted, not kept
-DEATH_WAIT = 5.0
+DEATH_WAIT = 5.0      # after a kill, how long the status may take before the handle ends anyway
+_readv, _read = os.readv, os.read
+_events_log = events.log
+_HOST_ERRNOS = {errno.EMFILE: "file descriptors", errno.ENFILE: "file descriptors",
+                errno.EAGAIN: "processes", errno.ENOMEM: "memory", errno.ENOSPC: "disk space",
+                errno.EDQUOT: "disk space", errno.EROFS: "a writable disk"}
+# which event (besides "ended") tells what kind of end it was
+_END_EVENTS = {"timeout": "timeout", "memory": "memory", "crashed": "crash", "load-error": "load-error"}
 
 
 def load_policy(policy):
@@ -35,62 +57,399 @@ def plugin_name(path: str) -> str:
     return "".join(c if c.isalnum() or c == "_" else "_" for c in stem) or "plugin"
 
 
+def weak_method(method):
+    """A callable for a hub or an event loop that does not keep its worker alive: a dropped
+    worker is collected (and cleaned up by __del__) instead of living on in a registry."""
+    ref, func = weakref.ref(method.__self__), method.__func__
+
+    def call(*args):
+        obj = ref()
+        if obj is not None:
+            return func(obj, *args)
+
+    def call0():  # an event loop's reader: no arguments, called for every read
+        obj = ref()
+        if obj is not None:
+            return func(obj)
+    return call0 if func.__code__.co_argcount == 1 else call
+
+
+def _vm_peak(pid: int, pidfd: int | None) -> int | None:
+    """The worker's peak virtual size in bytes (kernel figures), read while it is alive."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            text = f.read(8192)
+    except OSError:
+        return None
+    # The pid names our worker only while it lives (the pidfd turns readable when it exits).
+    if pidfd is None or select.select([pidfd], [], [], 0)[0]:
+        return None
+    for line in text.splitlines():
+        if line.startswith(b"VmPeak:"):
+            try:
+                return int(line.split()[1]) * 1024
+            except (IndexError, ValueError):
+                return None
+    return None
+
+
+_live: "weakref.WeakSet[WorkerHandle]" = weakref.WeakSet()
+
+
+def _disown_after_fork():
+    owner = os.getppid()
+    for handle in list(_live):
+        handle._disown(owner)
+
+
+os.register_at_fork(after_in_child=_disown_after_fork)
+
+
 class WorkerHandle:
-    def __init__(self, worker_py, policy, name: str | None, start_timeout: float | None):
+    _OFFLOAD: int | None = None  # payload size from which the driver decodes off its thread
+    _clock = staticmethod(time.monotonic)  # the driver's clock (the loop's, for AsyncWorker)
+    def __init__(self, worker_py, policy, name: str | None, start_timeout: float | None,
+                 on_syscall=None):
         self.plugin = os.path.abspath(os.fspath(worker_py))
         self.name = name or plugin_name(self.plugin)
         self.policy = load_policy(policy)
         self.pid = None
-        self.exit_status = None  # raw wait status, once reaped
-        self.death: SandboxError | None = None  # why it ended (None while alive or after a clean close)
         self.logs = collections.deque(maxlen=200)
         self.log_dropped = 0
         self._log_bytes = 0
         self._log_partial = b""
-        self._callbacks = {"message": [], "exit": [], "log": []}
-        self._reason: SandboxError | None = None
-        self._closing = False
-        self._finalized = False
+        self._callbacks = {"message": [], "exit": [], "log": [], "denied": []}
         self._listener = None
         self._sp = None
         self._pidfd = None
         self._fds: dict[str, int] = {}
-        self._session = S.Session(self.policy.limits.max_message_bytes)
+        self._core: lc.Lifecycle | None = None
         self.exports: tuple[str, ...] = ()  # what the plugin lets the host call, from its READY
-        self._timeout = self.policy.limits.timeout
-        self._start_timeout = start_timeout if start_timeout is not None else max(10.0, self._timeout or 0)
+        self._eof = False  # the worker's pipe reached its end: stop watching it
+        self._on_syscall = on_syscall
+        self._timeout = options.timeout(None, self.policy.limits.timeout)
+        self._start_timeout = options.timeout(start_timeout, max(10.0, self._timeout or 0), "start_timeout")
         if not os.path.isfile(self.plugin):
             raise LoadError("FileNotFoundError", f"plugin file not found: {self.plugin}")
+        _live.add(self)
 
+    # ---- state as the public API shows it ----------------------------------------------------------
     @property
     def alive(self) -> bool:
         """Started, not ended, and no reason to end recorded yet."""
-        return self.pid is not None and not self._finalized and self._reason is None
+        core = self._core
+        return core is not None and self.pid is not None and core.state is not lc._ENDED \
+            and core.reason is None
 
-    def _check_alive(self):
-        if self._finalized or self._reason is not None:
-            if self.death is not None and not self._closing:
-                raise WorkerClosed(f"worker {self.name} has ended: {self.death}")
-            raise WorkerClosed(f"worker {self.name} is closed")
+    @property
+    def death(self) -> SandboxError | None:
+        """Why it ended (None while alive or after a close that was asked for)."""
+        return self._core.death if self._core is not None else None
 
-    def _kill(self, reason: SandboxError | None):
+    @property
+    def exit_status(self) -> int | None:
+        """The raw wait status, once reaped."""
+        return self._core.exit_status if self._core is not None else None
+
+    @property
+    def last_denials(self) -> list:
+        """The syscalls denied (policy deny mode) during the last call, as Notifications."""
+        return list(self._core.denials) if self._core is not None else []
+
+    @property
+    def _finalized(self) -> bool:
+        return self._core is not None and self._core.state is lc._ENDED
+
+    def _call_timeout(self, timeout) -> float | None:
+        return options.timeout(timeout, self._timeout)
+
+    # ---- start ---------------------------------------------------------------------------------------
+    def _spawn(self) -> Spawned:
+        """Fork the worker through the zygote; the host's own shortage is a HostResourceError."""
+        try:
+            sp = Spawned(self.policy, self.plugin, self.name, self._start_timeout)  # bounded by it
+        except OSError as e:
+            what = _HOST_ERRNOS.get(e.errno)
+            if what is None:
+                raise HostResourceError(f"the host could not start worker {self.name}: {e}") from None
+            raise HostResourceError(f"the host is out of {what} (starting worker {self.name}: {e})",
+                                    resource=what) from None
+        except RuntimeError as e:  # e.g. no free uid in the policy's range
+            raise HostResourceError(f"the host could not start worker {self.name}: {e}", resource="uids") from None
+        self._sp = sp
+        self.pid, self._pidfd, self._fds = sp.pid, sp.pidfd, sp.fds
+        sec = self.policy.seccomp
+        mode = getattr(sec, "default_action", "kill")
+        deny_errno = getattr(sec, "deny_errno", errno.EPERM)
+        from ..policy.dangerous import DANGEROUS
+        limit = self.policy.limits.memory_bytes
+        pid, pidfd = sp.pid, sp.pidfd
+        self._core = lc.Lifecycle(
+            self.name, self.plugin, max_frame=self.policy.limits.max_message_bytes,
+            policy=self.policy.path or self.policy.name, expects_listener=bool(sp.plan.notify),
+            seccomp_mode=mode, deny_errno=deny_errno if isinstance(deny_errno, int) else errno.EPERM,
+            dangerous=DANGEROUS, on_syscall=self._on_syscall, memory_limit=limit,
+            memory_peak=lambda: _vm_peak(pid, pidfd), offload=self._OFFLOAD)
+        # the read path's own bindings (one call less per read than through the core)
+        decoder = self._core.session.decoder
+        self._payload_view, self._read_size = decoder.payload_view, decoder.read_size
+        self._emit("started")
+        return sp
+
+    # ---- carrying out the core's outputs --------------------------------------------------------------
+    def _apply(self, outs):
+        """Carry out the outputs of one core input; returns the Reply among them, if any."""
+        reply = None
+        for out in outs:
+            t = type(out)
+            if t is lc.Reply:
+                reply = out
+                self._on_reply(out)
+            elif t is lc.Deliver:
+                self._on_deliver(out)
+            elif t is lc.Kill:
+                self._send_kill()
+                self._on_killed()
+            elif t is lc.TakeHandoff:
+                r = self._take_handoff()
+                reply = self._apply(r) or reply
+            elif t is lc.Ready:
+                self.exports = channel.exports_of(self._core.ready_info)
+                self._emit("ready")
+                self._on_ready()
+            elif t is lc.CloseInput:
+                self._on_close_input()
+            elif t is lc.Answer:
+                self._answer(out)
+            elif t is lc.Decode:
+                reply = self._on_decode(out) or reply
+            elif t is lc.Ended:
+                self._finish(out.death)
+        return reply
+
+    def _on_decode(self, out: lc.Decode):
+        """Decode in line (the sync driver: no event loop to keep free)."""
+        try:
+            obj, error = out.decode(out.frame.payload), None
+        except ProtocolViolation as e:
+            obj, error = None, e
+        return self._apply(self._core.decoded(out.frame, obj, error))
+
+    def _send_kill(self):
+        """SIGKILL through the pidfd: never the wrong process, and never raises."""
+        pidfd = self._pidfd
+        if pidfd is None:
+            return
+        try:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        except OSError:
+            pass  # already gone
+
+    def _take_handoff(self) -> list:
+        sp = self._sp
+        if sp is None or sp.handoff is None:
+            got = sp.take_handoff() if sp is not None else None
+        else:
+            self._unwatch_handoff(sp.handoff.fileno())
+            got = sp.take_handoff()
+        listener = got.listener if got is not None else None
+        if listener is not None and self._listener is None:
+            self._listener = listener
+            self._watch_listener(listener)
+        return self._core.handoff(listener is not None, got.failure if got is not None else None)
+
+    def _on_listener(self) -> list:
+        """The listener is readable: one notification in, its meaning out."""
+        n = notify.receive(self._listener)
+        if n is None:
+            return lc.NOTHING
+        outs = self._core.notification(n)
+        if self._core.reason is not None and outs and type(outs[0]) is lc.Kill:
+            self._emit("violation", syscall=n.name, args=list(n.args))
+            log.warning("%s", self._core.reason)
+        return outs
+
+    def _answer(self, out: lc.Answer):
+        n = out.notification
+        if self._listener is not None:
+            notify.answer(self._listener, n.id, out.error, out.flags)
+        if out.error:
+            self._emit("denied", syscall=n.name, args=list(n.args))
+            for cb in list(self._callbacks["denied"]):
+                try:
+                    cb(n)
+                except Exception:
+                    log.exception("denied callback of worker %s failed", self.name)
+
+    def _read_status(self, fd) -> list:
+        try:
+            data = _read(fd, STATUS.size)
+        except BlockingIOError:
+            return lc.NOTHING
+        except OSError:
+            data = b""
+        raw = STATUS.unpack(data)[1] if len(data) == STATUS.size else None
+        # no record: the zygote, which writes it, died (and the worker with it)
+        return self._core.status(raw, self._sp.zygote_death() if raw is None and self._sp is not None else None)
+
+    def _status_never_came(self) -> list:
+        """The bounded wait after a kill is over: end with what is known of the zygote."""
+        return self._core.status_wait_over(DEATH_WAIT, self._sp.zygote_death() if self._sp is not None else None)
+
+    def _read_child(self, fd):
+        """One read of the worker's pipe into the core: its outputs, or None when nothing is there.
+        A read error is EOF, like a closed pipe: the status pipe then says how it ended."""
+        core = self._core
+        if core.decoding:
+            return None  # a payload is being decoded: the frames after it wait in the pipe
+        try:
+            view = self._payload_view()
+            if view is not None:
+                try:
+                    n = _readv(fd, [view])
+                finally:
+                    view.release()
+                if not n:
+                    self._eof = True
+                return core.received_into_view(n)
+            data = _read(fd, self._read_size())
+            if not data:
+                self._eof = True
+            return core.receive(data)
+        except BlockingIOError:
+            return None
+        except OSError:
+            self._eof = True
+            return core.eof()
+
+    def _finish(self, death: SandboxError | None):
+        """The core says the worker ended: release everything, tell everyone (once)."""
+        if death is not None and not isinstance(death, WorkerClosed):
+            log.info("worker %s (pid %s) ended: %s", self.name, self.pid, death)
+        if "log" in self._fds:
+            self._drain_log()
+        try:
+            self._unwatch_all()
+        finally:
+            if self._sp is not None:
+                try:
+                    self._sp.release()
+                except Exception:  # noqa: BLE001 - clean-up never raises past the finalisation
+                    log.exception("releasing worker %s failed", self.name)
+            self._fds = {}
+            self._pidfd = None
+            self._listener = None
+        kind = getattr(death, "kind", None)
+        if kind in _END_EVENTS:
+            self._emit(_END_EVENTS[kind], error=str(death))
+        self._emit("ended", reason=kind or "closed", error=str(death) if death is not None else None)
+        self._on_ended(death)
+        for cb in list(self._callbacks["exit"]):
+            try:
+                cb(death)
+            except Exception:
+                log.exception("exit callback of worker %s failed", self.name)
+
+    def _emit(self, name: str, **fields):
+        sp = self._sp
+        events.emit(name, plugin=self.name, policy=self.policy.path or self.policy.name, pid=self.pid,
+                    uid=sp.uid if sp is not None else None, **fields)
+
+    def _outcome(self, fn: str, started: float, reply):
+        """A call's Reply (None: the worker ended without one) as its value, or raised."""
+        error = reply.error if reply is not None else self._core.ended_error()
+        if events._subscribers or _events_log.isEnabledFor(logging.INFO):
+            self._emit("call", function=fn, duration=self._clock() - started,
+                       outcome="ok" if error is None else error.kind)
+        if error is None:
+            return reply.value
+        if isinstance(error, WorkerClosed):
+            error.never_sent = False  # it ended after the call was written (a pool must not resend)
+        if error.kind == "memory":  # the worker lives on: no "ended" event will say it
+            self._emit("memory", function=fn, error=str(error))
+        if reply is not None:
+            # The caller's frame still holds `reply` and so its error: raising that very object
+            # would tie it to a traceback through that frame (error -> traceback -> frame ->
+            # reply -> error), a cycle that keeps a dropped worker alive until the cyclic GC
+            # runs. A copy is raised instead.
+            error = copy.copy(error)
+        try:
+            raise error
+        finally:
+            del error  # (nor may this frame keep the error it raises)
+
+    def _disown(self, owner: int):
+        """After fork, in the child: the parent's worker is the parent's. Forget its descriptors
+        and resources without closing, killing or removing anything; every call is WorkerClosed."""
+        self._pidfd = None
+        self._sp = None
+        self._fds = {}
+        self._listener = None
+        if self._core is not None:
+            self._core.disown(owner)
+
+    def _warn_unclosed(self):
+        """From __del__: a worker dropped without close() is killed and released, with a warning."""
+        core = self._core
+        if core is None or core.state is lc._ENDED:
+            return
+        # (no source=self: a recorded warning would keep the worker alive)
+        warnings.warn(f"worker {self.name} (pid {self.pid}) was never closed; killing it", ResourceWarning)
+        self._send_kill()
+        try:
+            self._unwatch_all()
+        except Exception:  # noqa: BLE001 - the loop or hub may be gone at interpreter exit
+            pass
+        if self._sp is not None:
+            self._sp.release()
+
+    # ---- hooks of the drivers ----------------------------------------------------------------------
+    def _on_reply(self, out):
+        pass
+
+    def _on_deliver(self, out):
         raise NotImplementedError
 
-    def _on_violation(self):
-        """One seccomp notification: the forbidden syscall, named, becomes the reason; kill."""
-        got = notify.receive(self._listener)
-        if got is None:
-            return
-        pid, nr, args = got
-        name = notify.syscall_name(nr)
-        shown = ", ".join(hex(a) if a > 0xFFFF else str(a) for a in args)
-        where = f"policy {self.policy.path or self.policy.name}"
-        err = PolicyViolation(f"plugin {self.name} made a forbidden syscall: {name}({shown}) [{where}]",
-                              syscall=name, args=args, plugin=self.name, policy=self.policy.path)
-        log.warning("%s", err)
-        self._kill(err)
+    def _on_killed(self):
+        raise NotImplementedError
+
+    def _on_ready(self):
+        pass
+
+    def _on_close_input(self):
+        raise NotImplementedError
+
+    def _on_ended(self, death):
+        pass
+
+    def _unwatch_handoff(self, fd):
+        raise NotImplementedError
+
+    def _watch_listener(self, fd):
+        raise NotImplementedError
+
+    def _unwatch_all(self):
+        raise NotImplementedError
+
+    def _on_event_callback(self, event: str, callback):
+        if event not in self._callbacks:
+            raise ValueError(f"unknown event {event!r} (message, exit, log, denied)")
+        self._callbacks[event].append(callback)
 
     # ---- plugin output ----------------------------------------------------------------------
+    def _read_log(self, fd) -> bool:
+        """One read of the log pipe; False at its end (stop watching it)."""
+        try:
+            data = _read(fd, 65536)
+        except BlockingIOError:
+            return True
+        except OSError:
+            data = b""
+        if not data:
+            return False
+        self._take_log(data)
+        return True
+
     def _drain_log(self):
         fd = self._fds.get("log")
         try:

@@ -4,6 +4,9 @@ msgpack's defaults would let a 5-byte array header preallocate ~800 MB; every ma
 therefore set from the frame size and an item budget, and the decoded tree is walked once to
 enforce the nesting depth. Nothing here ever builds an object the peer chose: no pickle, no ext types.
 """
+import gc
+import threading
+
 import msgpack
 
 from ..errors import ProtocolViolation
@@ -16,13 +19,16 @@ class Limits:
     `max_depth=None` skips the nesting walk: only for frames from the trusted side (the worker
     decoding its host's calls), where it would protect nothing."""
 
-    __slots__ = ("max_bytes", "max_items", "max_depth")
+    __slots__ = ("max_bytes", "max_items", "max_depth", "max_objects")
 
     def __init__(self, max_bytes: int = 16 * 1024 * 1024, max_items: int = 1_000_000,
-                 max_depth: int | None = 64):
+                 max_depth: int | None = 64, max_objects: int = 1_000_000):
         self.max_bytes = max_bytes
         self.max_items = max_items  # elements of any one array or map
         self.max_depth = max_depth
+        # objects of one whole message (every container and element, counted while decoding):
+        # 3 bytes of msgpack can become a 50-byte Python object, so bytes alone don't bound the cost
+        self.max_objects = max_objects
 
 
 DEFAULT_LIMITS = Limits()
@@ -159,11 +165,19 @@ def dumps(obj) -> bytes:
         raise NotPlainData(str(e)) from None
 
 
-def loads(data: bytes, limits: Limits = DEFAULT_LIMITS):
-    """Decode one payload; any problem is a ProtocolViolation."""
-    if len(data) > limits.max_bytes:
-        raise ProtocolViolation(f"payload of {len(data)} bytes exceeds the {limits.max_bytes}-byte cap")
+def loads(data: bytes, limits: Limits = DEFAULT_LIMITS, counted: bool = False):
+    """Decode one payload; any problem is a ProtocolViolation.
+
+    `counted`: count objects through Python-level hooks even when the size alone bounds them;
+    the decode then lets other threads run between containers (an event loop, while this runs
+    in an executor), where msgpack's C decoder would hold the GIL from start to end."""
     size = len(data)
+    if size > limits.max_bytes:
+        raise ProtocolViolation(f"payload of {size} bytes exceeds the {limits.max_bytes}-byte cap")
+    if counted or size > limits.max_objects:
+        # Only a payload longer than the budget can hold more objects than it: count them as
+        # each container completes, so a flood of tiny maps is refused part-way, not after.
+        return _loads_counted(data, limits, counted)
     items = limits.max_items
     try:
         obj = _unpackb(
@@ -171,8 +185,6 @@ def loads(data: bytes, limits: Limits = DEFAULT_LIMITS):
             max_str_len=size, max_bin_len=size, max_ext_len=0, ext_hook=_no_ext,
             max_array_len=size if size < items else items, max_map_len=size // 2 if size // 2 < items else items,
         )
-    except ProtocolViolation:
-        raise
     except Exception as e:  # msgpack raises many types (ValueError, StackError, ExtraData, ...)
         raise ProtocolViolation(f"undecodable payload: {type(e).__name__}: {e}") from None
     if (type(obj) is list or type(obj) is dict) and limits.max_depth is not None:
@@ -180,7 +192,67 @@ def loads(data: bytes, limits: Limits = DEFAULT_LIMITS):
     return obj
 
 
+def _loads_counted(data, limits: Limits, pause_gc: bool):
+    size, items = len(data), limits.max_items
+    if pause_gc:
+        _gc_pause()
+    try:
+        obj = _unpackb(
+            data, raw=False, strict_map_key=True, max_str_len=size, max_bin_len=size, max_ext_len=0,
+            ext_hook=_no_ext, max_array_len=size if size < items else items,
+            max_map_len=size // 2 if size // 2 < items else items, **_budget_hooks(limits.max_objects),
+        )
+        if (type(obj) is list or type(obj) is dict) and limits.max_depth is not None:
+            check_depth(obj, limits.max_depth)
+    except ProtocolViolation:
+        raise
+    except Exception as e:  # msgpack raises many types (ValueError, StackError, ExtraData, ...)
+        raise ProtocolViolation(f"undecodable payload: {type(e).__name__}: {e}") from None
+    finally:
+        if pause_gc:
+            _gc_resume()
+    return obj
+
+
+# A decode that builds a million objects would trigger full collections that traverse them all,
+# each holding the GIL (and so any event loop) for tens of ms: the cyclic GC waits meanwhile
+# (what it would find is acyclic by construction). Counted, so overlapping decodes nest.
+_gc_lock = threading.Lock()
+_gc_paused = [0, False]
+
+
+def _gc_pause() -> None:
+    with _gc_lock:
+        if _gc_paused[0] == 0:
+            _gc_paused[1] = gc.isenabled()
+            gc.disable()
+        _gc_paused[0] += 1
+
+
+def _gc_resume() -> None:
+    with _gc_lock:
+        _gc_paused[0] -= 1
+        if _gc_paused[0] == 0 and _gc_paused[1]:
+            gc.enable()
+
+
 _unpackb = msgpack.unpackb
+
+
+def _budget_hooks(budget: int) -> dict:
+    """list_hook/object_hook that stop the decode past `budget` objects. Each completed container
+    adds 1 + its length: every object is counted once as an element and a container once more
+    as itself, so the count lies between the objects built and twice that. Refusing past twice
+    the budget therefore never refuses a message within it, and a flood of empty containers
+    is stopped part-way (each counts as it completes)."""
+    left = [2 * budget]
+
+    def count(node):
+        left[0] -= 1 + len(node)
+        if left[0] < 0:
+            raise ProtocolViolation(f"payload holds more than {budget} objects")
+        return node
+    return {"list_hook": count, "object_hook": count}
 
 
 def _check_keys(obj, budget: int = 10_000_000) -> None:
@@ -206,20 +278,23 @@ def _no_ext(code, data):
 
 
 def check_depth(obj, max_depth: int) -> None:
-    """Iterative walk (no recursion a hostile tree could exhaust): depth, and str map keys."""
+    """Iterative walk (no recursion a hostile tree could exhaust): depth, and str map keys.
+    Level by level, so a level of a million leaves costs one pass, not a million stack pushes."""
     if type(obj) is not list and type(obj) is not dict:
         return
-    stack = [(obj, 1)]
-    pop, push = stack.pop, stack.append
-    while stack:
-        node, depth = pop()
+    level, depth = [obj], 1
+    while level:
         if depth > max_depth:
             raise ProtocolViolation(f"payload nested deeper than {max_depth} levels")
-        if type(node) is dict:
-            for k in node:
-                if type(k) is not str:
-                    raise ProtocolViolation("map keys must be strings")
-            node = node.values()
-        for x in node:
-            if type(x) is list or type(x) is dict:
-                push((x, depth + 1))
+        deeper: list = []
+        push = deeper.append
+        for node in level:
+            if type(node) is dict:
+                for k in node:
+                    if type(k) is not str:
+                        raise ProtocolViolation("map keys must be strings")
+                node = node.values()
+            for x in node:
+                if type(x) is list or type(x) is dict:
+                    push(x)
+        level, depth = deeper, depth + 1

@@ -16,55 +16,9 @@ from conftest import DEFAULT_POLICY, ROOT, children_of, open_fds, zombies_of
 
 pytestmark = pytest.mark.unpriv
 
-BASIC = """
-    from sandbox.plugin import post
-
-    def add(a, b):
-        return a + b
-
-    def echo(x):
-        return x
-
-    def kw(a, *, scale=1):
-        return a * scale
-
-    def fail():
-        raise KeyError("no such thing")
-
-    def tell(n):
-        for i in range(n):
-            post({"i": i})
-        return "told"
-
-    def on_message(msg):
-        post({"echo": msg})
-
-    def noisy():
-        for i in range(20000):
-            print("x" * 200)
-        return "still fine"
-
-    def not_plain():
-        return object()
-
-    def spin():
-        while True:
-            pass
-
-    def exit_with(code):
-        import os
-        os._exit(code)
-
-    def abort():
-        import os
-        os.abort()
-
-    def hog():
-        return bytearray(2 * 1024 ** 3)
-
-    def _private():
-        return "hidden"
-"""
+# read once: make_plugin copies it into a folder every worker uid may read
+with open(os.path.join(ROOT, "tests", "plugins", "basic", "worker.py")) as _f:
+    BASIC = _f.read()
 
 
 @pytest.fixture
@@ -113,6 +67,11 @@ def test_stdout_never_corrupts_the_protocol(basic):
     basic.on("log", lines.append)
     assert basic.call("noisy") == "still fine"
     assert basic.call("add", 1, 2) == 3
+    deadline = time.monotonic() + 10
+    while len(lines) < 1000 and time.monotonic() < deadline:  # the hub forwards them as they come
+        time.sleep(0.01)
+    # every line the listener got is one whole line of the plugin's, up to the log budget
+    assert len(lines) >= 1000 and set(lines) == {"x" * 200}
     assert basic.logs and basic.logs[-1] == "x" * 200
 
 
@@ -120,16 +79,6 @@ def test_non_plain_return_is_a_clear_error(basic):
     with pytest.raises(PluginError, match="not plain data"):
         basic.call("not_plain")
     assert basic.call("add", 1, 2) == 3
-
-
-def test_timeout_kills_the_worker(basic):
-    t = time.monotonic()
-    with pytest.raises(PluginTimeout):
-        basic.call("spin", timeout=0.5)
-    assert time.monotonic() - t < 5
-    with pytest.raises(WorkerClosed):
-        basic.call("add", 1, 2)
-    assert not basic.alive
 
 
 def test_exit_code_and_signal_are_reported(make_plugin):
@@ -146,25 +95,25 @@ def test_exit_code_and_signal_are_reported(make_plugin):
             assert ei.value.signal in (signal.SIGABRT, signal.SIGSEGV)
 
 
-def test_memory_limit_is_a_memory_error(make_plugin):
+def test_memory_limit_is_a_memory_error_only_with_evidence(make_plugin):
     path, policy = make_plugin(BASIC, "[limits]\nmemory_mb = 256\n")
+    import sandbox.events
+    seen = []
+    unsubscribe = sandbox.events.subscribe(lambda ev: ev.name == "memory" and seen.append(ev))
     with sandbox.Worker(path, policy=policy) as w:
         with pytest.raises(PluginMemoryError):
+            w.call("grow")  # its peak reached the limit: the kernel's figures say so
+        unsubscribe()
+        assert len(seen) == 1 and seen[0].fields["pid"] == w.pid
+        assert w.call("add", 1, 1) == 2
+        # the plugin's word alone is not evidence: a PluginError of type MemoryError
+        with pytest.raises(PluginError) as ei:
+            w.call("pretend")
+        assert ei.value.type == "MemoryError" and not isinstance(ei.value, PluginMemoryError)
+        # one request far past the limit fails without the worker ever reaching it
+        with pytest.raises(PluginError) as ei:
             w.call("hog")
-
-
-def test_exit_callback_says_what_happened(make_plugin):
-    path, policy = make_plugin(BASIC)
-    seen = []
-    w = sandbox.Worker(path, policy=policy)
-    w.on("exit", seen.append)
-    os.kill(w.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while not seen and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert len(seen) == 1 and isinstance(seen[0], PluginCrashed) and seen[0].signal == signal.SIGKILL
-    assert not w.alive
-    w.close()
+        assert ei.value.type == "MemoryError" and not isinstance(ei.value, PluginMemoryError)
 
 
 def test_load_errors_are_clear(make_plugin, plugin_dir):
@@ -217,7 +166,7 @@ def test_no_fd_or_zombie_left_after_200_cycles(make_plugin):
             w.terminate()
         elif i % 3 == 1:
             with pytest.raises(PluginTimeout):
-                w.call("spin", timeout=0.05)
+                w.invoke("spin", timeout=0.05)
         else:
             w.close()
     gc.collect()
@@ -361,7 +310,7 @@ def test_forbidden_syscall_while_loading_is_named(make_plugin):
 def test_terminate_from_another_thread_during_a_call(basic):
     threading.Timer(0.3, basic.terminate).start()
     with pytest.raises(WorkerClosed):
-        basic.call("spin", timeout=10)
+        basic.invoke("spin", timeout=10)
 
 
 THREADED_POSTER = """
@@ -388,7 +337,7 @@ def test_threads_of_a_plugin_post_whole_frames(make_plugin):
     got = []
     with sandbox.Worker(path, policy=policy) as w:
         w.on("message", got.append)
-        assert w.call("storm", 200, 200_000, timeout=60) == 800
+        assert w.invoke("storm", (200, 200_000), timeout=60) == 800
     assert len(got) == 800
     assert sorted((m["k"], m["i"]) for m in got) == [(k, i) for k in range(4) for i in range(200)]
     assert all(len(m["pad"]) == (200_000 if m["i"] % 2 else 10) for m in got)

@@ -78,5 +78,5 @@ def test_host_writes_never_block_on_a_worker_that_stopped_reading(lab):
     with intact(lab) as w:
         t = time.monotonic()
         with pytest.raises(PluginTimeout):
-            w.call("never_read", b"x" * (12 * 1024 * 1024), timeout=1)
+            w.invoke("never_read", (b"x" * (12 * 1024 * 1024),), timeout=1)
         assert time.monotonic() - t < 6

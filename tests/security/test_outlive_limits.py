@@ -19,7 +19,7 @@ def test_deadline_always_wins(lab, fn):
     with intact(lab, extra) as w:
         t = time.monotonic()
         with pytest.raises(PluginTimeout):
-            w.call(fn, timeout=0.5)
+            w.invoke(fn, timeout=0.5)
         assert time.monotonic() - t < 5
         with pytest.raises(sandbox.WorkerClosed):
             w.call("sys", 39)
@@ -60,7 +60,7 @@ def test_many_spinning_workers_still_meet_deadlines(lab):
 
     def go(w):
         try:
-            w.call("spin", timeout=0.5)
+            w.invoke("spin", timeout=0.5)
         except PluginTimeout as e:
             errors.append(e)
 
