@@ -108,6 +108,11 @@ os.register_at_fork(after_in_child=_disown_after_fork)
 class WorkerHandle:
     _OFFLOAD: int | None = None  # payload size from which the driver decodes off its thread
     _clock = staticmethod(time.monotonic)  # the driver's clock (the loop's, for AsyncWorker)
+    # What __del__ reads, set here too: a constructor that fails early (a bad policy) leaves an
+    # object whose __del__ must still find them.
+    _core: "lc.Lifecycle | None" = None
+    _sp = None
+
     def __init__(self, worker_py, policy, name: str | None, start_timeout: float | None,
                  on_syscall=None):
         self.plugin = os.path.abspath(os.fspath(worker_py))
@@ -123,7 +128,7 @@ class WorkerHandle:
         self._sp = None
         self._pidfd = None
         self._fds: dict[str, int] = {}
-        self._core: lc.Lifecycle | None = None
+        self._core = None
         self.exports: tuple[str, ...] = ()  # what the plugin lets the host call, from its READY
         self._eof = False  # the worker's pipe reached its end: stop watching it
         self._on_syscall = on_syscall
@@ -263,7 +268,7 @@ class WorkerHandle:
         n = notify.receive(self._listener)
         if n is None:
             return lc.NOTHING
-        outs = self._core.notification(n)
+        outs = self._core.notification(n, _describe(n, self._listener))
         if self._core.reason is not None and outs and type(outs[0]) is lc.Kill:
             self._emit("violation", syscall=n.name, args=list(n.args))
             log.warning("%s", self._core.reason)
@@ -478,3 +483,15 @@ class WorkerHandle:
                     cb(line)
                 except Exception:
                     log.exception("log callback of worker %s failed", self.name)
+
+
+def _describe(n, listener: int):
+    """The decoded view of a notification (names, flags, the path), or None if decoding fails:
+    words for the report only, so a decoding bug never changes what happens to the worker."""
+    from . import decode
+    try:
+        read_path, read_memory = decode.readers(n.pid, listener, n.id)
+        return decode.describe(n.name, n.args, pid=n.pid, read_path=read_path, read_memory=read_memory)
+    except Exception:  # noqa: BLE001 - see above
+        log.debug("could not decode %s", n.name, exc_info=True)
+        return None

@@ -329,8 +329,11 @@ class Lifecycle:
             out += step()
         return out
 
-    def notification(self, n: Notification) -> list:
-        """The seccomp listener reported a syscall the filter did not allow."""
+    def notification(self, n: Notification, report=None) -> list:
+        """The seccomp listener reported a syscall the filter did not allow. `report` is the
+        driver's decoded view of it (sandbox._host.decode.Report: argument names, the path
+        read from the stopped task, the policy key that would grant it), for words only: the
+        verdict never depends on it, since the task could change that memory."""
         if self.state is _ENDED:
             return NOTHING
         verdict = self._verdict(n)
@@ -344,10 +347,17 @@ class Lifecycle:
                     f"(last: {n.name}) [policy {self.policy}]",
                     syscall=n.name, args=n.args, plugin=self.name, policy=self.policy))
             return [Answer(n, -verdict[1], 0)]
-        shown = ", ".join(hex(a) if a > 0xFFFF else str(a) for a in n.args)
+        if report is not None:
+            shown, grant = str(report), report.grant
+            hint = f"; to grant it: {grant}" if grant else ""
+            if report.benign_note:
+                hint += f" ({report.benign_note})"
+        else:
+            shown = f"{n.name}({', '.join(hex(a) if a > 0xFFFF else str(a) for a in n.args)})"
+            grant, hint = None, ""
         return self._kill(PolicyViolation(
-            f"plugin {self.name} made a forbidden syscall: {n.name}({shown}) [policy {self.policy}]",
-            syscall=n.name, args=n.args, plugin=self.name, policy=self.policy))
+            f"plugin {self.name} made a forbidden syscall: {shown} [policy {self.policy}]{hint}",
+            syscall=n.name, args=n.args, plugin=self.name, policy=self.policy, grant=grant))
 
     def deadline_passed(self, timeout: float | None) -> list:
         """The driver's deadline for the start or the call in flight passed."""

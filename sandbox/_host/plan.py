@@ -73,7 +73,9 @@ def build(policy, plugin: str, module_name: str, uid: int | None, scratch: str |
     read = _runtime_read() + (os.path.dirname(plugin),) + tuple(fs.read_only) + dns
     write = tuple(fs.writable) + ((scratch,) if scratch else ())
     families = set(getattr(policy.network, "families", ()) or ())
-    notify = policy.seccomp.default_action == "kill"
+    # Both modes send what the filter does not allow to the host: kill mode kills and names it,
+    # deny mode answers it with the errno and reports it (a denial is never silent).
+    notify = policy.seccomp.default_action in ("kill", "deny")
     try:
         return Plan(
             plugin=plugin, module_name=module_name, title=_title(module_name, policy),

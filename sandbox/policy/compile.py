@@ -8,7 +8,8 @@ What a syscall gets, in order of precedence:
 2. an errno: the policy's `seccomp.errno` for that syscall, else a group's answer. Either covers
    only what the allows leave out ("threads yes, fork gets EPERM" is `limits.threads` plus
    `errno = {clone = "EPERM"}`), and is ignored (with a warning) for a plainly allowed name;
-3. in deny mode, a dangerous syscall kills in the filter itself;
+3. in deny mode, a dangerous syscall kills: the host, told through the notification (or the filter
+   itself, in a program built without a listener);
 4. the default: a user notification (the host kills, or answers with the deny errno), or without a
    listener KILL_PROCESS (kill mode) / ERRNO (deny mode).
 """
@@ -207,8 +208,9 @@ def build_bpf(eff: dict, default_action: str, deny_errno: str, notify: bool, pat
             if not notify and default_action != "kill" and err == deny_errno:
                 continue  # the default action already: libseccomp refuses a rule equal to it
             f.add_rule(seccomp.ERRNO(errno_value(err)), name, *C.to_seccomp(atoms, seccomp))
-        if default_action != "kill":
-            # Deny mode answers forbidden calls and lets the worker go on; never for these.
+        if default_action != "kill" and not notify:
+            # Deny mode answers forbidden calls and lets the worker go on; never for these. With
+            # a listener the host kills for them itself (and reports a violation by name).
             for name in eff["kill"]:
                 if name in known_syscalls():
                     f.add_rule(seccomp.KILL_PROCESS, name)
