@@ -25,27 +25,20 @@ from __future__ import annotations
 
 import argparse
 import errno as errno_mod
-import fcntl
-import inspect
 import json
 import os
-import struct
 import sys
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import PolicyViolation, SandboxError, UsageError
+from ..errors import SandboxError, UsageError
 from .learn_propose import propose
-from .learn_record import MAX_NOTIFICATIONS, Notification, Recorder, largest_file
+from .._host.lifecycle import Notification
+from .learn_record import Recorder, largest_file
 
 __all__ = ["learn", "main", "LearnResult", "Notification", "Recorder", "propose", "learning_bpf",
-           "learning_policy", "receive", "respond"]
+           "learning_policy"]
 
-SECCOMP_IOCTL_NOTIF_RECV = 0xC0502100
-SECCOMP_IOCTL_NOTIF_SEND = 0xC0182101
-SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1
-_NOTIF = struct.Struct("<QII iIQ 6Q")   # struct seccomp_notif: id, pid, flags, nr, arch, ip, args[6]
-_RESP = struct.Struct("<QqiI")          # struct seccomp_notif_resp: id, val, error, flags
 
 LEARN_TASKS = 64            # threads/processes a learning run may have at once (RLIMIT_NPROC)
 LEARN_TIMEOUT = 120.0       # seconds per call and for the start: every open is a round trip
@@ -58,29 +51,6 @@ WATCHED = frozenset({
     "readlinkat", "clone", "fork", "vfork", "socket", "connect", "bind",
 })
 LEARN_FILE_MB = 64  # RLIMIT_FSIZE while learning when the policy allows no file to grow
-
-
-def receive(listener_fd: int) -> Notification | None:
-    buf = bytearray(_NOTIF.size)
-    try:
-        fcntl.ioctl(listener_fd, SECCOMP_IOCTL_NOTIF_RECV, buf, True)
-    except OSError:
-        return None  # ENOENT: the task died meanwhile; EINTR/EAGAIN: nothing there
-    nid, pid, _flags, nr, _arch, _ip, *args = _NOTIF.unpack(buf)
-    from .._host.notify import syscall_name
-    return Notification(nid, pid, nr, syscall_name(nr), tuple(args))
-
-
-def respond(listener_fd: int, notif_id: int, verdict) -> None:
-    """Answer one notification: "continue" (run it as the task asked) or ("deny", errno)."""
-    if verdict == "continue":
-        resp = _RESP.pack(notif_id, 0, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE)
-    else:
-        resp = _RESP.pack(notif_id, 0, -int(verdict[1]), 0)
-    try:
-        fcntl.ioctl(listener_fd, SECCOMP_IOCTL_NOTIF_SEND, resp)
-    except OSError:
-        pass  # ENOENT: the task was killed or its syscall interrupted meanwhile
 
 
 # ---- the learning filter and policy ------------------------------------------------------------
@@ -153,17 +123,15 @@ def _view(base, plugin: str) -> tuple[list[str], list[str]]:
 
 def _worker_class():
     from ..worker import Worker
-    from .._host import hub as _hub
 
-    hooked = "_on_syscall" in inspect.signature(Worker.__init__).parameters
+    hooked = True  # Worker's _on_syscall hook: the notification's verdict is the recorder's
 
     class LearningWorker(Worker):
         """A Worker whose forbidden syscalls go to a Recorder instead of ending the worker."""
 
         def __init__(self, worker_py, policy, recorder: Recorder, **kw):
             self._recorder = recorder
-            if hooked:
-                kw["_on_syscall"] = self._hook
+            kw["_on_syscall"] = self._hook
             super().__init__(worker_py, policy, **kw)
 
         def _hook(self, n):
@@ -173,32 +141,6 @@ def _worker_class():
                 rec.scratch = self._sp.scratch
             return rec.on_syscall(n, getattr(n, "listener", None) or self._listener)
 
-        if not hooked:
-            def _on_violation(self):
-                n = receive(self._listener)
-                if n is None:
-                    return
-                verdict = self._hook(n)
-                if verdict == "kill":
-                    self._kill(PolicyViolation(
-                        f"plugin {self.name} made more than {MAX_NOTIFICATIONS} syscalls for learning",
-                        syscall=n.name, args=n.args, plugin=self.name, policy=self.policy.path))
-                    return
-                respond(self._listener, n.id, verdict)
-
-            def _on_hub_event(self, fd):
-                if fd != self._listener:
-                    return super()._on_hub_event(fd)
-                if not self._io.acquire(blocking=False):
-                    self._hub_missed = True  # the caller's poll sees it (level-triggered)
-                    return
-                try:
-                    if not self._finalized:
-                        self._on_violation()
-                finally:
-                    self._io.release()
-                    if not self._finalized and self._listener is not None:
-                        _hub.get().arm(self._listener)
 
     return LearningWorker, hooked
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .._host import decode
+from .._host.lifecycle import Notification
 from .dangerous import DANGEROUS
 
 if TYPE_CHECKING:
@@ -34,16 +35,6 @@ PID_TARGET = {"kill": 0, "tkill": 0, "tgkill": 1, "rt_sigqueueinfo": 0, "rt_tgsi
 PROCESS_CALLS = frozenset({"fork", "vfork", "execve", "execveat"})
 NEVER = frozenset({"seccomp"})  # a plugin must never install filters of its own
 O_PATH = 0x200000
-
-
-@dataclass(frozen=True)
-class Notification:
-    """One stopped syscall (the same shape as the host's `_on_syscall` hook receives)."""
-    id: int
-    pid: int
-    nr: int
-    name: str
-    args: tuple[int, ...]
 
 
 def _eval(cond: str, args) -> bool:

@@ -10,8 +10,7 @@ import textwrap
 
 import pytest
 
-from sandbox._host import decode
-from sandbox.policy import learn
+from sandbox._host import decode, notify
 
 CHILD = textwrap.dedent("""
     import os, socket, sys, tempfile
@@ -53,7 +52,7 @@ def test_read_string_reads_the_path_and_id_valid_guards_it(tmp_path):
         _, fds, _, _ = socket.recv_fds(parent, 16, 1)
         listener = fds[0]
         assert select.select([listener], [], [], 30)[0], "no notification arrived"
-        n = learn.receive(listener)
+        n = notify.receive(listener)
         assert n is not None and n.name in ("mkdir", "mkdirat") and n.pid == proc.pid
         addr = n.args[0] if n.name == "mkdir" else n.args[1]
         assert decode.read_string(n.pid, addr, listener, n.id) == path
@@ -61,7 +60,7 @@ def test_read_string_reads_the_path_and_id_valid_guards_it(tmp_path):
         assert report.path == path
         assert report.grant == "filesystem.writable or filesystem.scratch"
         assert decode.notification_valid(listener, n.id)
-        learn.respond(listener, n.id, ("deny", errno.EROFS))
+        assert notify.answer(listener, n.id, -errno.EROFS)
         assert proc.stdout.readline().strip() == str(errno.EROFS)  # the answer reached the task
         # the task is alive and its memory readable, but it has moved on: the same id is no
         # longer valid, so whatever is at that address now does not count
