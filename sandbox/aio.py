@@ -50,16 +50,16 @@ class AsyncWorker(WorkerHandle):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = asyncio.Lock()          # one call in flight
         self._waiter: asyncio.Future | None = None  # READY while starting, then the reply of the call
-        self._out = collections.deque()      # frames (or their tails) waiting for the pipe
+        self._out: collections.deque[bytes | memoryview] = collections.deque()  # frames (or tails) for the pipe
         self._drainers: list[asyncio.Future] = []
         self._dead: asyncio.Future | None = None
-        self._death_timer = None
-        self._deadline = None                # of the call in flight (monotonic, loop.time())
-        self._deadline_timeout = None
-        self._deadline_timer = None          # one lazily re-armed timer, not one per call
-        self._subscribers = weakref.WeakSet()
+        self._death_timer: asyncio.TimerHandle | None = None
+        self._deadline: float | None = None  # of the call in flight (monotonic, loop.time())
+        self._deadline_timeout: float | None = None
+        self._deadline_timer: asyncio.TimerHandle | None = None  # one lazily re-armed timer, not one per call
+        self._subscribers: weakref.WeakSet[Messages] = weakref.WeakSet()
         self._paused = False
-        self._tasks = set()                  # async callbacks still running
+        self._tasks: set[asyncio.Future[typing.Any]] = set()  # async callbacks still running
         self._started = False
         self._status_waiting = False         # the status came while a payload was being decoded
 
@@ -109,6 +109,7 @@ class AsyncWorker(WorkerHandle):
         try:
             await asyncio.wait_for(self._drain(), timeout)
         except asyncio.TimeoutError:
+            assert timeout is not None  # wait_for times out only when given a timeout
             self._apply(core.kill(channel.timeout_error(self.name, timeout)))
             raise core.ended_error() from None
 
@@ -118,6 +119,7 @@ class AsyncWorker(WorkerHandle):
         if core is None or core.state is _ENDED:
             return
         self._apply(core.kill())
+        assert self._dead is not None  # created by _start before the core
         await asyncio.shield(self._dead)
 
     async def close(self, grace: float = 1.0) -> None:
@@ -126,6 +128,7 @@ class AsyncWorker(WorkerHandle):
         if core is None or core.state is _ENDED:
             return
         self._apply(core.close())
+        assert self._dead is not None  # created by _start before the core
         try:
             await asyncio.wait_for(asyncio.shield(self._dead), grace)
         except asyncio.TimeoutError:
@@ -420,7 +423,9 @@ class AsyncWorker(WorkerHandle):
         if timer is None or timer.when() > when:
             if timer is not None:
                 timer.cancel()
-            self._deadline_timer = self._loop.call_at(when, weak_method(self._on_deadline))
+            loop = self._loop
+            assert loop is not None  # a call runs on the loop that _start took
+            self._deadline_timer = loop.call_at(when, weak_method(self._on_deadline))
 
     def _on_deadline(self):
         self._deadline_timer = None
@@ -507,9 +512,9 @@ class Messages:
 
     def __init__(self, worker: AsyncWorker):
         self._worker = worker
-        self._queue = collections.deque()
+        self._queue: collections.deque[tuple[typing.Any, int]] = collections.deque()  # (message, size)
         self._bytes = 0
-        self._waiter = None
+        self._waiter: asyncio.Future[None] | None = None
         self._ended = worker._finalized
         worker._subscribers.add(self)
 

@@ -179,6 +179,8 @@ class WorkerClosed(SandboxError):
     """The worker is not running (terminated, or died earlier)."""
 
     kind = "closed"
+    # False when the worker ended after a call was written to it: a pool must not resend that call.
+    never_sent: bool = True
 
 
 class QueueFull(SandboxError):

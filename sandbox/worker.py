@@ -44,10 +44,10 @@ class Worker(WorkerHandle):
         self._hub_reads = False  # the hub reads the child's pipe between calls only for "message" listeners
         self._inbox: list = []
         self._inbox_bytes = 0
-        self._poller = None
-        self._handoff_fd = None
-        self._kill_at = None     # monotonic time at which the bounded wait for the status ends
-        self._hub = None
+        self._poller: select.poll | None = None
+        self._handoff_fd: int | None = None
+        self._kill_at: float | None = None  # monotonic time at which the bounded wait for the status ends
+        self._hub: _hub.Hub | None = None
         self._start(self._start_timeout)
 
     # ---- public API -------------------------------------------------------------------------
@@ -59,7 +59,9 @@ class Worker(WorkerHandle):
             # then the pipe simply holds it (the plugin blocks when it is full) till the next call.
             self._hub_reads = True
             if not self._finalized and "from" in self._fds:
-                self._hub.arm(self._fds["from"])
+                hub = self._hub
+                assert hub is not None  # set by _start before any fd is watched; None only once ended
+                hub.arm(self._fds["from"])
         return self
 
     def call(self, name: str, /, *args, **kwargs):
@@ -76,16 +78,22 @@ class Worker(WorkerHandle):
         A worker that does not read it within `timeout` is killed (PluginTimeout)."""
         timeout = self._call_timeout(timeout)
         core = self._core
+        assert core is not None  # the constructor started the worker (or raised)
         with self._io:
             frame = core.encode_post(obj)
             if self._hub_reads:
-                self._hub.disarm(self._fds["from"])
+                hub = self._hub
+                assert hub is not None  # None only once ended, and then encode_post raised
+                hub.disarm(self._fds["from"])
             try:
                 left = self._write_now(self._fds["to"], frame)
                 if left is not None:
-                    deadline = None if timeout is None else _monotonic() + timeout
-                    self._pump(left, deadline, _WANT_WRITTEN,
-                               lambda: core.kill(channel.timeout_error(self.name, timeout)))
+                    if timeout is None:  # no deadline, so nothing to do when it passes
+                        self._pump(left, None, _WANT_WRITTEN, None)
+                    else:
+                        limit = timeout
+                        self._pump(left, _monotonic() + limit, _WANT_WRITTEN,
+                                   lambda: core.kill(channel.timeout_error(self.name, limit)))
             finally:
                 self._rearm()
                 msgs = self._take_inbox()
@@ -164,9 +172,11 @@ class Worker(WorkerHandle):
         deadline = None if timeout is None else started + timeout
         left = self._write_now(self._fds["to"], frame)
         if left is None:
-            wait = -1 if timeout is None else (deadline - _monotonic()) * 1000
+            wait = -1 if deadline is None else (deadline - _monotonic()) * 1000
             if wait:
-                events = self._poller.poll(wait if wait > 0 else 0)
+                poller = self._poller
+                assert poller is not None  # None only once ended, and then begin_call raised
+                events = poller.poll(wait if wait > 0 else 0)
                 from_fd = self._fds["from"]
                 if len(events) == 1 and events[0][0] == from_fd:
                     outs = self._read_child(from_fd)
@@ -176,7 +186,9 @@ class Worker(WorkerHandle):
                         reply = self._apply(outs)
                         if reply is not None:
                             return reply
-        return self._pump(left, deadline, _WANT_REPLY, lambda: self._core.deadline_passed(timeout))
+        core = self._core
+        assert core is not None  # begin_call succeeded on it
+        return self._pump(left, deadline, _WANT_REPLY, lambda: core.deadline_passed(timeout))
 
     # ---- the pump: the one loop that reads the child ----------------------------------------
     def _pump(self, left, deadline, want, on_deadline):
@@ -246,7 +258,9 @@ class Worker(WorkerHandle):
         """Read what the pipe holds (at most `reads` times: a flood can't keep the hub here)."""
         reply = None
         fd = self._fds.get("from")
-        while reads and fd is not None and not self._eof and self._core.state is not _ENDED:
+        core = self._core
+        assert core is not None  # called while the worker's pipes are watched: it was started
+        while reads and fd is not None and not self._eof and core.state is not _ENDED:
             reads -= 1
             outs = self._read_child(fd)
             if outs is None:
@@ -391,6 +405,7 @@ class Worker(WorkerHandle):
         if self._finalized:
             return
         hub = self._hub
+        assert hub is not None  # set by _start; None only after a fork, where the worker is ended
         if self._hub_reads and not self._eof:
             hub.arm(self._fds.get("from", -1))
         if self._hub_missed or listener:
@@ -403,7 +418,9 @@ class Worker(WorkerHandle):
         """Under self._io: the messages read so far, handed over (and off the core's budget)."""
         msgs, self._inbox = self._inbox, []
         if msgs:
-            self._core.delivered(self._inbox_bytes)
+            core = self._core
+            assert core is not None  # messages came from its core
+            core.delivered(self._inbox_bytes)
             self._inbox_bytes = 0
         return msgs
 

@@ -33,7 +33,7 @@ class Session:
         self.limits = protocol.Limits(max_bytes=max_frame)
         self._encoder = protocol.Encoder()  # callers hold their own lock around encode_call
         self.ready = False
-        self.pending_id = None  # the one call in flight
+        self.pending_id: int | None = None  # the one call in flight
         self._next_id = 0
 
     def encode_call(self, name: str, args, kwargs) -> bytes | tuple:

@@ -20,6 +20,8 @@ import signal
 import time
 import warnings
 import weakref
+from collections.abc import Callable
+from typing import Any
 
 from .. import events
 from ..errors import HostResourceError, LoadError, ProtocolViolation, SandboxError, WorkerClosed
@@ -33,7 +35,8 @@ LOG_BUDGET = 1 << 20  # bytes of plugin output forwarded per worker; the rest is
 DEATH_WAIT = 5.0      # after a kill, how long the status may take before the handle ends anyway
 _readv, _read = os.readv, os.read
 _events_log = events.log
-_HOST_ERRNOS = {errno.EMFILE: "file descriptors", errno.ENFILE: "file descriptors",
+# (an OSError's errno may be None: no entry, like any errno not named here)
+_HOST_ERRNOS: dict[int | None, str] = {errno.EMFILE: "file descriptors", errno.ENFILE: "file descriptors",
                 errno.EAGAIN: "processes", errno.ENOMEM: "memory", errno.ENOSPC: "disk space",
                 errno.EDQUOT: "disk space", errno.EROFS: "a writable disk"}
 # which event (besides "ended") tells what kind of end it was
@@ -74,8 +77,10 @@ def weak_method(method):
     return call0 if func.__code__.co_argcount == 1 else call
 
 
-def _vm_peak(pid: int, pidfd: int | None) -> int | None:
+def _vm_peak(pid: int | None, pidfd: int | None) -> int | None:
     """The worker's peak virtual size in bytes (kernel figures), read while it is alive."""
+    if pid is None:
+        return None  # no worker was forked: nothing to read
     try:
         with open(f"/proc/{pid}/status", "rb") as f:
             text = f.read(8192)
@@ -111,22 +116,22 @@ class WorkerHandle:
     # What __del__ reads, set here too: a constructor that fails early (a bad policy) leaves an
     # object whose __del__ must still find them.
     _core: "lc.Lifecycle | None" = None
-    _sp = None
+    _sp: Spawned | None = None
 
     def __init__(self, worker_py, policy, name: str | None, start_timeout: float | None,
                  on_syscall=None):
         self.plugin = os.path.abspath(os.fspath(worker_py))
         self.name = name or plugin_name(self.plugin)
         self.policy = load_policy(policy)
-        self.pid = None
-        self.logs = collections.deque(maxlen=200)
+        self.pid: int | None = None
+        self.logs: collections.deque[str] = collections.deque(maxlen=200)
         self.log_dropped = 0
         self._log_bytes = 0
         self._log_partial = b""
-        self._callbacks = {"message": [], "exit": [], "log": [], "denied": []}
-        self._listener = None
+        self._callbacks: dict[str, list[Callable[..., Any]]] = {"message": [], "exit": [], "log": [], "denied": []}
+        self._listener: int | None = None
         self._sp = None
-        self._pidfd = None
+        self._pidfd: int | None = None
         self._fds: dict[str, int] = {}
         self._core = None
         self.exports: tuple[str, ...] = ()  # what the plugin lets the host call, from its READY
@@ -238,7 +243,9 @@ class WorkerHandle:
             obj, error = out.decode(out.frame.payload), None
         except ProtocolViolation as e:
             obj, error = None, e
-        return self._apply(self._core.decoded(out.frame, obj, error))
+        core = self._core
+        assert core is not None  # a Decode output comes from the core of a started worker
+        return self._apply(core.decoded(out.frame, obj, error))
 
     def _send_kill(self):
         """SIGKILL through the pidfd: never the wrong process, and never raises."""
@@ -261,17 +268,21 @@ class WorkerHandle:
         if listener is not None and self._listener is None:
             self._listener = listener
             self._watch_listener(listener)
-        return self._core.handoff(listener is not None, got.failure if got is not None else None)
+        core = self._core
+        assert core is not None  # the handoff is watched only once the worker (and its core) exist
+        return core.handoff(listener is not None, got.failure if got is not None else None)
 
     def _on_listener(self) -> list:
         """The listener is readable: one notification in, its meaning out."""
-        n = notify.receive(self._listener)
+        listener, core = self._listener, self._core
+        assert listener is not None and core is not None  # watched only while both are set
+        n = notify.receive(listener)
         if n is None:
             return lc.NOTHING
-        outs = self._core.notification(n, _describe(n, self._listener))
-        if self._core.reason is not None and outs and type(outs[0]) is lc.Kill:
+        outs = core.notification(n, _describe(n, listener))
+        if core.reason is not None and outs and type(outs[0]) is lc.Kill:
             self._emit("violation", syscall=n.name, args=list(n.args))
-            log.warning("%s", self._core.reason)
+            log.warning("%s", core.reason)
         return outs
 
     def _answer(self, out: lc.Answer):
@@ -294,12 +305,16 @@ class WorkerHandle:
         except OSError:
             data = b""
         raw = STATUS.unpack(data)[1] if len(data) == STATUS.size else None
+        core = self._core
+        assert core is not None  # the status pipe is watched only once the worker (and its core) exist
         # no record: the zygote, which writes it, died (and the worker with it)
-        return self._core.status(raw, self._sp.zygote_death() if raw is None and self._sp is not None else None)
+        return core.status(raw, self._sp.zygote_death() if raw is None and self._sp is not None else None)
 
     def _status_never_came(self) -> list:
         """The bounded wait after a kill is over: end with what is known of the zygote."""
-        return self._core.status_wait_over(DEATH_WAIT, self._sp.zygote_death() if self._sp is not None else None)
+        core = self._core
+        assert core is not None  # the wait starts from a kill the core asked for
+        return core.status_wait_over(DEATH_WAIT, self._sp.zygote_death() if self._sp is not None else None)
 
     def _read_child(self, fd):
         """One read of the worker's pipe into the core: its outputs, or None when nothing is there.
@@ -362,7 +377,12 @@ class WorkerHandle:
 
     def _outcome(self, fn: str, started: float, reply):
         """A call's Reply (None: the worker ended without one) as its value, or raised."""
-        error = reply.error if reply is not None else self._core.ended_error()
+        if reply is None:
+            core = self._core
+            assert core is not None  # a call was made, so the worker (and its core) exist
+            error = core.ended_error()
+        else:
+            error = reply.error
         if events._subscribers or _events_log.isEnabledFor(logging.INFO):
             self._emit("call", function=fn, duration=self._clock() - started,
                        outcome="ok" if error is None else error.kind)
@@ -399,7 +419,8 @@ class WorkerHandle:
         if core is None or core.state is lc._ENDED:
             return
         # (no source=self: a recorded warning would keep the worker alive)
-        warnings.warn(f"worker {self.name} (pid {self.pid}) was never closed; killing it", ResourceWarning)
+        warnings.warn(f"worker {self.name} (pid {self.pid}) was never closed; killing it", ResourceWarning,
+                      stacklevel=1)
         self._send_kill()
         try:
             self._unwatch_all()

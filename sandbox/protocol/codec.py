@@ -6,6 +6,8 @@ enforce the nesting depth. Nothing here ever builds an object the peer chose: no
 """
 import gc
 import threading
+from collections.abc import Iterable
+from typing import Any
 
 import msgpack
 
@@ -289,12 +291,13 @@ def check_depth(obj, max_depth: int) -> None:
         deeper: list = []
         push = deeper.append
         for node in level:
+            children: Iterable[Any] = node
             if type(node) is dict:
                 for k in node:
                     if type(k) is not str:
                         raise ProtocolViolation("map keys must be strings")
-                node = node.values()
-            for x in node:
+                children = node.values()
+            for x in children:
                 if type(x) is list or type(x) is dict:
                     push(x)
         level, depth = deeper, depth + 1

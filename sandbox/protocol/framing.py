@@ -59,7 +59,8 @@ class FrameDecoder:
     so a 1 MiB frame costs one copy, not three.
     """
 
-    __slots__ = ("_max", "_allowed", "_hbuf", "_head", "_payload", "_filled", "_broken", "_reuse", "_kept", "_lent", "_in_kept")
+    __slots__ = ("_max", "_allowed", "_hbuf", "_head", "_payload", "_filled", "_broken", "_reuse", "_kept", "_lent",
+                 "_in_kept")
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, allowed_types=CHILD_TYPES, *, reuse: bool = False):
         """`reuse`: collect large payloads in one buffer kept across frames (up to KEEP_MAX), so
@@ -69,12 +70,12 @@ class FrameDecoder:
         self._max = max_frame
         self._allowed = allowed_types
         self._reuse = reuse
-        self._kept = None
+        self._kept: bytearray | None = None
         self._lent = False  # the kept buffer holds a frame being collected or being returned
         self._in_kept = False  # the frame being collected is in the kept buffer
         self._hbuf = bytearray()
-        self._head = None  # (type, length, call_id) of the frame being collected
-        self._payload = None
+        self._head: tuple[int, int, int] | None = None  # (type, length, call_id) of the frame being collected
+        self._payload: bytearray | memoryview | None = None
         self._filled = 0
         self._broken = False
 
@@ -116,6 +117,7 @@ class FrameDecoder:
         """Where the rest of a large payload goes (for os.readv straight into it), else None."""
         if self._head is None or self._head[1] - self._filled < at_least:
             return None
+        assert self._payload is not None  # set together with _head
         return memoryview(self._payload)[self._filled:]
 
     def advance(self, n: int) -> list[Frame]:
@@ -123,7 +125,9 @@ class FrameDecoder:
         self._check()
         self._lent = self._in_kept and self._head is not None
         self._filled += n
-        return [self._finish()] if self._filled == self._head[1] else []
+        head = self._head
+        assert head is not None  # payload_view() lent a buffer only for a frame being collected
+        return [self._finish()] if self._filled == head[1] else []
 
     def _check(self):
         if self._broken:
@@ -151,15 +155,17 @@ class FrameDecoder:
                     frames.append(self._finish())
                 continue
             length = self._head[1]
+            payload = self._payload
+            assert payload is not None  # set together with _head when its header was parsed
             take = min(len(mv), length - self._filled)
-            self._payload[self._filled:self._filled + take] = mv[:take]
+            payload[self._filled:self._filled + take] = mv[:take]
             self._filled += take
             mv = mv[take:]
             if self._filled == length:
                 frames.append(self._finish())
         return frames
 
-    def _buffer(self, length: int):
+    def _buffer(self, length: int) -> bytearray | memoryview:
         self._in_kept = False
         if not self._reuse or length < LARGE or self._lent:
             return bytearray(length)  # (lent: a frame this feed() returns is still in the kept one)
@@ -173,6 +179,7 @@ class FrameDecoder:
         return memoryview(kept)[:length]
 
     def _finish(self) -> Frame:
+        assert self._head is not None  # called only once a collected frame is complete
         ftype, _, call_id = self._head
         frame = _frame(Frame, (ftype, call_id, self._payload))
         self._head = None
@@ -180,7 +187,7 @@ class FrameDecoder:
         self._filled = 0
         return frame
 
-    def _parse_header(self, raw, offset: int):
+    def _parse_header(self, raw, offset: int) -> tuple[int, int, int]:
         magic, version, ftype, length, call_id = HEADER.unpack_from(raw, offset)
         if magic != MAGIC:
             raise ProtocolViolation(f"bad frame magic {magic!r}")
