@@ -360,7 +360,9 @@ class Lifecycle:
             syscall=n.name, args=n.args, plugin=self.name, policy=self.policy, grant=grant))
 
     def deadline_passed(self, timeout: float | None) -> list:
-        """The driver's deadline for the start or the call in flight passed."""
+        """The driver's deadline for the start or the call in flight passed (a deadline exists
+        only for a finite timeout, so `timeout` is a number here)."""
+        assert timeout is not None, "a deadline passed without a timeout"
         if self.state is _STARTING:
             return self._kill(LoadError("TimeoutError", f"plugin {self.name} did not start within {timeout:g} s"))
         if self.awaiting:
@@ -446,7 +448,8 @@ class Lifecycle:
 
     def _heavy(self, payload) -> bool:
         # Only containers can cost more to decode than to copy: a large bin or str is a memcpy.
-        return len(payload) >= self._offload and payload[0] in _CONTAINER_BYTES
+        offload = self._offload
+        return offload is not None and len(payload) >= offload and payload[0] in _CONTAINER_BYTES
 
     def _on_frames(self, frames) -> list:
         out: list = []
