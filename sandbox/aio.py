@@ -28,7 +28,7 @@ from os import close as _os_close, write as _os_write
 
 from . import events as _events
 from ._host import channel, lifecycle as lc
-from ._host.handle import DEATH_WAIT, WorkerHandle, log, weak_method
+from ._host.handle import DEATH_WAIT, EXITED_GRACE, WorkerHandle, log, weak_method
 from .errors import LoadError, ProtocolViolation, WorkerClosed
 
 READS_PER_WAKEUP = 16      # reads of the child's pipe per loop iteration: a flood can't starve the loop
@@ -370,6 +370,20 @@ class AsyncWorker(WorkerHandle):
     def _on_killed(self):
         if self._death_timer is None and self._loop is not None:
             self._death_timer = self._loop.call_later(DEATH_WAIT, weak_method(self._on_death_timeout))
+            if self._pidfd is not None:  # its exit, seen through the pidfd, shortens the wait
+                self._loop.add_reader(self._pidfd, weak_method(self._on_exited))
+
+    def _on_exited(self):
+        """The pidfd says the worker exited: the zygote's status should follow at once."""
+        loop, pidfd = self._loop, self._pidfd
+        if loop is None or pidfd is None:
+            return
+        loop.remove_reader(pidfd)
+        self._exited_seen = True
+        timer = self._death_timer
+        if timer is not None and timer.when() > loop.time() + EXITED_GRACE:
+            timer.cancel()
+            self._death_timer = loop.call_later(EXITED_GRACE, weak_method(self._on_death_timeout))
 
     def _on_death_timeout(self):
         self._death_timer = None
@@ -397,6 +411,8 @@ class AsyncWorker(WorkerHandle):
         loop = self._loop
         if loop is None or loop.is_closed():
             return
+        if self._pidfd is not None:
+            loop.remove_reader(self._pidfd)
         sp = self._sp
         if sp is not None and sp.handoff is not None:
             loop.remove_reader(sp.handoff.fileno())

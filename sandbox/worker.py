@@ -20,7 +20,7 @@ import time
 
 from . import events as _events
 from ._host import channel, hub as _hub, lifecycle as lc
-from ._host.handle import DEATH_WAIT, WorkerHandle, log, weak_method
+from ._host.handle import DEATH_WAIT, EXITED_GRACE, WorkerHandle, log, weak_method
 
 _monotonic = time.monotonic
 _write = os.write
@@ -240,6 +240,11 @@ class Worker(WorkerHandle):
                             poller.unregister(fd)  # every task under the filter is gone
                     elif fd == self._handoff_fd:
                         reply = self._apply(self._take_handoff())
+                    elif fd == self._pidfd:
+                        _unregister(poller, fd)  # exited: the zygote's status should follow at once
+                        self._exited_seen = True
+                        soon = _monotonic() + EXITED_GRACE
+                        self._kill_at = soon if self._kill_at is None else min(self._kill_at, soon)
                     elif fd == fds["status"]:
                         reply = self._drain_child()  # what it wrote before dying still counts
                         if core.state is not _ENDED:
@@ -339,6 +344,11 @@ class Worker(WorkerHandle):
 
     def _on_killed(self):
         self._kill_at = _monotonic() + DEATH_WAIT
+        if self._poller is not None and self._pidfd is not None:
+            try:  # its exit, seen through the pidfd, shortens the wait for a status that may not come
+                self._poller.register(self._pidfd, select.POLLIN)
+            except (OSError, ValueError):
+                pass
 
     def _on_close_input(self):
         fd = self._fds.pop("to", None)

@@ -33,6 +33,8 @@ log.addHandler(logging.NullHandler())  # a library doesn't print on its own
 LOG_LINE_MAX = 4096
 LOG_BUDGET = 1 << 20  # bytes of plugin output forwarded per worker; the rest is counted, not kept
 DEATH_WAIT = 5.0      # after a kill, how long the status may take before the handle ends anyway
+EXITED_GRACE = 0.25   # ... once the worker's pidfd says it has exited (a stopped or dead zygote
+                      # would otherwise hold terminate() for the whole DEATH_WAIT)
 _readv, _read = os.readv, os.read
 _events_log = events.log
 # (an OSError's errno may be None: no entry, like any errno not named here)

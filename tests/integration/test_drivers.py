@@ -425,7 +425,9 @@ def test_a_post_flood_does_not_grow_the_host(driver_name, plugin, plugin_dir):
 @pytest.mark.parametrize("driver_name", ["sync", "async"])
 def test_a_stopped_zygote_bounds_terminate_and_start(driver_name, plugin, plugin_dir):
     got = _host(driver_name, plugin, "stopped", plugin_dir)
-    assert got["alive"] is False and got["terminate_s"] < 15, got
+    # the pidfd says the worker exited: terminate() does not wait out DEATH_WAIT (5 s) for a status
+    # the stopped zygote cannot send
+    assert got["alive"] is False and got["terminate_s"] < 3, got
     assert got["start"] in ("zygote-died", "load-error") and got["start_s"] < 8, got
     if driver_name == "async":
         assert got["loop_stall_s"] < 0.5, got  # the spawn ran in a thread, never on the loop
