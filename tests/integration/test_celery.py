@@ -18,7 +18,9 @@ import time
 import pytest
 
 import sandbox
-from conftest import DEFAULT_POLICY, children_of
+from helpers import DEFAULT_POLICY
+import procfs
+from procfs import children_of
 
 celery = pytest.importorskip("celery")
 redis = pytest.importorskip("redis")
@@ -102,14 +104,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _start_time(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except OSError:
-        return None
 
 
 def _poll(condition, limit: float, step: float = 0.05):
@@ -203,7 +197,7 @@ class CeleryWorker:
     def note_descendants(self) -> list[int]:
         found = children_of(self.proc.pid)
         for pid in found:
-            self.seen.setdefault(pid, _start_time(pid))
+            self.seen.setdefault(pid, procfs.start_time(pid))
         return found
 
     def stop(self) -> None:
@@ -219,7 +213,7 @@ class CeleryWorker:
             self.log.close()
 
     def left_running(self) -> list[int]:
-        return [pid for pid, started in self.seen.items() if started is not None and _start_time(pid) == started]
+        return [pid for pid, started in self.seen.items() if started is not None and procfs.start_time(pid) == started]
 
 
 def _workload(tasks, count: int) -> list[tuple]:
@@ -301,10 +295,10 @@ def test_tasks_on_a_real_celery_worker(project, broker, tasks, pool, concurrency
         print(f"\n{pool}: {len(sent)} tasks in {elapsed:.1f} s, outcomes "
               f"{ {k: sum(1 for s in sent if s[0] == k) for k in sorted({s[0] for s in sent})} }")
         # The pools were made after Celery's fork: no zygote is a child of the main process under prefork.
-        zygotes = [pid for pid in worker.seen if b"sandbox/zygote" in _cmdline(pid)]
+        zygotes = [pid for pid in worker.seen if b"sandbox/zygote" in procfs.cmdline(pid)]
         assert zygotes, "no zygote found among the worker's processes"
         if pool == "prefork":
-            assert all(_parent(z) != worker.proc.pid for z in zygotes), "a zygote was started before the fork"
+            assert all(procfs.parent_of(z) != worker.proc.pid for z in zygotes), "a zygote was started before the fork"
     finally:
         worker.stop()
     assert _poll(lambda: not worker.left_running(), 15), f"left running: {worker.left_running()}"
@@ -313,22 +307,6 @@ def test_tasks_on_a_real_celery_worker(project, broker, tasks, pool, concurrency
     lines = worker.text().splitlines()
     first = next((i for i, line in enumerate(lines) if line.startswith("Traceback")), None)
     assert first is None, "\n".join(lines[max(0, first - 5):first + 40])
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
-
-
-def _parent(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except OSError:
-        return None
 
 
 def test_errors_cross_the_result_backend_as_their_own_class(tasks):

@@ -16,7 +16,7 @@ import zipfile
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 
 PLUGIN = '''
 def add(a, b):

@@ -4,7 +4,7 @@ import pytest
 
 from sandbox import PolicyViolation
 
-from security.conftest import intact, violation
+from security.attack_lab import intact, violation
 
 pytestmark = pytest.mark.unpriv
 
