@@ -20,10 +20,6 @@ if not os.access(ROOT, os.W_OK):  # the unprivileged run can't keep hypothesis' 
     settings.load_profile("readonly")
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "unpriv: also run as an unprivileged user by `make test`")
-
-
 @pytest.fixture
 def plugin_dir():
     """A world-readable folder (workers run under uids of their own) removed afterwards."""

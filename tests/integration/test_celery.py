@@ -29,7 +29,9 @@ if shutil.which("redis-server") is None:
 
 from sandbox.integrations.celery import START_ALLOWANCE, plugin_task, time_limits  # noqa: E402
 
-NAME = "celerygood"  # the good plugin's folder: its workers' scratch dirs are /tmp/sandbox-celerygood-*
+# The good plugin's folder: its workers' scratch dirs are /tmp/sandbox-<NAME>-*. The pid keeps them
+# apart from another run of this suite on the machine (or another xdist worker).
+NAME = f"celerygood{os.getpid()}"
 
 PLUGINS = {
     NAME: ("""
@@ -114,6 +116,10 @@ def _poll(condition, limit: float, step: float = 0.05):
             return got
         time.sleep(step)
     return condition()
+
+
+# The module's redis broker and Celery project are made once, on one xdist worker.
+pytestmark = pytest.mark.xdist_group("celery")
 
 
 @pytest.fixture(scope="module")
@@ -265,6 +271,7 @@ def _check(kind: str, result, expected) -> str | None:
     return f"{kind}: returned {value!r}, expected {expected!r}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pool,concurrency,count", [("prefork", 2, 200), ("threads", 3, 40)])
 def test_tasks_on_a_real_celery_worker(project, broker, tasks, pool, concurrency, count):
     for leftover in glob.glob(os.path.join(tempfile.gettempdir(), f"sandbox-{NAME}-*")):
@@ -302,7 +309,8 @@ def test_tasks_on_a_real_celery_worker(project, broker, tasks, pool, concurrency
     finally:
         worker.stop()
     assert _poll(lambda: not worker.left_running(), 15), f"left running: {worker.left_running()}"
-    assert glob.glob(os.path.join(tempfile.gettempdir(), f"sandbox-{NAME}-*")) == [], "scratch dirs left"
+    scratch = os.path.join(tempfile.gettempdir(), f"sandbox-{NAME}-*")
+    assert _poll(lambda: glob.glob(scratch) == [], 15), f"scratch dirs left: {glob.glob(scratch)}"
     # (a plugin's own traceback is inside an error record, escaped: no line of its own)
     lines = worker.text().splitlines()
     first = next((i for i, line in enumerate(lines) if line.startswith("Traceback")), None)

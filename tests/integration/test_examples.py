@@ -80,6 +80,7 @@ def test_hostile_secrets_finds_nothing():
     assert all(v.startswith("refused") for v in found.values()), found
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end():
     out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "demo.py")], capture_output=True,
                          text=True, timeout=180, cwd="/")
@@ -91,6 +92,7 @@ def _recipe(name):
     return os.path.join(ROOT, "examples", "recipes", name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe,engine", [("dask_workers.py", "distributed"), ("ray_actors.py", "ray")])
 def test_recipe_runs_and_stops_what_it_started(recipe, engine, plugin_dir):
     pytest.importorskip(engine)

@@ -76,6 +76,10 @@ class Server:
         self.log.close()
 
 
+# The module's server is started once, on one xdist worker.
+pytestmark = pytest.mark.xdist_group("http")
+
+
 @pytest.fixture(scope="module")
 def root():
     """Plugins and policies in a world-readable temp folder (workers run under uids of their own)."""
