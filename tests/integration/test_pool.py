@@ -138,9 +138,10 @@ def test_threads_get_their_own_answers_while_workers_are_killed(plugin):
         for t in threads:
             t.start()
         for t in threads:
-            t.join()
+            t.join(120)  # bounded: a call the pool lost fails the test instead of hanging the suite
         stop.set()
-        kt.join()
+        kt.join(10)
+        assert not any(t.is_alive() for t in threads), "a caller never got an answer"
         assert len(outcomes) == 12 * 60  # none lost
         wrong = {i: r for i, r in outcomes.items() if r != i and r != "crashed"}
         assert wrong == {}  # never someone else's answer
@@ -289,7 +290,8 @@ def test_bounded_queue_is_back_pressure(plugin):
             t.start()
             time.sleep(0.03)
         for t in threads:
-            t.join()
+            t.join(60)
+        assert not any(t.is_alive() for t in threads), "a caller never got an answer"
         assert len(results) == 3 and len(errors) == 2  # 1 running + 2 queued; the rest refused
         assert pool.stats()["queue_full"] == 2
 
@@ -414,7 +416,7 @@ def test_submit_map_and_as_completed(plugin):
         queued = over[-3]
         assert queued.cancel() and queued.cancelled()
         concurrent.futures.wait(over, timeout=30)
-        assert sum(1 for f in over if not f.cancelled() and f.exception() is None) == 7
+        assert sum(1 for f in over if not f.cancelled() and f.exception(timeout=0) is None) == 7
         assert pool.call("echo", "after") == "after"  # the cancelled call gave its place back
 
 
@@ -425,7 +427,7 @@ def test_map_errors_raise_at_their_place_or_come_back(plugin):
         with pytest.raises(PluginError):
             next(it)
         futures = [pool.submit("fail_on", i, [2, 4]) for i in range(6)]
-        got = [f.exception() or f.result() for f in futures]
+        got = [f.exception(timeout=30) or f.result() for f in futures]  # bounded: a lost call fails, never hangs
         assert [g if not isinstance(g, Exception) else "err" for g in got] == [0, 2, "err", 6, "err", 10]
         got = list(pool.map("nosuch", [1, 2], return_exceptions=True))
         assert len(got) == 2 and all(isinstance(g, PluginError) for g in got)
