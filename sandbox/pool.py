@@ -493,6 +493,8 @@ class Pool(_PoolBase):
                     job.started = True
                     if not fut.set_running_or_notify_cancel():
                         continue  # cancelled while queued: _abandon gives its worker back
+                elif fut.cancelled():
+                    continue  # _abandon already told the future; set_exception would kill this thread
                 w, error, slot.worker = slot.worker, slot.error, None
             if w is None:
                 fut.set_exception(error or WorkerClosed(f"pool {self.name} is closed"))

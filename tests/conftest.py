@@ -6,20 +6,18 @@ import textwrap
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-POLICIES = os.path.join(ROOT, "policies")
-DEFAULT_POLICY = os.path.join(POLICIES, "default.toml")
-IS_ROOT = os.geteuid() == 0
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # helpers and procfs, as plain modules
+
+from helpers import DEFAULT_POLICY, IS_ROOT, POLICIES, ROOT  # noqa: E402,F401
+# Still importable from here for the driver suites (test_worker, test_aio, test_drivers) until they
+# import them from procfs; every other module does already. New code: `import procfs`.
+from procfs import children_of, open_fds, zombies_of  # noqa: E402,F401
 
 
 if not os.access(ROOT, os.W_OK):  # the unprivileged run can't keep hypothesis' example database
     from hypothesis import settings
     settings.register_profile("readonly", database=None)
     settings.load_profile("readonly")
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "unpriv: also run as an unprivileged user by `make test`")
 
 
 @pytest.fixture
@@ -54,43 +52,3 @@ def make_plugin(plugin_dir):
 
     return make
 
-
-def open_fds() -> set[int]:
-    return {int(fd) for fd in os.listdir("/proc/self/fd")}
-
-
-def children_of(pid: int) -> list[int]:
-    """Every live process whose parent chain reaches `pid`."""
-    parents = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    stat = f.read()
-                parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    out = []
-    for p in parents:
-        q = p
-        while q in parents and q not in (0, 1):
-            q = parents[q]
-            if q == pid:
-                out.append(p)
-                break
-    return out
-
-
-def zombies_of(pid: int) -> list[int]:
-    out = []
-    for p in children_of(pid):
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    out.append(p)
-        except OSError:
-            pass
-    return out
-
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

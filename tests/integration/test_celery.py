@@ -18,7 +18,9 @@ import time
 import pytest
 
 import sandbox
-from conftest import DEFAULT_POLICY, children_of
+from helpers import DEFAULT_POLICY
+import procfs
+from procfs import children_of
 
 celery = pytest.importorskip("celery")
 redis = pytest.importorskip("redis")
@@ -27,7 +29,9 @@ if shutil.which("redis-server") is None:
 
 from sandbox.integrations.celery import START_ALLOWANCE, plugin_task, time_limits  # noqa: E402
 
-NAME = "celerygood"  # the good plugin's folder: its workers' scratch dirs are /tmp/sandbox-celerygood-*
+# The good plugin's folder: its workers' scratch dirs are /tmp/sandbox-<NAME>-*. The pid keeps them
+# apart from another run of this suite on the machine (or another xdist worker).
+NAME = f"celerygood{os.getpid()}"
 
 PLUGINS = {
     NAME: ("""
@@ -104,14 +108,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_time(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except OSError:
-        return None
-
-
 def _poll(condition, limit: float, step: float = 0.05):
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
@@ -120,6 +116,10 @@ def _poll(condition, limit: float, step: float = 0.05):
             return got
         time.sleep(step)
     return condition()
+
+
+# The module's redis broker and Celery project are made once, on one xdist worker.
+pytestmark = pytest.mark.xdist_group("celery")
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +203,7 @@ class CeleryWorker:
     def note_descendants(self) -> list[int]:
         found = children_of(self.proc.pid)
         for pid in found:
-            self.seen.setdefault(pid, _start_time(pid))
+            self.seen.setdefault(pid, procfs.start_time(pid))
         return found
 
     def stop(self) -> None:
@@ -219,7 +219,7 @@ class CeleryWorker:
             self.log.close()
 
     def left_running(self) -> list[int]:
-        return [pid for pid, started in self.seen.items() if started is not None and _start_time(pid) == started]
+        return [pid for pid, started in self.seen.items() if started is not None and procfs.start_time(pid) == started]
 
 
 def _workload(tasks, count: int) -> list[tuple]:
@@ -271,6 +271,7 @@ def _check(kind: str, result, expected) -> str | None:
     return f"{kind}: returned {value!r}, expected {expected!r}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pool,concurrency,count", [("prefork", 2, 200), ("threads", 3, 40)])
 def test_tasks_on_a_real_celery_worker(project, broker, tasks, pool, concurrency, count):
     for leftover in glob.glob(os.path.join(tempfile.gettempdir(), f"sandbox-{NAME}-*")):
@@ -301,34 +302,19 @@ def test_tasks_on_a_real_celery_worker(project, broker, tasks, pool, concurrency
         print(f"\n{pool}: {len(sent)} tasks in {elapsed:.1f} s, outcomes "
               f"{ {k: sum(1 for s in sent if s[0] == k) for k in sorted({s[0] for s in sent})} }")
         # The pools were made after Celery's fork: no zygote is a child of the main process under prefork.
-        zygotes = [pid for pid in worker.seen if b"sandbox/zygote" in _cmdline(pid)]
+        zygotes = [pid for pid in worker.seen if b"sandbox/zygote" in procfs.cmdline(pid)]
         assert zygotes, "no zygote found among the worker's processes"
         if pool == "prefork":
-            assert all(_parent(z) != worker.proc.pid for z in zygotes), "a zygote was started before the fork"
+            assert all(procfs.parent_of(z) != worker.proc.pid for z in zygotes), "a zygote was started before the fork"
     finally:
         worker.stop()
     assert _poll(lambda: not worker.left_running(), 15), f"left running: {worker.left_running()}"
-    assert glob.glob(os.path.join(tempfile.gettempdir(), f"sandbox-{NAME}-*")) == [], "scratch dirs left"
+    scratch = os.path.join(tempfile.gettempdir(), f"sandbox-{NAME}-*")
+    assert _poll(lambda: glob.glob(scratch) == [], 15), f"scratch dirs left: {glob.glob(scratch)}"
     # (a plugin's own traceback is inside an error record, escaped: no line of its own)
     lines = worker.text().splitlines()
     first = next((i for i, line in enumerate(lines) if line.startswith("Traceback")), None)
     assert first is None, "\n".join(lines[max(0, first - 5):first + 40])
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
-
-
-def _parent(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except OSError:
-        return None
 
 
 def test_errors_cross_the_result_backend_as_their_own_class(tasks):

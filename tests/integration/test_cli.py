@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from sandbox.cli import EXIT_CODES
-from conftest import ROOT
+from helpers import ROOT
 
 pytestmark = pytest.mark.unpriv
 

@@ -5,7 +5,8 @@ import pytest
 
 import sandbox
 from sandbox import PolicyViolation
-from conftest import IS_ROOT
+from helpers import IS_ROOT
+import procfs
 
 pytestmark = pytest.mark.unpriv
 
@@ -250,14 +251,6 @@ def test_process_limit_holds_per_worker_in_both_modes(make_plugin):
         assert sibling.call("fork_many", 10) == {"started": 2, "refused": [2, errno.EAGAIN]}
 
 
-def _task_status(pid: int) -> list[dict]:
-    out = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/status") as f:
-            out.append({k: v.strip() for k, _, v in (line.partition(":") for line in f)})
-    return out
-
-
 def test_every_thread_a_preload_started_is_confined_like_the_main_one(make_plugin):
     """A thread started before seccomp and no_new_privs would run beside the plugin in its
     memory: the filter is installed with TSYNC, which also sets no_new_privs on every thread;
@@ -265,7 +258,7 @@ def test_every_thread_a_preload_started_is_confined_like_the_main_one(make_plugi
     path, policy = make_plugin(PROBE, '[python]\npreload = ["sandbox.child.canary_thread"]\n'
                                       '[limits]\nprocesses = 2\n[seccomp]\ngroups = ["@threads"]\n')
     with sandbox.Worker(path, policy=policy) as w:
-        tasks = _task_status(w.pid)
+        tasks = procfs.task_statuses(w.pid)
         assert len(tasks) == 2, "the preload started no thread: nothing was tested"
         for key in ("Seccomp", "NoNewPrivs", "Uid", "Gid", "CapEff", "CapPrm", "CapBnd"):
             assert len({t[key] for t in tasks}) == 1, (key, tasks)

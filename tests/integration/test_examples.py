@@ -8,7 +8,9 @@ import time
 import pytest
 
 import sandbox
-from conftest import POLICIES, ROOT, children_of
+from helpers import POLICIES, ROOT
+import procfs
+from procfs import children_of
 
 pytestmark = pytest.mark.unpriv
 PLUGINS = os.path.join(ROOT, "examples", "plugins")
@@ -78,6 +80,7 @@ def test_hostile_secrets_finds_nothing():
     assert all(v.startswith("refused") for v in found.values()), found
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end():
     out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "demo.py")], capture_output=True,
                          text=True, timeout=180, cwd="/")
@@ -89,6 +92,7 @@ def _recipe(name):
     return os.path.join(ROOT, "examples", "recipes", name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe,engine", [("dask_workers.py", "distributed"), ("ray_actors.py", "ray")])
 def test_recipe_runs_and_stops_what_it_started(recipe, engine, plugin_dir):
     pytest.importorskip(engine)
@@ -101,8 +105,8 @@ def test_recipe_runs_and_stops_what_it_started(recipe, engine, plugin_dir):
     while proc.poll() is None:  # note every process the recipe's cluster starts, zygotes included
         for pid in children_of(proc.pid):
             if pid not in seen:
-                seen[pid] = _start_time(pid)
-                if b"sandbox/zygote" in _cmdline(pid):
+                seen[pid] = procfs.start_time(pid)
+                if b"sandbox/zygote" in procfs.cmdline(pid):
                     zygotes.add(pid)
         time.sleep(0.02)
     out, err = proc.communicate(timeout=120)
@@ -111,11 +115,11 @@ def test_recipe_runs_and_stops_what_it_started(recipe, engine, plugin_dir):
     assert zygotes, "no zygote seen: no pool was made"
 
     def left():
-        return [pid for pid, started in seen.items() if started is not None and _start_time(pid) == started]
+        return [pid for pid, started in seen.items() if started is not None and procfs.start_time(pid) == started]
     deadline = time.monotonic() + 15
     while left() and time.monotonic() < deadline:  # the zygotes go when their engine's worker has gone
         time.sleep(0.05)
-    assert not left(), f"left running: {[(pid, _cmdline(pid)[:120]) for pid in left()]}"
+    assert not left(), f"left running: {[(pid, procfs.cmdline(pid)[:120]) for pid in left()]}"
 
 
 def test_celery_recipe_declares_tasks_with_agreeing_limits():
@@ -128,22 +132,6 @@ def test_celery_recipe_declares_tasks_with_agreeing_limits():
     assert module.textstats.name == "plugins.textstats.stats"
     task = module.textstats
     assert task.soft_time_limit > textstats and task.time_limit > task.soft_time_limit
-
-
-def _start_time(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except OSError:
-        return None
-
-
-def _cmdline(pid):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
 
 
 def test_the_readme_first_example_runs():

@@ -11,7 +11,8 @@ import pytest
 
 from sandbox import LoadError, PluginCrashed, SandboxError, UsageError, WorkerClosed
 from sandbox.fresh import AsyncFreshWorker, FreshWorker
-from conftest import children_of
+import procfs
+from procfs import children_of
 
 pytestmark = pytest.mark.unpriv
 
@@ -189,14 +190,9 @@ def started_pids(monkeypatch):
     return pids
 
 
-def _parent(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])
-
-
 def test_close_leaves_no_process(fresh, started_pids):
     fw = fresh(spares=3)
-    zygote = _parent(started_pids[0])  # the constructor's worker: alive until a call takes it
+    zygote = procfs.parent_of(started_pids[0])  # the constructor's worker: alive until a call takes it
     for _ in range(10):
         fw.call("count")
     for _ in range(500):  # until a spare has started again (the check must be able to see them)
@@ -222,7 +218,7 @@ def test_close_during_a_call_ends_the_call_and_leaves_no_process(fresh, started_
 
     t = threading.Thread(target=napper)
     t.start()
-    zygote = _parent(started_pids[0])
+    zygote = procfs.parent_of(started_pids[0])
     for _ in range(500):  # until the call has taken its worker (the spare started after it)
         if len(started_pids) >= 2:
             break

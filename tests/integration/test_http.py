@@ -17,7 +17,9 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
-from conftest import DEFAULT_POLICY, ROOT, children_of  # noqa: E402
+from helpers import DEFAULT_POLICY, ROOT  # noqa: E402
+import procfs  # noqa: E402
+from procfs import children_of  # noqa: E402
 
 APP = os.path.join(ROOT, "examples", "host_app.py")
 PLUGINS = os.path.join(ROOT, "tests", "plugins", "http")
@@ -35,14 +37,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _start_time(pid: int):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except OSError:
-        return None
 
 
 class Server:
@@ -80,6 +74,10 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+
+
+# The module's server is started once, on one xdist worker.
+pytestmark = pytest.mark.xdist_group("http")
 
 
 @pytest.fixture(scope="module")
@@ -158,11 +156,7 @@ def _raw(server, head: bytes, body_chunks=()):
 
 
 def _peak_rss_mib(pid) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
+    return procfs.peak_rss_kib(pid) / 1024
 
 
 def test_body_cap_is_enforced_while_reading(server):
@@ -294,13 +288,13 @@ def test_sigterm_leaves_no_worker_behind(root):
         # a call in flight at SIGTERM: it is finished or killed, never left running
         threading.Thread(target=lambda: _ignore(post, s, "/plugins/burner/burn", [30.0]), daemon=True).start()
         time.sleep(0.3)
-        family = {p: _start_time(p) for p in children_of(s.proc.pid)}
+        family = {p: procfs.start_time(p) for p in children_of(s.proc.pid)}
         assert len(family) >= 4  # zygote(s) + 2 pools of 2 workers
         s.proc.send_signal(signal.SIGTERM)
         assert s.proc.wait(20) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once shut down
         end = time.monotonic() + 5
         while time.monotonic() < end:
-            left = [p for p, st in family.items() if st is not None and _start_time(p) == st]
+            left = [p for p, st in family.items() if st is not None and procfs.start_time(p) == st]
             if not left:
                 break
             time.sleep(0.05)

@@ -11,16 +11,11 @@ import pytest
 
 import sandbox
 from sandbox._host import hub
+import procfs
 
 pytestmark = pytest.mark.unpriv
 
 TRIVIAL = "def ping():\n    return 'pong'\n"
-
-
-def _thread_cpu_ticks(native_id: int) -> int:
-    with open(f"/proc/self/task/{native_id}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
 
 
 def test_hub_does_not_spin_while_a_killed_worker_is_reaped(make_plugin):
@@ -28,12 +23,12 @@ def test_hub_does_not_spin_while_a_killed_worker_is_reaped(make_plugin):
     pol = sandbox.Policy.load(policy)
     sandbox.Worker(path, policy=pol).terminate()  # hub and zygote exist before we count
     hub_tid = hub.get()._thread.native_id
-    before = _thread_cpu_ticks(hub_tid)
+    before = procfs.cpu_ticks(f"self/task/{hub_tid}")
     for _ in range(60):
         w = sandbox.Worker(path, policy=pol)
         w.call("ping")
         w.terminate()
-    spent = (_thread_cpu_ticks(hub_tid) - before) / os.sysconf("SC_CLK_TCK")
+    spent = (procfs.cpu_ticks(f"self/task/{hub_tid}") - before) / os.sysconf("SC_CLK_TCK")
     # A disarmed pipe still reports its hang-up to epoll: registered without EPOLLONESHOT, the hub
     # looped on it from the SIGKILL until the reap (about 1.4 ms of CPU per worker here, 80 ms in
     # all). Watching idle workers costs next to nothing; 40 ms is a bound loose enough for any load.

@@ -13,7 +13,7 @@ import tomllib
 
 import pytest
 
-from conftest import IS_ROOT, ROOT
+from helpers import IS_ROOT, ROOT
 from sandbox import Worker
 from sandbox.errors import PolicyViolation
 from sandbox.policy import Policy

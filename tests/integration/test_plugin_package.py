@@ -6,7 +6,7 @@ import pytest
 
 import sandbox
 from sandbox import PluginError
-from conftest import ROOT
+from helpers import ROOT
 
 pytestmark = pytest.mark.unpriv
 

@@ -18,7 +18,7 @@ from sandbox import (AsyncPool, Pool, PluginCrashed, PluginError, PluginTimeout,
                      RestartLimit, UsageError, Worker, WorkerClosed)
 from sandbox.aio import AsyncWorker
 from sandbox.pool import WorkerId, cpu_seconds
-from conftest import children_of
+import procfs
 
 pytestmark = pytest.mark.unpriv
 
@@ -93,41 +93,12 @@ def _workers(pool):
     return list(pool._core.workers)
 
 
-def _wait(cond, limit=10.0):
-    end = time.monotonic() + limit
-    while not cond():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.005)
-    return True
+_wait = procfs.wait_until
 
 
 def _wait_live(pool, n, limit=10.0):
     _wait(lambda: pool.stats()["live"] >= n, limit)
     return pool.stats()["live"]
-
-
-def _state(pid):
-    """The process state letter from /proc, or None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return None
-
-
-def _ended(pid) -> bool:
-    return _state(pid) in (None, "Z", "X")
-
-
-def _zygote_children():
-    """Live (non-zombie) children of this process's zygotes: their spares and workers."""
-    out = set()
-    for z in children_of(os.getpid()):
-        for p in children_of(z):
-            if not _ended(p):
-                out.add(p)
-    return out
 
 
 # ---- serving under faults -------------------------------------------------------------------
@@ -167,9 +138,10 @@ def test_threads_get_their_own_answers_while_workers_are_killed(plugin):
         for t in threads:
             t.start()
         for t in threads:
-            t.join()
+            t.join(120)  # bounded: a call the pool lost fails the test instead of hanging the suite
         stop.set()
-        kt.join()
+        kt.join(10)
+        assert not any(t.is_alive() for t in threads), "a caller never got an answer"
         assert len(outcomes) == 12 * 60  # none lost
         wrong = {i: r for i, r in outcomes.items() if r != i and r != "crashed"}
         assert wrong == {}  # never someone else's answer
@@ -184,7 +156,7 @@ def test_threads_get_their_own_answers_while_workers_are_killed(plugin):
 
 def _kill_and_wait(pid):
     os.kill(pid, signal.SIGKILL)
-    assert _wait(lambda: _ended(pid), 5), "the worker did not die"
+    assert _wait(lambda: procfs.ended(pid), 5), "the worker did not die"
 
 
 def test_idle_worker_killed_from_outside_the_next_50_calls_succeed(plugin):
@@ -207,7 +179,7 @@ def test_async_idle_worker_killed_from_outside_the_next_50_calls_succeed(plugin)
             for _ in range(3):
                 victim = pool._core.idle[0]
                 os.kill(victim.pid, signal.SIGKILL)
-                while not _ended(victim.pid):
+                while not procfs.ended(victim.pid):
                     await asyncio.sleep(0.002)
                 assert [await pool.call("echo", i) for i in range(50)] == list(range(50))
                 for _ in range(500):
@@ -318,7 +290,8 @@ def test_bounded_queue_is_back_pressure(plugin):
             t.start()
             time.sleep(0.03)
         for t in threads:
-            t.join()
+            t.join(60)
+        assert not any(t.is_alive() for t in threads), "a caller never got an answer"
         assert len(results) == 3 and len(errors) == 2  # 1 running + 2 queued; the rest refused
         assert pool.stats()["queue_full"] == 2
 
@@ -344,23 +317,34 @@ def test_crash_loop_hits_the_restart_limit(plugin):
             pool.call("echo", 1)  # fails fast while nothing can serve
 
 
-def test_load_error_fails_the_constructor_and_leaves_no_worker(make_plugin, plugin):
-    path, policy = plugin
-    with Worker(path, policy=policy) as w:  # the zygote and its spare exist before we count
-        w.call("echo", 1)
-    assert _wait(lambda: len(_zygote_children()) <= 1, 10)
-    baseline = len(_zygote_children())
+class _Recorded(Worker):
+    """A worker that notes its pid, even when its start fails (the pid exists from the fork on)."""
+    pids: list[int] = []
+
+    def __init__(self, *args, **kwargs):
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if getattr(self, "pid", None) is not None:
+                self.pids.append(self.pid)
+
+
+def test_load_error_fails_the_constructor_and_leaves_no_worker(make_plugin):
     bad, bad_policy = make_plugin(CRASHER)
+    pool_class = type("RecordedPool", (Pool,), {"_worker_class": _Recorded})
+    _Recorded.pids = started = []
     with pytest.raises(PluginError):
-        Pool(bad, policy=bad_policy, size=2)
-    assert _wait(lambda: len(_zygote_children()) <= baseline, 10), _zygote_children()
+        pool_class(bad, policy=bad_policy, size=2)
+    assert started, "no worker was ever forked: the test proves nothing"
+    # every worker the failed constructor started is gone, not left running beside the spare
+    assert _wait(lambda: all(procfs.gone(p) for p in started), 10), [(p, procfs.state(p)) for p in started]
 
 
 def test_close_is_bounded_and_leaves_nothing(plugin):
     path, policy = plugin
     pool = Pool(path, policy=policy, size=2)
     pids = [w.pid for w in _workers(pool)]
-    assert all(not _ended(p) for p in pids)
+    assert all(not procfs.ended(p) for p in pids)
     outcome = []
     t = threading.Thread(target=lambda: _catch(outcome, pool.call, "spin"))
     t.start()
@@ -372,7 +356,7 @@ def test_close_is_bounded_and_leaves_nothing(plugin):
     assert outcome and isinstance(outcome[0], WorkerClosed)
     with pytest.raises(WorkerClosed):
         pool.call("echo", 1)
-    assert _wait(lambda: all(_ended(p) for p in pids), 5), [(p, _state(p)) for p in pids]
+    assert _wait(lambda: all(procfs.ended(p) for p in pids), 5), [(p, procfs.state(p)) for p in pids]
 
 
 class _CloseFails(Worker):
@@ -392,7 +376,7 @@ def test_a_worker_whose_close_fails_is_still_replaced(plugin, caplog):
         assert len(set(pids)) == 6
         assert pool._thread.is_alive()
         assert "closing worker" in caplog.text and "clean-up failed" in caplog.text
-        assert _wait(lambda: all(_ended(p) for p in pids[:-1]), 5)
+        assert _wait(lambda: all(procfs.ended(p) for p in pids[:-1]), 5)
 
 
 class _AsyncCloseFails(AsyncWorker):
@@ -432,7 +416,7 @@ def test_submit_map_and_as_completed(plugin):
         queued = over[-3]
         assert queued.cancel() and queued.cancelled()
         concurrent.futures.wait(over, timeout=30)
-        assert sum(1 for f in over if not f.cancelled() and f.exception() is None) == 7
+        assert sum(1 for f in over if not f.cancelled() and f.exception(timeout=0) is None) == 7
         assert pool.call("echo", "after") == "after"  # the cancelled call gave its place back
 
 
@@ -443,7 +427,7 @@ def test_map_errors_raise_at_their_place_or_come_back(plugin):
         with pytest.raises(PluginError):
             next(it)
         futures = [pool.submit("fail_on", i, [2, 4]) for i in range(6)]
-        got = [f.exception() or f.result() for f in futures]
+        got = [f.exception(timeout=30) or f.result() for f in futures]  # bounded: a lost call fails, never hangs
         assert [g if not isinstance(g, Exception) else "err" for g in got] == [0, 2, "err", 6, "err", 10]
         got = list(pool.map("nosuch", [1, 2], return_exceptions=True))
         assert len(got) == 2 and all(isinstance(g, PluginError) for g in got)
@@ -537,16 +521,11 @@ def test_log_budget_is_per_call_and_drops_are_logged(plugin, caplog):
 _FORK_POOL = None  # a pool as a module global: what a preloading server has when it forks
 
 
-def _ppid(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])
-
-
 def _child_report(pool, tag, n=20):
     parent_pids = {w.pid for w in _workers(pool)}  # inherited bookkeeping (empty after the reset)
     answers = [pool.invoke("echo", (f"{tag}-{i}",), timeout=10) for i in range(n)]
     pids = {pool.invoke("pid", timeout=10) for _ in range(4)}
-    zygotes = {_ppid(p) for p in pids}
+    zygotes = {procfs.parent_of(p) for p in pids}
     # The child's own watcher (the hub) notices an idle worker's death, with no call made.
     victim = pool._core.idle[0]
     os.kill(victim.pid, signal.SIGKILL)
@@ -598,7 +577,7 @@ def test_a_pool_survives_fork_in_parent_and_children(plugin):
             reports = [json.loads(line) for line in f]
         assert codes == [0, 0], (codes, reports)
         assert len(reports) == 2 and all(rep.get("ok") for rep in reports), reports
-        parent_zygotes = {_ppid(p) for p in parent_pids}
+        parent_zygotes = {procfs.parent_of(p) for p in parent_pids}
         for rep in reports:
             assert rep["inherited"] == []                      # the child owns none of the parent's
             assert not set(rep["pids"]) & parent_pids          # and its answers came from its own
@@ -753,7 +732,7 @@ def test_async_pool_callbacks_run_on_the_loop(plugin):
 def test_batch_progress_example(tmp_path):
     import subprocess
     import sys
-    from conftest import ROOT
+    from helpers import ROOT
     out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "batch_progress.py"), "--calls", "200",
                           "--size", "2"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

@@ -7,7 +7,7 @@ import pytest
 
 from sandbox import HostResourceError
 from sandbox._host import uids
-from conftest import IS_ROOT, ROOT
+from helpers import IS_ROOT, ROOT
 
 pytestmark = pytest.mark.skipif(not IS_ROOT, reason="root mode only: unprivileged hosts do not change uid")
 

@@ -16,12 +16,15 @@ import zipfile
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 
 PLUGIN = '''
 def add(a, b):
     return a + b
 '''
+
+# One xdist worker builds the wheel once for the whole module (a module fixture per worker otherwise).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("wheel")]
 
 
 def _run(argv, **kw):
@@ -91,7 +94,8 @@ def test_the_wheel_ships_its_data_and_license(installed):
 def test_the_sdist_carries_a_runnable_test_suite(installed):
     with tarfile.open(installed["sdist"]) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    for needed in ("LICENSE", "tests/conftest.py", "tests/security/conftest.py", "tests/security/plugins/attacks.py",
+    for needed in ("LICENSE", "tests/conftest.py", "tests/helpers.py", "tests/procfs.py", "tests/security/conftest.py",
+                   "tests/security/attack_lab.py", "tests/security/plugins/attacks.py",
                    "tests/integration/test_worker.py", "policies/default.toml",
                    "examples/plugins/textstats/worker.py"):
         assert needed in names, needed

@@ -11,7 +11,9 @@ import pytest
 
 import sandbox
 from sandbox import PolicyViolation
-from conftest import IS_ROOT, ROOT, children_of
+from helpers import IS_ROOT, ROOT, TESTS
+import procfs
+from procfs import children_of
 
 pytestmark = pytest.mark.unpriv
 
@@ -30,20 +32,12 @@ PLUGIN = """
 """
 
 
-def parent_of(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])
-
-
 def spares_of(zygote: int, workers) -> list[int]:
     return [p for p in children_of(zygote) if p not in workers]
 
 
 def wait_gone(pid: int, limit: float = 10.0) -> None:
-    end = time.monotonic() + limit
-    while os.path.exists(f"/proc/{pid}") and time.monotonic() < end:
-        time.sleep(0.01)
-    assert not os.path.exists(f"/proc/{pid}"), f"pid {pid} is still there"
+    assert procfs.wait_until(lambda: procfs.gone(pid), limit), f"pid {pid} is still there"
 
 
 def test_zygote_shares_no_writable_memory_with_workers(make_plugin):
@@ -51,7 +45,7 @@ def test_zygote_shares_no_writable_memory_with_workers(make_plugin):
     request buffer) would let one worker rewrite the plan of the next."""
     path, policy = make_plugin(PLUGIN)
     with sandbox.Worker(path, policy=policy) as w:
-        with open(f"/proc/{parent_of(w.pid)}/maps") as f:
+        with open(f"/proc/{procfs.parent_of(w.pid)}/maps") as f:
             shared = [line for line in f if line.split()[1].startswith("rw") and line.split()[1][3] == "s"]
     assert shared == []
 
@@ -61,9 +55,10 @@ import json, os, sys, time
 sys.path.insert(0, {root!r})
 import sandbox
 sys.path.insert(0, {tests!r})
-from conftest import children_of
+import procfs
+from procfs import children_of
 with sandbox.Worker({plugin!r}, policy={policy!r}) as w:
-    zygote = int(open(f"/proc/{{w.pid}}/stat").read().rsplit(")", 1)[1].split()[1])
+    zygote = procfs.parent_of(w.pid)
     end = time.monotonic() + 10  # a spare forked a moment ago may not have closed them yet
     spares = [p for p in children_of(zygote) if p != w.pid]
     while not spares and time.monotonic() < end:  # nor even be there yet, on a busy machine
@@ -86,7 +81,7 @@ def test_spare_holds_no_descriptor_of_the_zygote(make_plugin, plugin_dir):
     path, policy = make_plugin(PLUGIN)
     host = os.path.join(plugin_dir, "spare_probe.py")
     with open(host, "w") as f:
-        f.write(SPARE_PROBE.format(root=ROOT, tests=os.path.join(ROOT, "tests"),
+        f.write(SPARE_PROBE.format(root=ROOT, tests=TESTS,
                                    plugin=path, policy=policy))
     out = subprocess.run([sys.executable, host], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -101,7 +96,7 @@ def test_a_fresh_fork_serves_when_the_spare_is_gone(make_plugin):
     """Kill the spare: the next worker is forked on demand and confined exactly the same way."""
     path, policy = make_plugin(PLUGIN)
     with sandbox.Worker(path, policy=policy) as first:
-        zygote = parent_of(first.pid)
+        zygote = procfs.parent_of(first.pid)
         ids_first = first.call("ids")
         for spare in spares_of(zygote, {first.pid}):
             os.kill(spare, signal.SIGKILL)
@@ -110,7 +105,7 @@ def test_a_fresh_fork_serves_when_the_spare_is_gone(make_plugin):
         with sandbox.Worker(path, policy=policy) as second:
             assert second.call("add", 2, 3) == 5
             uid, gid, ppid = second.call("ids")
-            assert ppid == 0 and parent_of(second.pid) == zygote  # 0: the parent is outside its PID namespace
+            assert ppid == 0 and procfs.parent_of(second.pid) == zygote  # 0: the parent is outside its PID namespace
             if IS_ROOT:
                 assert uid != 0 and gid != 0 and uid != ids_first[0]
             else:
@@ -149,14 +144,6 @@ SPAWNER_POLICY = """
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.mark.parametrize("escape", ["none", "session"])
 def test_a_killed_worker_takes_what_it_started_with_it(make_plugin, escape):
     """Timeout kills the whole worker, anything it started included: also a child that left the
@@ -180,10 +167,7 @@ def test_a_killed_worker_takes_what_it_started_with_it(make_plugin, escape):
     assert len(raised) == 1
     assert len(got) == 1 and got[0] > 0
     child = got[0]
-    end = time.monotonic() + 10
-    while _alive(child) and time.monotonic() < end:
-        time.sleep(0.02)
-    assert not _alive(child), f"process {child} started by the worker outlived it"
+    assert procfs.wait_until(lambda: procfs.ended(child), 10), f"process {child} started by the worker outlived it"
 
 
 # ---- the zygote survives any request; a stuck or dead zygote is a clear, bounded error -------------
@@ -192,13 +176,13 @@ def test_a_policy_path_with_a_nul_byte_is_a_policy_error_in_the_host(make_plugin
     path, policy = make_plugin(PLUGIN)
     bad_path, bad_policy = make_plugin(PLUGIN, '[filesystem]\nread_only = ["/tmp/a\\u0000b"]\n')
     with sandbox.Worker(path, policy=policy) as sibling:
-        zygote = parent_of(sibling.pid)
+        zygote = procfs.parent_of(sibling.pid)
         with pytest.raises(sandbox.PolicyError) as ei:
             sandbox.Worker(bad_path, policy=bad_policy)
         assert ei.value.key == "filesystem.read_only"
         assert sibling.call("add", 1, 2) == 3
         with sandbox.Worker(path, policy=policy) as next_one:
-            assert parent_of(next_one.pid) == zygote  # the same zygote still serves
+            assert procfs.parent_of(next_one.pid) == zygote  # the same zygote still serves
             assert next_one.call("add", 2, 2) == 4
 
 
@@ -218,7 +202,7 @@ def test_the_zygote_answers_a_malformed_request_and_lives(make_plugin, request_b
     path, policy = make_plugin(PLUGIN)
     with sandbox.Worker(path, policy=policy) as sibling:
         z = zygote_client.get(False)
-        zygote = parent_of(sibling.pid)
+        zygote = procfs.parent_of(sibling.pid)
         assert z.pid == zygote
         pipes = [os.pipe() for _ in range(nfds)]
         fds = [r for r, _ in pipes]
@@ -236,17 +220,19 @@ def test_the_zygote_answers_a_malformed_request_and_lives(make_plugin, request_b
         assert pid is None and error
         assert sibling.call("add", 1, 2) == 3
         with sandbox.Worker(path, policy=policy) as next_one:
-            assert parent_of(next_one.pid) == zygote
+            assert procfs.parent_of(next_one.pid) == zygote
             assert next_one.call("add", 2, 2) == 4
 
 
 STOPPED_ZYGOTE = r"""
 import json, os, signal, sys, time
 sys.path.insert(0, {root!r})
+sys.path.insert(0, {tests!r})
+import procfs
 import sandbox
 from sandbox import ZygoteDied
 w = sandbox.Worker({plugin!r}, policy={policy!r})
-zygote = int(open(f"/proc/{{w.pid}}/stat").read().rsplit(")", 1)[1].split()[1])
+zygote = procfs.parent_of(w.pid)
 os.kill(zygote, signal.SIGSTOP)
 start = time.monotonic()
 try:
@@ -257,7 +243,7 @@ except ZygoteDied as e:
 took = time.monotonic() - start
 sibling = w.call("add", 1, 2)  # the stopped zygote's worker still answers
 with sandbox.Worker({plugin!r}, policy={policy!r}) as fresh:  # on a new zygote
-    new_zygote = int(open(f"/proc/{{fresh.pid}}/stat").read().rsplit(")", 1)[1].split()[1])
+    new_zygote = procfs.parent_of(fresh.pid)
     fresh_answer = fresh.call("add", 2, 2)
 os.kill(zygote, signal.SIGCONT)
 print(json.dumps({{"outcome": outcome, "took": took, "sibling": sibling, "fresh": fresh_answer,
@@ -272,7 +258,7 @@ def test_a_stopped_zygote_bounds_the_start_by_start_timeout(make_plugin, plugin_
     path, policy = make_plugin(PLUGIN)
     host = os.path.join(plugin_dir, "stopped.py")
     with open(host, "w") as f:
-        f.write(STOPPED_ZYGOTE.format(root=ROOT, plugin=path, policy=policy))
+        f.write(STOPPED_ZYGOTE.format(root=ROOT, tests=TESTS, plugin=path, policy=policy))
     out = subprocess.run([sys.executable, host], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     seen = json.loads(out.stdout.strip().splitlines()[-1])
@@ -284,18 +270,13 @@ def test_a_stopped_zygote_bounds_the_start_by_start_timeout(make_plugin, plugin_
 KILLED_ZYGOTE = r"""
 import json, os, signal, sys, time
 sys.path.insert(0, {root!r})
+sys.path.insert(0, {tests!r})
+import procfs
 import sandbox
 w = sandbox.Worker({plugin!r}, policy={policy!r})
-zygote = int(open(f"/proc/{{w.pid}}/stat").read().rsplit(")", 1)[1].split()[1])
+zygote = procfs.parent_of(w.pid)
 os.kill(zygote, signal.SIGKILL)
-end = time.monotonic() + 10
-while time.monotonic() < end:  # the worker dies with its zygote (PDEATHSIG)
-    try:
-        if open(f"/proc/{{w.pid}}/stat").read().rsplit(")", 1)[1].split()[0] in "ZX":
-            break
-    except OSError:
-        break
-    time.sleep(0.01)
+procfs.wait_until(lambda: procfs.ended(w.pid), 10)  # the worker dies with its zygote (PDEATHSIG)
 try:
     w.call("add", 1, 2)
     said = None
@@ -313,7 +294,7 @@ def test_a_dead_zygote_is_named_as_the_cause(make_plugin, plugin_dir):
     path, policy = make_plugin(PLUGIN)
     host = os.path.join(plugin_dir, "killed.py")
     with open(host, "w") as f:
-        f.write(KILLED_ZYGOTE.format(root=ROOT, plugin=path, policy=policy))
+        f.write(KILLED_ZYGOTE.format(root=ROOT, tests=TESTS, plugin=path, policy=policy))
     out = subprocess.run([sys.executable, host], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     seen = json.loads(out.stdout.strip().splitlines()[-1])

@@ -5,8 +5,8 @@ import tempfile
 import pytest
 
 from sandbox import PluginError
-from conftest import ROOT
-from security.conftest import intact
+from helpers import ROOT
+from security.attack_lab import intact
 
 pytestmark = pytest.mark.unpriv
 

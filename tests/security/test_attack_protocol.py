@@ -5,7 +5,7 @@ import time
 import pytest
 
 from sandbox import PluginError, PluginTimeout, ProtocolViolation
-from security.conftest import intact, rss_kib
+from security.attack_lab import intact, rss_kib
 
 pytestmark = pytest.mark.unpriv
 

@@ -6,7 +6,7 @@ import pytest
 
 from sandbox import PluginCrashed, PolicyViolation
 
-from security.conftest import intact, violation
+from security.attack_lab import intact, violation
 
 pytestmark = pytest.mark.unpriv
 

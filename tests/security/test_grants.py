@@ -8,7 +8,7 @@ import stat
 import pytest
 
 import sandbox
-from conftest import IS_ROOT
+from helpers import IS_ROOT
 
 pytestmark = pytest.mark.unpriv
 
@@ -181,7 +181,7 @@ def test_a_grant_never_makes_a_read_only_host_mount_writable(make_plugin, plugin
     import json
     import subprocess
     import sys
-    from conftest import ROOT
+    from helpers import ROOT
     out = os.path.join(plugin_dir, "out")
     os.mkdir(out)
     os.chmod(out, 0o777)

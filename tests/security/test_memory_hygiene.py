@@ -15,7 +15,9 @@ import time
 import pytest
 
 import sandbox
-from conftest import DEFAULT_POLICY, ROOT, children_of
+import procfs
+from helpers import DEFAULT_POLICY, ROOT
+from procfs import children_of
 
 pytestmark = pytest.mark.unpriv
 
@@ -34,11 +36,6 @@ def _split(secret: str) -> list[bytes]:
     """The scanner gets each secret as two halves it never joins."""
     half = len(secret) // 2
     return [secret[:half].encode(), secret[half:].encode()]
-
-
-def _parent(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])
 
 
 def _kill_spares(zygote: int, keep: set[int]) -> None:
@@ -71,11 +68,11 @@ def test_a_later_worker_finds_nothing_of_an_earlier_one(plugin_dir, forked_from)
 
         with sandbox.Worker(worker_a, policy=policy_a) as a:
             assert a.call("use", payload) == [token, payload]  # A really had them
-            zygote = _parent(a.pid)
+            zygote = procfs.parent_of(a.pid)
             if forked_from == "fresh-fork":
                 _kill_spares(zygote, {a.pid})
             with sandbox.Worker(SCANNER, policy=policy_scan) as scanner:
-                assert _parent(scanner.pid) == zygote  # the same zygote served both
+                assert procfs.parent_of(scanner.pid) == zygote  # the same zygote served both
                 pairs = {"A's environment": _split(token), "A's plugin path": _split(path_word),
                          "A's payload": _split(payload), "the host's secret": _split(host_secret)}
                 report = scanner.call("scan", pairs)

@@ -10,27 +10,15 @@ import time
 import pytest
 
 import sandbox
-from conftest import IS_ROOT, ROOT, children_of
-from security.conftest import intact
+from helpers import IS_ROOT, ROOT
+import procfs
+from procfs import children_of
+from security.attack_lab import intact
 
 pytestmark = pytest.mark.unpriv
 
 SYS_getsid, SYS_getpgid, SYS_tgkill = 124, 121, 234
 ESRCH = 3
-
-
-def _gone(pid: int, within: float = 15.0) -> bool:
-    """Poll until `pid` is gone (or a zombie): True if it went within the bound."""
-    end = time.monotonic() + within
-    while time.monotonic() < end:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-                    return True
-        except OSError:
-            return True
-        time.sleep(0.02)
-    return False
 
 
 @pytest.mark.parametrize("nr", [SYS_getsid, SYS_getpgid])
@@ -143,7 +131,7 @@ def test_a_workers_child_dies_when_the_worker_is_killed(make_plugin):
         assert w.call("spawn") == "spawned"
         child = _grandchild(w)
         os.kill(w.pid, signal.SIGKILL)
-        assert _gone(child), f"process {child} started by the worker outlived it"
+        assert procfs.wait_until(lambda: procfs.ended(child), 15), f"process {child} started by the worker outlived it"
 
 
 HOST = """
@@ -151,7 +139,8 @@ import os, sys, time
 sys.path.insert(0, {root!r})
 sys.path.insert(0, {tests!r})
 import sandbox
-from conftest import children_of
+import procfs
+from procfs import children_of
 w = sandbox.Worker({plugin!r}, policy={policy!r})
 assert w.call("spawn") == "spawned"
 end = time.monotonic() + 10
@@ -159,7 +148,7 @@ kids = []
 while not kids and time.monotonic() < end:
     kids = children_of(w.pid)
     time.sleep(0.01)
-zygote = int(open(f"/proc/{{w.pid}}/stat").read().rsplit(")", 1)[1].split()[1])
+zygote = procfs.parent_of(w.pid)
 print(w.pid, kids[0], zygote, flush=True)
 time.sleep(120)
 """
@@ -177,8 +166,9 @@ def test_a_workers_child_dies_with_the_host_or_the_zygote(make_plugin, plugin_di
     try:
         worker, child, zygote = map(int, host.stdout.readline().split())
         os.kill(host.pid if victim == "host" else zygote, signal.SIGKILL)
-        assert _gone(worker), "the worker outlived its " + victim
-        assert _gone(child), f"process {child} started by the worker outlived the {victim}"
+        assert procfs.wait_until(lambda: procfs.ended(worker), 15), "the worker outlived its " + victim
+        assert procfs.wait_until(lambda: procfs.ended(child), 15), \
+            f"process {child} started by the worker outlived the {victim}"
     finally:
         host.kill()
         host.wait()

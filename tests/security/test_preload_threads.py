@@ -6,16 +6,13 @@ import os
 import pytest
 
 from sandbox import Worker
+import procfs
 
 HAS_NUMPY = importlib.util.find_spec("numpy") is not None
 
 
 def seccomp_modes(pid: int) -> dict[int, str]:
-    modes = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/status") as f:
-            modes[int(tid)] = next(line.split()[1] for line in f if line.startswith("Seccomp:"))
-    return modes
+    return {int(st["Pid"]): st["Seccomp"] for st in procfs.task_statuses(pid)}
 
 
 @pytest.mark.unpriv

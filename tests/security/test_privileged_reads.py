@@ -18,7 +18,7 @@ import pytest
 
 import sandbox
 from sandbox import LoadError
-from conftest import DEFAULT_POLICY, IS_ROOT, ROOT
+from helpers import DEFAULT_POLICY, IS_ROOT, ROOT
 
 pytestmark = pytest.mark.unpriv
 

@@ -5,7 +5,7 @@ import socket
 
 import pytest
 
-from security.conftest import intact, violation
+from security.attack_lab import intact, violation
 
 pytestmark = pytest.mark.unpriv
 
