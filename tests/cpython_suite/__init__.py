@@ -88,8 +88,9 @@ def run(modules, modes=("kill", "deny"), jobs: int = 4) -> list[dict]:
     with tempfile.TemporaryDirectory() as folder:
         policies = {m: policy_file(folder, m) for m in modes}
         with ThreadPoolExecutor(jobs) as pool:
-            outside = dict(zip(modules, pool.map(run_outside, modules)))
-            inside = {mode: dict(zip(modules, pool.map(lambda m: run_inside(m, policies[mode]), modules)))
+            outside = dict(zip(modules, pool.map(run_outside, modules), strict=True))
+            inside = {mode: dict(zip(modules, pool.map(lambda m, mode=mode: run_inside(m, policies[mode]), modules),
+                                      strict=True))
                       for mode in modes}
     for m in modules:
         row = {"module": m, "outside": outside[m]}

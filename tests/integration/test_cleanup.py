@@ -11,7 +11,7 @@ pytestmark = pytest.mark.unpriv
 
 def _deep(root, levels):
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    for i in range(levels):
+    for _ in range(levels):
         os.mkdir("d", dir_fd=fd)
         with open(os.open("f", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=fd), "w") as f:
             f.write("x")

@@ -23,7 +23,8 @@ from sandbox.zygote.leftovers import may_start_processes
 
 PLUGIN_SRC = os.path.join(ROOT, "tests", "plugins", "learn_demo")
 HAS_NUMPY = importlib.util.find_spec("numpy") is not None
-CALLS = [("gather", [5]), ("wake", [7]), ("scratch_roundtrip", ["hi"]), ("utc_offset", ["Europe/Paris"]), ("data_lines", []),
+CALLS = [("gather", [5]), ("wake", [7]), ("scratch_roundtrip", ["hi"]), ("utc_offset", ["Europe/Paris"]),
+         ("data_lines", []),
          ("numpy_sum", [10])]
 EXPECTED = [30, 7, "hi", 3600.0, ["alpha", "beta", "gamma"], 45 if HAS_NUMPY else None]
 

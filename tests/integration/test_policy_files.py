@@ -221,7 +221,10 @@ def _libc_syscall(nr, *args):
 
 
 def _workload():
-    import decimal, hashlib, json, re
+    import decimal
+    import hashlib
+    import json
+    import re
     json.dumps({"a": [1, 2]}), re.findall(r"\d+", "a1b22"), hashlib.sha256(b"x").hexdigest()
     decimal.Decimal("1.1") * 3
     x = bytearray(50 * 1024 * 1024)

@@ -511,7 +511,7 @@ def test_log_budget_is_per_call_and_drops_are_logged(plugin, caplog):
         pool.on("log", lambda wid, line: line.endswith("-end") and ends.append(line))
         for i in range(4):  # 4 x 600 KiB: more than a worker's 1 MiB, one call at a time
             pool.call("chatter", f"c{i}", 600)
-            assert _wait(lambda: len(ends) == i + 1, 10), (i, ends)
+            assert _wait(lambda i=i: len(ends) == i + 1, 10), (i, ends)
         assert ends == ["c0-end", "c1-end", "c2-end", "c3-end"]
         pool.call("chatter", "big", 1500)  # past the budget within one call
         assert _wait(lambda: "bytes of log output dropped" in caplog.text, 10)

@@ -110,10 +110,13 @@ result = [soft, resource.getrlimit(resource.RLIMIT_NOFILE)[0], raised]
     ("import fcntl, termios\ntry:\n    fcntl.ioctl(0, termios.TIOCGWINSZ, b'\\0' * 8)\n    result = 'tty'\n"
      "except OSError as e:\n    result = e.errno", errno.ENOTTY),
     # a write open where nothing is writable: a read-only file system
-    ("try:\n    open('/tmp/sandbox-should-not-exist', 'w')\nexcept OSError as e:\n    result = e.errno", errno.EROFS),
-    ("import os\ntry:\n    os.makedirs('/tmp/sandbox-nope/x')\nexcept OSError as e:\n    result = e.errno", errno.EROFS),
+    ("try:\n    open('/tmp/sandbox-should-not-exist', 'w')\n"
+     "except OSError as e:\n    result = e.errno", errno.EROFS),
+    ("import os\ntry:\n    os.makedirs('/tmp/sandbox-nope/x')\n"
+     "except OSError as e:\n    result = e.errno", errno.EROFS),
     # the user database: glibc's nscd socket refused, the files unreadable -> KeyError, not a kill
-    ("import pwd, os\ntry:\n    pwd.getpwuid(os.getuid())\n    result = 'found'\nexcept KeyError:\n    result = 'KeyError'",
+    ("import pwd, os\ntry:\n    pwd.getpwuid(os.getuid())\n    result = 'found'\n"
+     "except KeyError:\n    result = 'KeyError'",
      "KeyError"),
     # no temporary directory without scratch: tempfile says so
     ("import tempfile\ntry:\n    tempfile.gettempdir()\nexcept FileNotFoundError:\n    result = 'none'", "none"),
@@ -161,7 +164,8 @@ result = [len(box), forked]
 
 def test_processes_grant_fork_but_never_a_namespace(folder):
     path, policy = _plugin(folder, "[limits]\nprocesses = 2\n")
-    fork = "import os\npid = os.fork()\nif pid == 0:\n    os._exit(7)\nresult = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])"
+    fork = ("import os\npid = os.fork()\nif pid == 0:\n    os._exit(7)\n"
+            "result = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])")
     newuser = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
                "result = libc.syscall(56, 0x10000000 | 17, 0, 0, 0, 0)")  # clone(CLONE_NEWUSER|SIGCHLD)
     with sandbox.Worker(path, policy=policy) as w:
@@ -203,7 +207,8 @@ LIBRARIES = {
     "lxml": ("from lxml import etree; result = [b.text for b in etree.fromstring('<a><b>1</b><b>2</b></a>')]",
              ["1", "2"]),
     "sympy": ("import sympy as s; x = s.symbols('x'); result = str(s.integrate(x ** 2, x))", "x**3/3"),
-    "regex": ("import regex; result = regex.findall(r'\\p{L}+', 'h\u00e9llo w\u00f6rld')", ["h\u00e9llo", "w\u00f6rld"]),
+    "regex": ("import regex; result = regex.findall(r'\\p{L}+', 'h\u00e9llo w\u00f6rld')",
+              ["h\u00e9llo", "w\u00f6rld"]),
     "orjson": ("import orjson; result = orjson.loads(orjson.dumps({'a': [1, 2.5]}))", {"a": [1, 2.5]}),
     "cryptography": ("from cryptography.fernet import Fernet; f = Fernet(Fernet.generate_key()); "
                      "result = f.decrypt(f.encrypt(b'hi')).decode()", "hi"),

@@ -133,7 +133,8 @@ def test_a_deep_scratch_tree_never_troubles_close(make_plugin):
 
 def _writable_policy(paths, extra=""):
     listed = ", ".join(f'"{p}"' for p in paths)
-    return f'[filesystem]\nwritable = [{listed}]\n[seccomp]\ngroups = ["@file-write", "@file-attributes"]\n[limits]\nfile_size_mb = 1\n' + extra
+    return (f'[filesystem]\nwritable = [{listed}]\n[seccomp]\ngroups = ["@file-write", "@file-attributes"]\n'
+            '[limits]\nfile_size_mb = 1\n' + extra)
 
 
 def test_writable_paths_stay_writable(make_plugin, plugin_dir):

@@ -84,9 +84,11 @@ def test_facts(load):
     assert both.may_fork and both.may_thread and both.limits.tasks == 4
     assert load("[seccomp]\ngroups = ['@process']\n").may_fork
     assert load("[seccomp]\nallow = ['clone']\nallow_dangerous = ['clone']\n").may_fork
-    n = load("[network]\nallow = true\nfamilies = ['inet']\nconnect = ['127.0.0.1:8080', '[::1]:80', 'Example.com:443']\n")
+    n = load("[network]\nallow = true\nfamilies = ['inet']\n"
+             "connect = ['127.0.0.1:8080', '[::1]:80', 'Example.com:443']\n")
     assert n.may_network
-    assert n.network.connect == (Destination("127.0.0.1", 8080), Destination("::1", 80), Destination("example.com", 443))
+    assert n.network.connect == (Destination("127.0.0.1", 8080), Destination("::1", 80),
+                                 Destination("example.com", 443))
     assert [str(x) for x in n.network.connect] == ["127.0.0.1:8080", "[::1]:80", "example.com:443"]
 
 

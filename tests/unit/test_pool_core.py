@@ -1,7 +1,8 @@
 """PoolCore without processes: every decision a pool makes, from fake workers and a fake clock."""
 import pytest
 
-from sandbox.errors import PluginCrashed, PluginError, PluginMemoryError, QueueFull, RestartLimit, UsageError, WorkerClosed
+from sandbox.errors import (PluginCrashed, PluginError, PluginMemoryError, QueueFull, RestartLimit, UsageError,
+                            WorkerClosed)
 from sandbox._host.pool_core import (CPU_RECYCLE_AT, MAX_RESENDS, CallbackBudget, PoolCore, RestartGovernor, Slot,
                                      WorkerId, governor_from)
 

@@ -32,7 +32,7 @@ def on_message(msg):
 
 
 def noisy():
-    for i in range(20000):
+    for _ in range(20000):
         print("x" * 200)
     return "still fine"
 
