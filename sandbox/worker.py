@@ -95,8 +95,8 @@ class Worker(WorkerHandle):
                         self._pump(left, _monotonic() + limit, _WANT_WRITTEN,
                                    lambda: core.kill(channel.timeout_error(self.name, limit)))
             finally:
-                self._rearm()
                 msgs = self._take_inbox()
+        self._after_io()  # after letting go of the fds (see _on_hub_event)
         self._dispatch(msgs)
         if core.reason is not None:
             raise core.ended_error()
@@ -157,9 +157,9 @@ class Worker(WorkerHandle):
                     reply = self._exchange(frame, started, timeout)
                 finally:
                     core.call_over(sent=True)
-                    if self._hub_reads or self._hub_missed:
-                        self._rearm()
                     msgs = self._take_inbox() if self._inbox else None
+            if self._hub_reads or self._hub_missed:
+                self._after_io()  # after letting go of the fds (see _on_hub_event)
             if msgs:  # what it posted before the reply, or before it died, still counts
                 self._dispatch(msgs)
         if reply is not None and reply.error is None and not (_events._subscribers or _events_log.isEnabledFor(20)):
@@ -392,8 +392,15 @@ class Worker(WorkerHandle):
     # ---- between calls (hub thread) -----------------------------------------------------------
     def _on_hub_event(self, fd):
         if not self._io.acquire(blocking=False):
-            self._hub_missed = True  # a caller owns the fds; it re-arms when done
-            return
+            # A caller owns the fds. Callers re-arm only after letting go of them (_after_io), so
+            # flag the miss first and try again: either the caller still holds the lock and sees
+            # the flag after releasing it, or it has let go and this thread takes the event
+            # itself. A re-arm under the lock would consume the flag before the wake-up it made
+            # was missed: an EPOLLONESHOT wake-up lost, and a message posted between calls held
+            # back until the next call.
+            self._hub_missed = True
+            if not self._io.acquire(blocking=False):
+                return
         try:
             if self._core.state is _ENDED:
                 return
@@ -410,6 +417,11 @@ class Worker(WorkerHandle):
             self._io.release()
             self._rearm(listener=True)
         self._dispatch(msgs)
+
+    def _after_io(self):
+        """After letting go of the fds: re-arm what the hub could not handle meanwhile."""
+        if not self._finalized:
+            self._rearm()
 
     def _rearm(self, listener: bool = False):
         if self._finalized:
