@@ -1,4 +1,4 @@
-"""Issue 5's rows: requests/second through the HTTP host beside an in-process and a
+"""The HTTP rows of the benchmark: requests/second through the HTTP host beside an in-process and a
 ProcessPoolExecutor-backed host; AsyncWorker round trip beside a raw asyncio pipe floor."""
 import asyncio
 import os

@@ -17,8 +17,6 @@ class Hub:
         self._ep = select.epoll()
         self._handlers: dict[int, callable] = {}
         self._lock = threading.Lock()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._ep.register(self._wake_r, select.EPOLLIN)
         self._thread = threading.Thread(target=self._run, name="sandbox-hub", daemon=True)
         self._thread.start()
 
@@ -54,8 +52,6 @@ class Hub:
             except InterruptedError:
                 continue
             for fd, _ in events:
-                if fd == self._wake_r:
-                    continue
                 with self._lock:
                     handler = self._handlers.get(fd)
                 if handler is not None:
@@ -87,11 +83,6 @@ def _after_fork_in_child() -> None:
     if old is not None:
         _inherited.append(old)  # never freed here: nothing of it may act on a reused fd later
         old._ep.close()  # the child's copy only
-        for fd in (old._wake_r, old._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
 
 _inherited: list = []

@@ -34,7 +34,6 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
-PLAIN_TYPES = (type(None), bool, int, float, str, bytes, list, dict)
 
 
 class NotPlainData(TypeError):

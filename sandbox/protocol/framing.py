@@ -20,8 +20,6 @@ KEEP_MAX = 4 * 1024 * 1024  # the largest buffer a decoder keeps (FrameDecoder(r
 
 # Frame types. Direction matters: a child may only send the ones in CHILD_TYPES.
 READY, CALL, RESULT, ERROR, POST, EVENT, LOADERR = 1, 2, 3, 4, 5, 6, 7
-NAMES = {READY: "READY", CALL: "CALL", RESULT: "RESULT", ERROR: "ERROR", POST: "POST",
-         EVENT: "EVENT", LOADERR: "LOADERR"}
 CHILD_TYPES = frozenset({READY, RESULT, ERROR, EVENT, LOADERR})
 HOST_TYPES = frozenset({CALL, POST})
 
@@ -29,10 +27,6 @@ HOST_TYPES = frozenset({CALL, POST})
 Frame = namedtuple("Frame", "type call_id payload")
 _frame = tuple.__new__  # _frame(Frame, (type, call_id, payload)): skips namedtuple's Python-level __new__
 _unpack_header = HEADER.unpack_from
-
-
-def encode_header(ftype: int, call_id: int, length: int) -> bytes:
-    return HEADER.pack(MAGIC, VERSION, ftype, length, call_id)
 
 
 def encode_frame(ftype: int, call_id: int, payload: bytes) -> bytes:

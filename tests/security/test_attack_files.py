@@ -1,4 +1,5 @@
-"""ATTACKS.md items 29-32: the host's files and policy. Each test names the layer meant to stop the attack."""
+"""Attacks 29-32 of the README's security table: the host's files and policy.
+Each test names the layer meant to stop the attack."""
 import os
 import tempfile
 

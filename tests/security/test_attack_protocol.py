@@ -1,4 +1,5 @@
-"""ATTACKS.md items 22-28: attack the host through the protocol. Each test names the layer meant to stop the attack."""
+"""Attacks 22-28 of the README's security table: attack the host through the protocol.
+Each test names the layer meant to stop the attack."""
 import struct
 import time
 

@@ -1,4 +1,5 @@
-"""ATTACKS.md items 9-14: become more than you are. Each test names the layer meant to stop the attack."""
+"""Attacks 9-14 of the README's security table: become more than you are.
+Each test names the layer meant to stop the attack."""
 
 import signal
 

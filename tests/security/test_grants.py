@@ -1,4 +1,5 @@
-"""ATTACKS.md items 38 and 42: a grant gives exactly what it says. Writes (and chmod, chown, utimes,
+"""Attacks 38 and 42 of the README's security table: a grant gives exactly what it says.
+Writes (and chmod, chown, utimes,
 which Landlock does not cover) outside the writable paths meet a read-only mount (EROFS);
 scratch is a tmpfs of the worker's own with a size and an inode quota (child/mounts.py)."""
 import errno

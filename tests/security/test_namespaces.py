@@ -1,4 +1,4 @@
-"""ATTACKS.md items 37 and 17: a worker addresses no process outside its own tree, and nothing it
+"""Attacks 37 and 17 of the README's security table: a worker addresses no process outside its own tree, and nothing it
 starts outlives it. The layer: a PID namespace per worker (zygote/pidns.py)."""
 import os
 import signal

@@ -1,4 +1,5 @@
-"""ATTACKS.md items 15-21: outlive or outgrow the limits. Each test names the layer meant to stop the attack."""
+"""Attacks 15-21 of the README's security table: outlive or outgrow the limits.
+Each test names the layer meant to stop the attack."""
 import os
 import threading
 import time

@@ -1,4 +1,5 @@
-"""ATTACKS.md items 1-8: reach the host or its neighbours. Each test names the layer meant to stop the attack."""
+"""Attacks 1-8 of the README's security table: reach the host or its neighbours.
+Each test names the layer meant to stop the attack."""
 import os
 import signal
 import socket
