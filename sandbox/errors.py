@@ -37,8 +37,10 @@ class SandboxError(Exception):
         return (_rebuild, (type(self), str(self), state, extra))
 
     def to_dict(self) -> dict:
-        """Plain data (JSON-safe): kind, class name, message and the class's own fields."""
-        d: dict[str, Any] = {"kind": self.kind, "class": type(self).__name__, "message": str(self)}
+        """Plain data (JSON-safe): kind, class name, the error's text (`detail`; also `message`
+        unless the class has a field of that name, as PluginError does) and its own fields."""
+        d: dict[str, Any] = {"kind": self.kind, "class": type(self).__name__, "message": str(self),
+                             "detail": str(self)}
         for name in self._fields:
             value = getattr(self, name, None)
             d[name] = list(value) if isinstance(value, tuple) else value
@@ -52,7 +54,7 @@ class SandboxError(Exception):
         """The same error again, from `to_dict()`'s output; an unknown class becomes SandboxError."""
         klass = _CLASSES.get(str(d.get("class", ""))) or _BY_KIND.get(str(d.get("kind", ""))) or SandboxError
         fields = {k: d.get(k) for k in klass._fields}
-        err = _rebuild(klass, str(d.get("message", "")), fields, {})
+        err = _rebuild(klass, str(d.get("detail", d.get("message", ""))), fields, {})
         if "traceback" in d and "traceback" not in klass._fields:
             err.traceback = d["traceback"]
         return err
