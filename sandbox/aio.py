@@ -411,12 +411,12 @@ class AsyncWorker(WorkerHandle):
         loop = self._loop
         if loop is None or loop.is_closed():
             return
-        if self._pidfd is not None:
-            loop.remove_reader(self._pidfd)
         sp = self._sp
-        if sp is not None and sp.handoff is not None:
-            loop.remove_reader(sp.handoff.fileno())
-        for fd in self._fds.values():
+        watched = [self._pidfd, sp.handoff.fileno() if sp is not None and sp.handoff is not None else None,
+                   *self._fds.values()]
+        for fd in watched:
+            if fd is None or fd < 0:
+                continue  # never watched, or closed already (a start abandoned half-way)
             loop.remove_reader(fd)
             loop.remove_writer(fd)
         self._out.clear()
@@ -512,9 +512,13 @@ def _abandon(worker: AsyncWorker):
         if w is None or fut.cancelled() or fut.exception() is not None:
             return
         w._send_kill()
-        if w._sp is not None:
+        core = w._core
+        if core is not None and core.state is not _ENDED:
+            # Ended through the core like any death: timers cancelled, resources released, and a
+            # terminate() already waiting on it woken (a core set aside here left it waiting).
+            w._apply(core.status_wait_over(0, WorkerClosed(f"the start of worker {w.name} was abandoned")))
+        elif w._sp is not None:
             w._sp.release()
-        w._core = None
     return done
 
 

@@ -118,6 +118,7 @@ class WorkerHandle:
     # What __del__ reads, set here too: a constructor that fails early (a bad policy) leaves an
     # object whose __del__ must still find them.
     _core: "lc.Lifecycle | None" = None
+    _exited_seen = False  # the pidfd said the worker exited: its status is waited for briefly only
     _sp: Spawned | None = None
 
     def __init__(self, worker_py, policy, name: str | None, start_timeout: float | None,
@@ -315,8 +316,10 @@ class WorkerHandle:
     def _status_never_came(self) -> list:
         """The bounded wait after a kill is over: end with what is known of the zygote."""
         core = self._core
-        assert core is not None  # the wait starts from a kill the core asked for
-        return core.status_wait_over(DEATH_WAIT, self._sp.zygote_death() if self._sp is not None else None)
+        if core is None:
+            return lc.NOTHING
+        waited = EXITED_GRACE if self._exited_seen else DEATH_WAIT
+        return core.status_wait_over(waited, self._sp.zygote_death() if self._sp is not None else None)
 
     def _read_child(self, fd):
         """One read of the worker's pipe into the core: its outputs, or None when nothing is there.

@@ -1,6 +1,7 @@
 """Pool (threads) and AsyncPool (asyncio): warm workers that survive being killed under them."""
 import asyncio
 import concurrent.futures
+import contextlib
 import inspect
 import json
 import logging
@@ -16,6 +17,7 @@ import pytest
 
 from sandbox import (AsyncPool, Pool, PluginCrashed, PluginError, PluginTimeout, PolicyViolation, QueueFull,
                      RestartLimit, UsageError, Worker, WorkerClosed)
+from sandbox._host import lifecycle as lc
 from sandbox.aio import AsyncWorker
 from sandbox.pool import WorkerId, cpu_seconds
 import procfs
@@ -746,3 +748,31 @@ def _catch(out, fn, *args):
         out.append(fn(*args))
     except Exception as e:  # noqa: BLE001
         out.append(e)
+
+
+def test_an_abandoned_async_start_ends_through_the_core(plugin, caplog):
+    """A start cancelled while the zygote's fork runs in its thread: when the fork completes
+    after all, the worker is killed and ended like any death (nothing waits on it forever, no
+    timer fires on a handle set aside)."""
+
+    path, policy = plugin
+
+    async def main():
+        for _ in range(10):
+            w = AsyncWorker(path, policy=policy)
+            task = asyncio.ensure_future(w._start())
+            await asyncio.sleep(0)  # the spawn is in its thread now
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await asyncio.wait_for(w.terminate(), 10)  # never waits forever
+            for _ in range(200):
+                if w._core is None or w._core.state is lc._ENDED:
+                    break
+                await asyncio.sleep(0.01)
+            assert w._core is None or w._core.state is lc._ENDED
+        await asyncio.sleep(0.3)
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        asyncio.run(asyncio.wait_for(main(), 60))
+    assert not [r for r in caplog.records if "Exception in callback" in r.getMessage()]
