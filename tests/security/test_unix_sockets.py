@@ -1,0 +1,250 @@
+"""Pathname unix sockets: a worker granted the `unix` family reaches only the sockets inside its
+granted paths and the ones named in `network.connect`; every other socket file of the host is
+absent from its mount view (the minimal view), whatever the file's permissions say.
+
+Real parts only: listeners made by this (host) process in folders of their own, world-writable
+(so that permissions alone would let any uid in), and workers that try to reach them.
+"""
+import os
+import shutil
+import socket
+import stat
+import tempfile
+import threading
+
+import pytest
+
+import sandbox
+from sandbox import PolicyError
+from sandbox.child import landlock
+
+pytestmark = pytest.mark.unpriv
+
+CLIENT = """
+    import errno, os, socket
+
+    def _name(e):
+        return errno.errorcode.get(e.errno, str(e.errno))
+
+    def connect(path):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(5)
+        try:
+            s.connect(path)
+            return s.recv(64).decode()
+        except OSError as e:
+            return _name(e)
+        finally:
+            s.close()
+
+    def send(path, text):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            s.sendto(text.encode(), path)
+            return "sent"
+        except OSError as e:
+            return _name(e)
+        finally:
+            s.close()
+
+    def exists(path):
+        return os.path.lexists(path)
+"""
+
+
+class Listener:
+    """A stream socket file in this process that greets each connection and counts them."""
+
+    def __init__(self, path: str, greeting: bytes):
+        self.path = path
+        self.greeting = greeting
+        self.accepted = 0
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        os.chmod(path, 0o777)  # world-writable: its permissions alone let every uid connect
+        self.sock.listen(8)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            with conn:
+                try:
+                    conn.sendall(self.greeting)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        self.thread.join(5)
+
+
+def _folder() -> str:
+    """A folder of its own, outside every grant, that any uid may traverse."""
+    d = tempfile.mkdtemp(prefix="sandbox-sock-")
+    os.chmod(d, 0o755)
+    return d
+
+
+@pytest.fixture
+def folders():
+    made = {"outside": _folder(), "granted": _folder(), "named": _folder()}
+    yield made
+    for d in made.values():
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def listeners(folders):
+    made = {k: Listener(os.path.join(d, "app.sock"), f"hello from {k}".encode()) for k, d in folders.items()}
+    yield made
+    for s in made.values():
+        s.close()
+
+
+def _policy(read_only: str = "", connect: str = "") -> str:
+    text = '[network]\nallow = true\nfamilies = ["unix"]\n'
+    if connect:
+        text += f'connect = ["unix:{connect}"]\n'
+    if read_only:
+        text += f'[filesystem]\nread_only = ["{read_only}"]\n'
+    return text
+
+
+def _needs_scope() -> None:
+    if landlock.abi_version() < landlock.SCOPE_ABI:
+        pytest.skip("the unix family needs the Landlock abstract-socket scope (ABI 6)")
+
+
+def _host_reaches(listeners) -> dict:
+    """The host reaches every listener (they are there, and open to all); their counts after."""
+    for s in listeners.values():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.connect(s.path)
+        assert probe.recv(64) == s.greeting
+        probe.close()
+    return {k: s.accepted for k, s in listeners.items()}
+
+
+@pytest.mark.parametrize("scratch", [False, True], ids=["host-ruleset", "own-ruleset"])
+def test_a_socket_outside_the_grants_is_absent_one_inside_is_reachable(make_plugin, folders, listeners,
+                                                                      scratch):
+    _needs_scope()
+    outside, granted = listeners["outside"], listeners["granted"]
+    before = _host_reaches(listeners)
+    text = _policy(read_only=folders["granted"])
+    if scratch:
+        text = text.replace("[filesystem]\n", "[filesystem]\nscratch = true\n")
+    path, policy = make_plugin(CLIENT, text)
+    with sandbox.Worker(path, policy=policy) as w:
+        assert w.call("connect", outside.path) == "ENOENT"  # not in the worker's view at all
+        assert w.call("exists", folders["outside"]) is False
+        assert w.call("connect", granted.path) == "hello from granted"  # inside a granted folder
+    assert outside.accepted == before["outside"]
+    assert granted.accepted == before["granted"] + 1
+
+
+def test_a_socket_granted_by_name_is_reachable_alone(make_plugin, folders, listeners):
+    _needs_scope()
+    named = listeners["named"]
+    before = _host_reaches(listeners)
+    path, policy = make_plugin(CLIENT, _policy(connect=named.path))
+    with sandbox.Worker(path, policy=policy) as w:
+        assert w.call("connect", named.path) == "hello from named"
+        assert w.call("exists", os.path.join(folders["named"], "other")) is False  # its folder is not there
+        assert w.call("connect", listeners["outside"].path) == "ENOENT"
+    assert named.accepted == before["named"] + 1
+    assert listeners["outside"].accepted == before["outside"]
+
+
+def test_a_datagram_socket_outside_the_grants_gets_nothing(make_plugin, folders):
+    _needs_scope()
+    where = os.path.join(folders["outside"], "log.sock")
+    sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sink.bind(where)
+    os.chmod(where, 0o777)
+    sink.settimeout(0.2)
+    try:
+        path, policy = make_plugin(CLIENT, _policy())
+        with sandbox.Worker(path, policy=policy) as w:
+            assert w.call("send", where, "forged log line") == "ENOENT"
+        with pytest.raises(socket.timeout):
+            sink.recv(64)
+        # the same datagram from a worker that names the socket does arrive: the sink works
+        path, policy = make_plugin(CLIENT, _policy(connect=where))
+        with sandbox.Worker(path, policy=policy) as w:
+            assert w.call("send", where, "granted line") == "sent"
+        sink.settimeout(10)
+        assert sink.recv(64) == b"granted line"
+    finally:
+        sink.close()
+
+
+def test_the_host_filesystem_outside_the_grants_is_absent(make_plugin):
+    """stat() is no Landlock right: only the view can make the rest of the host disappear."""
+    _needs_scope()
+    path, policy = make_plugin(CLIENT, _policy())
+    with sandbox.Worker(path, policy=policy) as w:
+        for gone in ("/etc/passwd", "/home", "/run", "/var"):
+            assert w.call("exists", gone) is False, gone
+        assert w.call("exists", path) is True  # its own folder is there
+
+
+def test_a_plain_worker_keeps_the_whole_read_only_view(make_plugin):
+    """Without the unix family nothing changes: the host's tree stays visible (read-only)."""
+    path, policy = make_plugin(CLIENT)
+    with sandbox.Worker(path, policy=policy) as w:
+        assert w.call("exists", "/etc/passwd") is True
+
+
+def _load(tmp_path, text: str):
+    from sandbox.policy import Policy
+    p = tmp_path / "u.toml"
+    p.write_text(text)
+    return Policy.load(str(p))
+
+
+def test_a_named_socket_must_be_a_socket_path(tmp_path):
+    regular = tmp_path / "file"
+    regular.write_text("x")
+    link = tmp_path / "link.sock"
+    link.symlink_to(regular)
+    for bad, words in ((str(regular), "not a socket"), (str(link), "a symlink"),
+                       ("run/app.sock", "absolute"), ("/run/../etc/app.sock", "normalized"),
+                       ("/" + "a" * 120, "longer than 107 bytes")):
+        with pytest.raises(PolicyError, match=words) as info:
+            _load(tmp_path, _policy(connect=bad))
+        assert info.value.key == "network.connect", bad
+    with pytest.raises(PolicyError, match='families with "unix"'):
+        _load(tmp_path, '[network]\nallow = true\nfamilies = ["inet"]\nconnect = ["unix:/run/app.sock"]\n')
+    missing = _load(tmp_path, _policy(connect="/run/not-yet-there.sock"))  # may start after the load
+    assert missing.network.unix_sockets == ("/run/not-yet-there.sock",)
+
+
+def test_explain_and_lint_say_where_pathname_sockets_are_reachable(tmp_path):
+    from sandbox.policy.explain import explain_text
+    from sandbox.policy.lint import lint
+
+    sock_path = str(tmp_path / "app.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(sock_path)
+    try:
+        assert stat.S_ISSOCK(os.lstat(sock_path).st_mode)
+        policy = _load(tmp_path, _policy(connect=sock_path))
+        text = explain_text(policy)
+        assert "pathname unix sockets: only inside the granted paths" in text
+        assert "the sockets named in network.connect" in text and sock_path in text
+        assert policy.explain()["network"]["connect"] == ["unix:" + sock_path]
+        findings = [f.message for f in lint(str(tmp_path / "u.toml")) if f.key == "network.families"]
+        assert any("only inside the granted paths" in m for m in findings)
+    finally:
+        s.close()
