@@ -90,6 +90,7 @@ class _Tree:
     def __init__(self, base: str):
         self.base = base
         self.dirs: dict[str, int] = {}
+        self.placed: list[str] = []  # where binds and links were made: only beneath them is a host inode
 
     def folder(self, path: str) -> int:
         fd = self.dirs.get(path)
@@ -135,6 +136,8 @@ class _Tree:
     def shows(self, path: str, source: int, kind: str) -> bool:
         """Does the tree already show `source` at `path`, read-only unless it is a socket, as the
         worker will resolve it (its links within the new root)? Then no bind is needed."""
+        if not any(path == p or path.startswith(p.rstrip("/") + "/") for p in self.placed):
+            return False  # only folders the tree made itself lie there: nothing of the host's
         fd = _open_in_root(self.folder("/"), path)
         if fd is None:
             return False
@@ -161,6 +164,7 @@ class _Tree:
         finally:
             os.close(target)
         self.covered(path)
+        self.placed.append(path)
         return path
 
     def link(self, path: str, text: str, source: int) -> bool:
@@ -174,8 +178,10 @@ class _Tree:
             if e.errno in _NOT_MADE:
                 return False
             raise
+        self.placed.append(path)
         if self.shows(path, source, "ro"):
             return True
+        self.placed.pop()
         os.unlink(name, dir_fd=pfd)
         return False
 
@@ -301,3 +307,21 @@ def _pivot(base: str) -> None:
         os.close(old)
     os.chdir("/")
 
+
+def warm_up(paths: list[str]) -> None:
+    """Walk the host-side half of `build` on read-only calls (a spare does it while idle, so a
+    unix-family worker pays no first-touch page faults for this code)."""
+    grants = _grants(paths, [], [], None)
+    try:
+        root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for g in grants[:1]:
+                fd = _open_in_root(root, g.path)
+                if fd is not None:
+                    os.fstatvfs(fd), os.fstat(fd), os.fstat(g.fd)
+                    os.close(fd)
+        finally:
+            os.close(root)
+    finally:
+        for g in grants:
+            os.close(g.fd)

@@ -49,6 +49,33 @@ CLIENT = """
 
     def exists(path):
         return os.path.lexists(path)
+
+    def uses_the_runtime():
+        import decimal, json, sqlite3, time  # stdlib, C extensions and their shared libraries
+        db = sqlite3.connect(":memory:")
+        value = db.execute("select 6 * 7").fetchone()[0]
+        return [json.dumps(value), str(decimal.Decimal("1.5") * 2), time.localtime().tm_year > 2000]
+
+    def write(folder, text):
+        with open(os.path.join(folder, "out.txt"), "w") as f:
+            f.write(text)
+        try:
+            os.chmod(os.path.dirname(__file__), 0o777)
+            return "chmod allowed"
+        except OSError as e:
+            return _name(e)
+
+    def mount_points():
+        with open("/proc/self/mountinfo") as f:
+            return [line.split()[4] for line in f]
+
+    def tcp(name, port):
+        addr = socket.getaddrinfo(name, port, socket.AF_INET, socket.SOCK_STREAM)[0][4]
+        s = socket.create_connection(addr, timeout=5)
+        try:
+            return s.recv(16).decode()
+        finally:
+            s.close()
 """
 
 
@@ -189,14 +216,77 @@ def test_a_datagram_socket_outside_the_grants_gets_nothing(make_plugin, folders)
         sink.close()
 
 
-def test_the_host_filesystem_outside_the_grants_is_absent(make_plugin):
-    """stat() is no Landlock right: only the view can make the rest of the host disappear."""
+@pytest.mark.parametrize("threads", [0, 2], ids=["no-threads", "threads"])
+def test_the_host_filesystem_outside_the_grants_is_absent(make_plugin, threads):
+    """stat() is no Landlock right: only the view can make the rest of the host disappear. With
+    threads, an unprivileged host's worker makes a user namespace of its own after the view
+    (its maps are written in the view's /proc)."""
     _needs_scope()
-    path, policy = make_plugin(CLIENT, _policy())
+    path, policy = make_plugin(CLIENT, _policy() + f"[limits]\nthreads = {threads}\n")
     with sandbox.Worker(path, policy=policy) as w:
         for gone in ("/etc/passwd", "/home", "/run", "/var"):
             assert w.call("exists", gone) is False, gone
         assert w.call("exists", path) is True  # its own folder is there
+        assert w.call("uses_the_runtime") == ["42", "3.0", True]
+
+
+def test_the_old_root_is_gone(make_plugin):
+    """Not hidden beneath the new root but detached: every mount the worker has is the new
+    root, its /proc, or a grant (no /sys, /dev, or the host's own binds such as /etc/hosts)."""
+    _needs_scope()
+    from sandbox.policy import Policy
+    from sandbox._host import plan as plans
+
+    path, policy = make_plugin(CLIENT, _policy(read_only="/proc/self"))
+    granted = plans.build(Policy.load(policy), path, "p", None, None).landlock.read
+    with sandbox.Worker(path, policy=policy) as w:
+        points = w.call("mount_points")
+    assert points[0] == "/" and "/proc" in points
+    strays = [p for p in points[1:] if p != "/proc" and not any(p == g or p.startswith(g + "/") for g in granted)]
+    assert strays == []
+
+
+def test_writable_paths_stay_writable_and_the_rest_read_only(make_plugin, folders):
+    _needs_scope()
+    out = folders["granted"]
+    path, policy = make_plugin(CLIENT, _policy() + f'[filesystem]\nwritable = ["{out}"]\n[limits]\nfile_size_mb = 1\n'
+                               '[seccomp]\ngroups = ["@file-attributes"]\n')
+    os.chmod(out, 0o777)
+    with sandbox.Worker(path, policy=policy) as w:
+        assert w.call("write", out, "from the worker") == "EROFS"  # its own folder: read-only
+    with open(os.path.join(out, "out.txt")) as f:
+        assert f.read() == "from the worker"
+
+
+def test_a_granted_host_name_still_resolves(make_plugin):
+    """DNS needs the resolver's files: they are granted, so they are in the view."""
+    _needs_scope()
+    if landlock.abi_version() < 4:
+        pytest.skip("network.connect needs Landlock ABI 4")
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    port = server.getsockname()[1]
+
+    def serve():
+        try:
+            conn, _ = server.accept()
+        except OSError:
+            return
+        with conn:
+            conn.sendall(b"resolved")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        text = ('[network]\nallow = true\nfamilies = ["unix", "inet"]\n'
+                f'connect = ["localhost:{port}"]\n')
+        path, policy = make_plugin(CLIENT, text)
+        with sandbox.Worker(path, policy=policy) as w:
+            assert w.call("tcp", "localhost", port) == "resolved"
+    finally:
+        server.close()
+        thread.join(5)
 
 
 def test_a_plain_worker_keeps_the_whole_read_only_view(make_plugin):
