@@ -57,7 +57,8 @@ class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
-SYS_openat2, RESOLVE_NO_MAGICLINKS, RESOLVE_IN_ROOT = 437, 0x02, 0x10
+SYS_openat2, RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS, RESOLVE_IN_ROOT = 437, 0x02, 0x04, 0x10
+AT_EMPTY_PATH = 0x1000
 
 
 def _open_in_root(root_fd: int, path: str) -> int | None:
@@ -167,6 +168,19 @@ class _Tree:
         self.placed.append(path)
         return path
 
+    def writable(self, path: str) -> None:
+        """The bind just made at `path` read-write again, found without following any link (by
+        path, a link swapped in meanwhile could name another mount)."""
+        how = _OpenHow(os.O_PATH | os.O_CLOEXEC, 0, RESOLVE_IN_ROOT | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)
+        fd = _sys.check(_sys.libc.syscall(SYS_openat2, self.folder("/"), path.encode(), ctypes.byref(how),
+                                          ctypes.sizeof(how)), f"open {path} in the minimal view")
+        try:
+            attr = mounts._MountAttr(0, mounts.MOUNT_ATTR_RDONLY, 0, 0)
+            _sys.check(_sys.libc.syscall(mounts.SYS_mount_setattr, fd, b"", AT_EMPTY_PATH, ctypes.byref(attr),
+                                         ctypes.sizeof(attr)), f"mount_setattr {path}")
+        finally:
+            os.close(fd)
+
     def link(self, path: str, text: str, source: int) -> bool:
         """The host's symlink at `path` made again in the tree (a link costs less than a bind),
         kept only if it leads to `source` there."""
@@ -264,8 +278,7 @@ def build(read: list[str], writable: list[str], sockets: list[str], scratch: str
             where = tree.bind(g.path, g.fd)
             if where is not None and g.kind == "rw" and _mount_id(g.fd) in mounts._was_writable:
                 # only the top mount: a read-only mount beneath a writable path stays read-only
-                mounts._setattr(base + where if where != "/" else base, clr=mounts.MOUNT_ATTR_RDONLY,
-                                recursive=False)
+                tree.writable(where)
         if scratch:
             target = tree.target(scratch, True)
             if target is None:
