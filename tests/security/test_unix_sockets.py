@@ -338,3 +338,21 @@ def test_explain_and_lint_say_where_pathname_sockets_are_reachable(tmp_path):
         assert any("only inside the granted paths" in m for m in findings)
     finally:
         s.close()
+
+
+def test_the_plan_carries_the_named_sockets_only_with_the_unix_family(tmp_path):
+    from sandbox._host import plan as plans
+    from sandbox.protocol import plan as wire
+
+    policy = _load(tmp_path, _policy(connect="/run/app.sock"))
+    plan = plans.build(policy, "/srv/p/worker.py", "p", None, None)
+    assert plan.landlock.unix and plan.unix_sockets == ("/run/app.sock",)
+    assert wire.decode(wire.encode(plan)) == plan
+    older = plan.to_wire()
+    del older["unix_sockets"]  # a plan without the field grants no socket
+    assert wire.Plan.from_wire(older).unix_sockets == ()
+    with pytest.raises(wire.PlanError):
+        wire.Plan.from_wire({**plan.to_wire(), "unix_sockets": "/run/app.sock"})
+    plain = plans.build(_load(tmp_path, '[network]\nallow = true\nfamilies = ["inet"]\n'), "/srv/p/worker.py", "p",
+                        None, None)
+    assert not plain.landlock.unix and plain.unix_sockets == ()
