@@ -16,8 +16,8 @@ A gid must not be a group of the system (its members, and any file of that group
 the worker's), nor one of the subordinate gids useradd hands out for containers (/etc/subgid),
 nor inside the uid range (the old one-gid-per-worker scheme used those numbers).
 
-Two different policies must never share a gid silently. While this process uses a policy, its
-gid is claimed machine-wide: a file `gid-N` in the uid claims directory holds the policy's
+Two different policies must never share a gid silently. While a host has a live worker of a
+policy, the policy's gid is claimed machine-wide: a file `gid-N` in the uid claims directory holds the policy's
 resolved path under a shared flock. Hosts serving the same policy share the claim; a policy
 with another path finds the claim held and gets a PolicyError saying to set identity.gid. The
 kernel drops the locks of a host that dies; a claim nobody holds is taken over by the next
@@ -45,9 +45,9 @@ MAX_RECORD = 8192
 log = logging.getLogger("sandbox")
 
 _lock = threading.Lock()
-_held: dict[int, list] = {}  # gid -> [owner, fd or None, claim path, count]
-_by_policy: "weakref.WeakKeyDictionary[object, int | None]" = weakref.WeakKeyDictionary()
-_pending: list[int] = []  # gids whose policy was collected, released at the next chance
+_held: dict[int, list] = {}  # gid -> [owner, fd or None, claim path, live workers in this process]
+_workers: dict[int, int] = {}  # a live worker's uid -> its gid
+_chosen: "weakref.WeakKeyDictionary[object, tuple]" = weakref.WeakKeyDictionary()
 
 
 # ---- which gid ---------------------------------------------------------------------------------
@@ -220,43 +220,40 @@ def _drop(gid: int) -> None:
             _release_file(entry[1], entry[2])
 
 
-def _collected(gid: int) -> None:
-    """A policy holding a claim was garbage-collected (maybe inside a locked section: never wait)."""
-    _pending.append(gid)
-    if _lock.acquire(blocking=False):
-        try:
-            _release_pending()
-        finally:
-            _lock.release()
-
-
-def _release_pending() -> None:
-    while _pending:
-        _drop(_pending.pop())
+def _choice(policy) -> tuple[int | None, str, str]:
+    """(gid, where it comes from, what a claim records), worked out once per Policy object."""
+    try:
+        return _chosen[policy]
+    except KeyError:
+        pass
+    gid, how = policy_gid(policy)
+    got = _chosen[policy] = (gid, how, _owner(policy))
+    return got
 
 
 def worker_gid(policy, uid: int | None) -> int | None:
-    """The gid of a worker with this uid (root hosts; None when unprivileged): its policy's,
-    claimed for as long as this process keeps the policy; its uid for a file-less policy."""
+    """The gid of a new worker with this uid (root hosts; None when unprivileged): its policy's,
+    claimed until that uid is released (uids.release); its uid for a file-less policy."""
     if uid is None:
         return None
-    try:
-        known = _by_policy[policy]
-    except KeyError:
-        pass
-    else:
-        return uid if known is None else known
-    gid, how = policy_gid(policy)
+    gid, how, owner = _choice(policy)
+    if gid is None:
+        return uid
     with _lock:
-        _release_pending()
-        if policy in _by_policy:  # another thread claimed it meanwhile
-            known = _by_policy[policy]
-            return uid if known is None else known
+        if uid in _workers:  # a plan built again for one uid: count it once
+            _drop(_workers.pop(uid))
+        _take(gid, owner, policy, how)
+        _workers[uid] = gid
+    return gid
+
+
+def worker_released(uid: int) -> None:
+    """The worker with this uid is gone (called by uids.release): its policy's claim with it,
+    once no worker of that policy is left in this process."""
+    with _lock:
+        gid = _workers.pop(uid, None)
         if gid is not None:
-            _take(gid, _owner(policy), policy, how)
-            weakref.finalize(policy, _collected, gid)
-        _by_policy[policy] = gid
-    return uid if gid is None else gid
+            _drop(gid)
 
 
 def _take(gid: int, owner: str, policy, how: str) -> None:

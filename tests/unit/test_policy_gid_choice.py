@@ -155,18 +155,22 @@ def test_a_claim_path_that_is_a_symlink_is_not_followed(claims, tmp_path):
     assert target.read_text() == ""
 
 
-def test_a_policy_holds_its_claim_while_it_lives(claims, write, no_subgid):
-    import gc
+def test_a_claim_lasts_while_a_worker_of_the_policy_lives(claims, write, no_subgid):
     gid = _free_gid(1_900_100_000)
     one = Policy.load(write(f"[identity]\ngid_range = [{gid}, {gid}]\n", name="one.toml"))
     two = Policy.load(write(f"[identity]\ngid_range = [{gid}, {gid}]\n", name="two.toml"))
-    assert gids.worker_gid(one, 1879050000) == gid
+    assert gids.worker_gid(one, 299_801) == gid and gids.worker_gid(one, 299_802) == gid
     with pytest.raises(PolicyError, match="in use by another policy"):
-        gids.worker_gid(two, 1879050001)
-    del one
-    gc.collect()
-    assert gids.worker_gid(two, 1879050001) == gid
+        gids.worker_gid(two, 299_803)
+    uids.release(299_801)  # a worker ends: the other still holds the claim
+    with pytest.raises(PolicyError, match="in use by another policy"):
+        gids.worker_gid(two, 299_803)
+    uids.release(299_802)
+    assert os.listdir(claims) == []
+    assert gids.worker_gid(two, 299_803) == gid
     assert (claims / f"gid-{gid}").read_text() == os.path.realpath(two.path)
+    uids.release(299_803)
+    assert os.listdir(claims) == []
 
 
 # ---- what the operator is told --------------------------------------------------------------------
