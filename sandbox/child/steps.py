@@ -186,7 +186,7 @@ def restrict_filesystem(plan, state):
 
 
 def drop_privileges(plan, state):
-    """Root: a uid/gid unique to this worker, no groups, no capabilities, locked securebits."""
+    """Root: a uid unique to this worker, its policy's gid, no groups, no capabilities, locked securebits."""
     uid, gid = plan.uid, plan.gid
     if uid is not None:
         if uid == 0 or gid == 0:
@@ -196,8 +196,9 @@ def drop_privileges(plan, state):
         if bounding_set_is_full():
             drop_bounding_set()
         os.setgroups([])
-        os.setresgid(gid, gid, gid)
+        os.setresgid(gid, gid, gid)  # the policy's gid, shared by its workers only (_host/gids.py)
         os.setresuid(uid, uid, uid)
+        os.umask(0o007)  # what it writes is its policy's: group read-write for the next worker, nothing for others
     elif prctl.cap_effective.setpcap and bounding_set_is_full():
         drop_bounding_set()  # unprivileged, but holding caps in a user namespace of its own
     _clear_capabilities()

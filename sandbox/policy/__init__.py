@@ -98,6 +98,8 @@ class Policy:
             file_size_bytes=lim["file_size_mb"] * MIB, max_message_bytes=lim["max_message_bytes"],
             threads=lim["threads"], processes=lim["processes"])
         self.uid_range = tuple(tables["identity"]["uid_range"])
+        self.gid: int | None = tables["identity"]["gid"]  # None: derived (sandbox/_host/gids.py)
+        self.gid_range = tuple(tables["identity"]["gid_range"])
         fs = tables["filesystem"]
         self.filesystem = Filesystem(read_only=tuple(_existing(fs["read_only"], base, path, "filesystem.read_only")),
                                      writable=tuple(_existing(fs["writable"], base, path, "filesystem.writable")),
@@ -201,7 +203,8 @@ class Policy:
         eff = self._effective
         return {
             "name": self.name, "path": self.path, "description": self.description, "extends": self.chain[1:],
-            "limits": dict(t["limits"]), "identity": {"uid_range": list(self.uid_range)},
+            "limits": dict(t["limits"]), "identity": {"uid_range": list(self.uid_range), "gid": self.gid,
+                                                       "gid_range": list(self.gid_range)},
             "filesystem": {"read_only": list(self.filesystem.read_only), "writable": list(self.filesystem.writable),
                            "scratch": self.filesystem.scratch, "scratch_mb": self.filesystem.scratch_mb,
                            "scratch_inodes": self.filesystem.scratch_inodes},
