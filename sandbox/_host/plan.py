@@ -86,6 +86,8 @@ def build(policy, plugin: str, module_name: str, uid: int | None, scratch: str |
             own_userns=own_userns,
             may_fork=may_start_processes(policy),  # the zygote then kills what it started, too
             cwd=scratch or "/", scratch=scratch, scratch_bytes=fs.scratch_bytes,
-            scratch_inodes=fs.scratch_inodes)
+            scratch_inodes=fs.scratch_inodes,
+            # with the unix family, the only sockets besides those inside granted paths
+            unix_sockets=tuple(policy.network.unix_sockets) if network and "unix" in families else ())
     except PlanError as e:
         raise PolicyError(f"the policy does not make a usable plan: {e}", path=policy.path) from None

@@ -69,6 +69,7 @@ class Network:
     allow: bool
     families: tuple[str, ...]
     connect: tuple[Destination, ...]
+    unix_sockets: tuple[str, ...] = ()  # "unix:/path" entries of network.connect, as paths
 
 
 @dataclass(frozen=True)
@@ -105,11 +106,14 @@ class Policy:
                                      scratch=fs["scratch"], scratch_mb=fs["scratch_mb"],
                                      scratch_inodes=fs["scratch_inodes"])
         net = tables["network"]
-        if net["connect"] and not (net["allow"] and {"inet", "inet6"} & set(net["families"])):
+        inet, unix = destinations.split_connect(net["connect"])
+        if inet and not (net["allow"] and {"inet", "inet6"} & set(net["families"])):
             raise PolicyError('needs network.allow = true and families with "inet" or "inet6"', path,
                               "network.connect")
+        destinations.check_unix_sockets(unix, net, path)
         self.network = Network(allow=net["allow"], families=tuple(net["families"]),
-                               connect=tuple(Destination(*schema.parse_destination(d)) for d in net["connect"]))
+                               connect=tuple(Destination(*schema.parse_destination(d)) for d in inet),
+                               unix_sockets=unix)
         destinations.enforced_ports(self.network, path)  # refuses an address Landlock cannot enforce
         self.preload = list(tables["python"]["preload"])
         sec = tables["seccomp"]
@@ -205,7 +209,8 @@ class Policy:
                            "scratch": self.filesystem.scratch, "scratch_mb": self.filesystem.scratch_mb,
                            "scratch_inodes": self.filesystem.scratch_inodes},
             "network": {"allow": self.network.allow, "families": list(self.network.families),
-                        "connect": [str(d) for d in self.network.connect],
+                        "connect": [str(d) for d in self.network.connect]
+                        + [schema.UNIX_PREFIX + p for p in self.network.unix_sockets],
                         "enforced": destinations.enforced(self.network)},
             "environment": {"pass": t["environment"]["pass"], "set": t["environment"]["set"]},
             "python": {"preload": self.preload},

@@ -3,6 +3,7 @@ import difflib
 import errno as errno_mod
 import ipaddress
 import math
+import os
 import re
 from typing import Any, Callable
 
@@ -88,11 +89,33 @@ def _modules(v):
 
 
 def _destinations(v):
-    """network.connect: "host:port" ("[v6]:port" for IPv6); the host an IP address or a DNS name."""
+    """network.connect: "host:port" ("[v6]:port" for IPv6), the host an IP address or a DNS name;
+    or "unix:/absolute/path" for one pathname unix socket."""
     v = _list_of_str(v)
     for x in v:
-        parse_destination(x)
+        if x.startswith(UNIX_PREFIX):
+            parse_unix_socket(x)
+        else:
+            parse_destination(x)
     return v
+
+
+UNIX_PREFIX = "unix:"
+SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes, the last one the terminating NUL
+
+
+def parse_unix_socket(text: str) -> str:
+    """"unix:/run/app.sock" -> "/run/app.sock": absolute, normalized (no ".", "..", "//"), short
+    enough for connect() to name it."""
+    path = text[len(UNIX_PREFIX):]
+    if not path.startswith("/") or path != os.path.normpath(path) or path.startswith("//"):
+        raise ValueError(f"{text!r}: a unix socket is named by an absolute, normalized path "
+                         '(e.g. "unix:/run/app.sock")')
+    if path == "/" or "\x00" in path:
+        raise ValueError(f"{text!r} is not a socket path")
+    if len(path.encode("utf-8", "surrogateescape")) > SUN_PATH_MAX:
+        raise ValueError(f"{text!r}: longer than {SUN_PATH_MAX} bytes, which connect() cannot name")
+    return path
 
 
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
