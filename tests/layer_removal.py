@@ -66,6 +66,11 @@ LAYERS = [
     _layer("scratch quota (size and inodes of its tmpfs)", "sandbox/child/mounts.py",
            'f"size={int(scratch_bytes)},nr_inodes={int(scratch_inodes)},', 'f"',
            ("tests/security/test_grants.py",)),
+    _layer("minimal view for the unix family (host socket files out of reach)", "sandbox/child/steps.py",
+           "    if plan.landlock.unix:  # it may make", "    if False:  # it may make",
+           ("tests/security/test_unix_sockets.py",)),
+    _layer("a gid per policy (workers of other policies share none)", "sandbox/_host/plan.py",
+           "gid=gids.worker_gid(policy, uid)", "gid=uid", ("tests/integration/test_policy_gid.py",)),
     Layer("no PID namespace (plain fork, no pid-1 check)", (
         Patch("sandbox/zygote/pidns.py", "flags = CLONE_NEWPID | SIGCHLD", "flags = SIGCHLD"),
         Patch("sandbox/child/steps.py", '("pid_namespace", pid_namespace),', f'("pid_namespace", {NOOP}),'))),
