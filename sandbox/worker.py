@@ -88,6 +88,12 @@ class Worker(WorkerHandle):
                 assert hub is not None  # set by _start before any fd is watched; None only once ended
                 hub.arm(self._fds["from"])
 
+    @property
+    def callbacks_dropped(self) -> int:
+        """Events (messages, log lines, denials) dropped for the callbacks: they did not keep up."""
+        runner = self._runner
+        return runner.dropped if runner is not None else 0
+
     def call(self, name: str, /, *args, **kwargs):
         """Call the plugin's function `name`; every argument and keyword goes to the plugin."""
         return self._call(name, args, kwargs, self._timeout)

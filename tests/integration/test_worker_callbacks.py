@@ -134,7 +134,7 @@ def test_drops_past_the_backlog_are_counted_and_logged(plugin, caplog):
         w._runner.budget.max_events = 3  # a small backlog, to pass it quickly
         with caplog.at_level(logging.WARNING, logger="sandbox"):
             assert w.call("noisy") == "still fine"  # 20,000 lines
-            assert _wait_for(lambda: w._runner.dropped > 100)
+            assert _wait_for(lambda: w.callbacks_dropped > 100)
         release.set()
         assert any("callback events dropped" in r.getMessage() and w.name in r.getMessage()
                    for r in caplog.records), [r.getMessage() for r in caplog.records]
