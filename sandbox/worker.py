@@ -186,7 +186,8 @@ class Worker(WorkerHandle):
     # ---- calls ------------------------------------------------------------------------------
     def _call(self, name, args, kwargs, timeout):
         core = self._core
-        with self._calls:
+        # (a callback calling its own worker says so: a caller waiting for its callbacks stops waiting)
+        with self._calls if self._runner is None else self._runner.guard(self._calls):
             with self._io:
                 frame = core.begin_call(name, args, kwargs)  # WorkerClosed unless READY
                 started = _monotonic()

@@ -19,8 +19,9 @@ The backlog is bounded in events and bytes (`CallbackBudget`). Handing over neve
 hub: past the caps an event is dropped, counted and logged (at most every REPORT_EVERY s). Two
 exceptions: "exit" is never dropped (one per worker), and a caller that hands over the events of
 its own call (`wait=True`) waits for room instead (back-pressure on its own callbacks: the plugin
-blocks in post() meanwhile, as it did when the caller ran them itself). `barrier()` lets a caller
-return only once the callbacks of what it handed over have run.
+blocks in post() meanwhile, as it did when the caller ran them itself), unless a callback is
+itself waiting for that caller's lock (`guard`): then no room would ever come, and it drops.
+`barrier()` lets a caller return only once the callbacks of what it handed over have run.
 
 After os.fork() the child never uses the parent's thread or locks: every runner is reset there
 (fresh lock, empty queue, no thread).
@@ -28,6 +29,7 @@ After os.fork() the child never uses the parent's thread or locks: every runner 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import threading
@@ -79,6 +81,7 @@ class CallbackRunner:
         self._queued = 0       # events taken so far (a sequence number)
         self._done = 0         # events whose callbacks have run (FIFO: all up to this one)
         self._owed = threading.local()  # per producing thread: the last event it handed over
+        self._reentered = 0    # callbacks (on this thread) waiting for a lock of the owner's
         self._reported = 0.0
 
     @property
@@ -99,11 +102,15 @@ class CallbackRunner:
                 self.budget.bytes += size
             elif wait:
                 budget = self.budget
-                while budget.events and (budget.events >= budget.max_events
-                                         or budget.bytes + size > budget.max_bytes):
+                while self._full(size) and not self._reentered:
                     self._cv.wait()
                     if self._sealed:
                         return
+                if self._full(size):  # a callback waits for the owner, who waits for it: no room will come
+                    budget.dropped += 1
+                    budget.unreported += 1
+                    self._report_drops()
+                    return
                 budget.events += 1
                 budget.bytes += size
             elif not self.budget.admit(size):
@@ -118,6 +125,31 @@ class CallbackRunner:
             if last:
                 self._sealed = True
             self._cv.notify_all()
+
+    def _full(self, size: int) -> bool:
+        """(lock held) No room for `size` more bytes (an empty backlog always has room)."""
+        budget = self.budget
+        return budget.events > 0 and (budget.events >= budget.max_events or budget.bytes + size > budget.max_bytes)
+
+    def guard(self, lock):
+        """`lock` for a `with`; taken from the runner's own thread (a callback calling its owner),
+        the wait for it is announced first: an owner that holds `lock` while it waits for room
+        in this backlog then stops waiting (the callback it waits for waits for it)."""
+        if threading.current_thread() is not self._thread:
+            return lock
+        return self._reentering(lock)
+
+    @contextlib.contextmanager
+    def _reentering(self, lock):
+        with self._cv:
+            self._reentered += 1
+            self._cv.notify_all()
+        try:
+            with lock:
+                yield
+        finally:
+            with self._cv:
+                self._reentered -= 1
 
     def barrier(self) -> None:
         """Wait until the callbacks of every event this thread handed over have run (a no-op on

@@ -124,6 +124,27 @@ def test_a_callback_may_call_its_worker_and_close_it(plugin):
 
 
 @pytest.mark.unpriv
+def test_a_callback_calling_its_worker_never_deadlocks_a_full_backlog(plugin):
+    """The caller of tell() waits for room for its messages; the first message's callback calls
+    the worker, so it waits for that very caller: the caller stops waiting (and drops) instead."""
+    answers = []
+    w = sandbox.Worker(*plugin)
+    w.on("message", lambda msg: answers.append(w.call("add", msg["i"], 1)))
+    w._runner.budget.max_events = 2
+    done = []
+    t = threading.Thread(target=lambda: done.append(w.call("tell", 50)), daemon=True)
+    t.start()
+    t.join(30)
+    try:
+        assert done == ["told"], "the caller and the callback waited for each other"
+        assert answers[:1] == [1] and answers == sorted(set(answers))  # in order; some dropped
+        assert w.callbacks_dropped > 0
+    finally:
+        if not t.is_alive():
+            w.close()
+
+
+@pytest.mark.unpriv
 def test_drops_past_the_backlog_are_counted_and_logged(plugin, caplog):
     """The hub never waits for callbacks: past the backlog, log lines are dropped for the
     callbacks (still kept in w.logs), counted and logged."""
