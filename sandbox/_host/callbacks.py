@@ -91,16 +91,15 @@ class CallbackRunner:
     def put(self, callbacks: list[Callable[..., Any]], args: tuple, size: int, *, must: bool = False,
             wait: bool = False, last: bool = False) -> None:
         """Hand over one event: `callbacks(*args)`, later, on the runner's thread. `must`: never
-        dropped; `wait`: wait for room instead of dropping (never from the runner's own thread);
+        dropped; `wait`: wait for room instead of dropping (not on the runner's own thread: it drops);
         `last`: the owner's last event (a Worker's "exit"): nothing after it is taken."""
         with self._cv:
             if self._sealed:
                 return
-            own = threading.current_thread() is self._thread
-            if must or (wait and own):  # (its own thread would wait for itself)
+            if must:
                 self.budget.events += 1
                 self.budget.bytes += size
-            elif wait:
+            elif wait and threading.current_thread() is not self._thread:  # (its own would wait for itself)
                 budget = self.budget
                 while self._full(size) and not self._reentered:
                     self._cv.wait()
