@@ -25,7 +25,7 @@ import sandbox
 import sandbox.events
 from sandbox import (AsyncWorker, LoadError, PluginCrashed, PluginTimeout, PolicyViolation, ProtocolViolation,
                      UsageError, WorkerClosed)
-from conftest import ROOT
+from helpers import ROOT
 
 pytestmark = pytest.mark.unpriv
 
