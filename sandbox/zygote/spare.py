@@ -99,7 +99,7 @@ def _spare_main(sock: socket.socket, zygote: int) -> None:
         _sys.close_range(3, fd - 1) if fd > 3 else None
         _sys.close_range(fd + 1)
         try:
-            _warm_up()
+            warm_up()
         except Exception:  # noqa: BLE001 - only a speed-up: a spare that skipped it is still sound
             pass
         msg, fds, _, _ = socket.recv_fds(sock, 1, WORKER_FD_COUNT + 1)
@@ -113,8 +113,9 @@ def _spare_main(sock: socket.socket, zygote: int) -> None:
     os._exit(code)
 
 
-def _warm_up() -> None:
-    """Walk the paths every worker takes, on harmless input, so their page faults are paid now.
+def warm_up() -> None:
+    """Walk the paths every worker takes, on harmless input, so their page faults are paid now
+    (by a spare, and by a warm template once it has imported: template.py).
 
     Only pure computation: nothing here changes the process's credentials, limits or fds."""
     limits = protocol.Limits(max_bytes=1 << 20)
