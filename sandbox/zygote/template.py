@@ -126,10 +126,12 @@ class Templates:
                 t.sock.setblocking(False)
             except OSError:
                 pass
+        why = "it died or hung" if not answer else f"it answered {answer[:20]!r}"
         if answer[:1] == b"P" and len(answer) == 1 + _PID.size:
             pid = _PID.unpack(answer[1:])[0]
             if pid > 0 and _parent_of(pid) == os.getpid():
                 return pid, WARM
+            why = f"it named pid {pid}, which is no child of the zygote"
         if answer[:1] == b"E":  # it did not fork (e.g. a thread appeared): refused from now on
             self._refuse(key, answer[1:].decode(errors="replace"))
             self._forget(t, kill=True)
@@ -140,7 +142,7 @@ class Templates:
         self._forget(t, kill=True)
         for pid in zygote_children():  # a worker it may have forked before it died: never half-known
             _kill(pid)
-        raise TemplateLost(f"the warm template for preload {list(key)} died or hung while forking the worker")
+        raise TemplateLost(f"the warm template for preload {list(key)} failed while forking the worker: {why}")
 
     # ---- the template's life ----------------------------------------------------------------
     def start_wanted(self) -> None:
