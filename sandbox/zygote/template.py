@@ -42,6 +42,7 @@ import select
 import signal
 import socket
 import struct
+import sys
 
 import prctl
 
@@ -268,6 +269,7 @@ def _template_main(sock: socket.socket, zygote: int, key: tuple[str, ...]) -> No
 
 def _prepare(key: tuple[str, ...]) -> str | None:
     """Import the preload set; None when this process may now fork workers, else why not."""
+    _only_runtime_paths()
     os.environ.update(THREAD_CAPS)
     try:
         for name in key:
@@ -289,6 +291,18 @@ def _prepare(key: tuple[str, ...]) -> str | None:
         return (f"preload {list(key)} left {threads - 1} thread(s) running after import: a process with "
                 "threads cannot be a template")
     return None
+
+
+def _only_runtime_paths() -> None:
+    """The zygote's sys.path starts with the folder holding the `sandbox` package, which in a
+    checkout is the whole repository (its examples, its tests: plugin code). A template imports
+    as the zygote's user, before any confinement, so it resolves names only where a worker could
+    have imported them itself: the standard library and site-packages. `sandbox` is imported
+    already, and its submodules are found through its own __path__."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if sys.path and os.path.abspath(sys.path[0]) == root:
+        del sys.path[0]  # a second entry for it stays when it is site-packages itself
+    importlib.invalidate_caches()
 
 
 def _serve(sock: socket.socket, zygote: int) -> None:

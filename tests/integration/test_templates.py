@@ -147,3 +147,19 @@ def test_a_killed_template_is_replaced(make_plugin):
             assert next_one.call("modules", ["json"]) == [True]
         with _start_until(path, policy, preload, lambda how: how == "warm") as replaced:
             assert replaced.call("imported_by") not in (1, template)
+
+
+def test_a_template_imports_nothing_from_the_package_root(make_plugin):
+    """In a checkout the zygote's first sys.path entry is the repository, plugins and all; a
+    template imports before any confinement, so a preload found only there is refused (and the
+    worker, which cannot read it either, fails to load as it always did)."""
+    preload = ["tests.helpers"]
+    assert os.path.exists(os.path.join(os.path.dirname(os.path.dirname(sandbox.__file__)), "tests", "helpers.py"))
+    path, policy = make_plugin(PROBE, _policy(preload))
+    end = time.monotonic() + 20
+    while not (_how(preload) or "").startswith("refused: "):
+        with pytest.raises(sandbox.LoadError):
+            sandbox.Worker(path, policy=policy)
+        assert time.monotonic() < end, _how(preload)
+        time.sleep(0.02)
+    assert "ModuleNotFoundError" in _how(preload), _how(preload)
