@@ -163,3 +163,43 @@ def test_a_template_imports_nothing_from_the_package_root(make_plugin):
         assert time.monotonic() < end, _how(preload)
         time.sleep(0.02)
     assert "ModuleNotFoundError" in _how(preload), _how(preload)
+
+
+HOST_THAT_EXITS = r"""
+import json, sys, time
+sys.path.insert(0, {root!r})
+sys.path.insert(0, {tests!r})
+import sandbox
+from sandbox._host import zygote_client
+preload = {preload!r}
+end = time.monotonic() + 20
+while True:
+    w = sandbox.Worker({plugin!r}, policy={policy!r})
+    if zygote_client.get(False).templates.get(tuple(preload)) == "warm" or time.monotonic() > end:
+        break
+    w.close()
+print(json.dumps({{"template": w.call("imported_by"), "worker": w.pid}}), flush=True)
+import os
+os._exit(0)  # no clean-up: the zygote sees its host gone
+"""
+
+
+def test_templates_end_with_their_host(make_plugin, tmp_path):
+    """The host ends without a word: its zygote, the zygote's template and the template's worker
+    all end too (a file, not a pipe, for the output: a survivor would hold a pipe open)."""
+    import json
+    import subprocess
+    import sys
+    from helpers import ROOT, TESTS
+    preload = ["json", "decimal", "fractions", CANARY]
+    path, policy = make_plugin(PROBE, _policy(preload))
+    script = HOST_THAT_EXITS.format(root=ROOT, tests=TESTS, preload=preload, plugin=path, policy=policy)
+    with open(tmp_path / "out", "w+") as out, open(tmp_path / "err", "w+") as err:
+        code = subprocess.run([sys.executable, "-c", script], stdout=out, stderr=err, timeout=60).returncode
+        out.seek(0)
+        err.seek(0)
+        assert code == 0, err.read()[-2000:]
+        seen = json.loads(out.read())
+    assert seen["template"] != 1
+    for pid in (seen["template"], seen["worker"]):
+        assert procfs.wait_until(lambda: procfs.ended(pid), 10), f"pid {pid} outlived its host"
