@@ -1,9 +1,10 @@
 """Real plugins' start: start -> first call -> terminate, p50 per example plugin.
 
 `sandbox` is the worker as it starts: forked from the warm template of its policy's preload set
-(the zygote keeps one per set; the table waits until it is ready, and its `template` column
-says what the zygote answered); `sandbox_no_template` is the same start the old way, forked by
-the zygote and importing the preload set after its fork. Beside each: the same plugin file imported and its same first call made by a fresh `subprocess`
+(the zygote keeps one per set; the table waits until it is ready, and its `template_state`
+column says what the zygote answered); `sandbox_no_template` is the same start the old way,
+forked by the zygote and importing the preload set after its fork. Beside each: the same
+plugin file imported and its same first call made by a fresh `subprocess`
 (`python -I`), by the same inside bubblewrap (`--unshare-all`), and by a cold
 `ProcessPoolExecutor` (created, one task, shut down). The peers import `sandbox.plugin` from a
 stub, so that they pay for the plugin's imports and nothing of ours.

@@ -117,8 +117,9 @@ class Zygote:
         """Fork a worker: (pid, pidfd, the zygote's process), within `timeout` seconds.
 
         The zygote learns the descriptors and the request (uid, may_fork, the preload set's
-        module names), nothing else: the plan goes to the worker over its own pipe. A zygote found dead is replaced once; a
-        ZygoteDied says so when the replacement dies too, or when no answer came in time."""
+        module names), nothing else: the plan goes to the worker over its own pipe. A zygote
+        found dead is replaced once; a ZygoteDied says so when the replacement dies too, or
+        when no answer came in time."""
         deadline = time.monotonic() + timeout
         payload = encode_request(request)
         if not self._lock.acquire(timeout=max(timeout, 0)):

@@ -38,7 +38,7 @@ STATUS = struct.Struct("<ii")  # (pid, raw wait status): the zygote's report whe
 # policy with more is served without a template (its workers import after fork, as always).
 MAX_PRELOAD = 64
 MAX_MODULE_NAME = 128
-MAX_REQUEST = 16384  # room for the largest preload set (64 x 128 bytes, plus framing); anything bigger is refused unread
+MAX_REQUEST = 16384  # the largest preload set (64 x 128 bytes) and framing; anything bigger is refused unread
 MAX_REPLY = 4096
 
 

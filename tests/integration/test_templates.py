@@ -202,4 +202,4 @@ def test_templates_end_with_their_host(make_plugin, tmp_path):
         seen = json.loads(out.read())
     assert seen["template"] != 1
     for pid in (seen["template"], seen["worker"]):
-        assert procfs.wait_until(lambda: procfs.ended(pid), 10), f"pid {pid} outlived its host"
+        assert procfs.wait_until(lambda pid=pid: procfs.ended(pid), 10), f"pid {pid} outlived its host"
