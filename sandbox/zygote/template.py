@@ -53,7 +53,7 @@ from .spare import warm_up
 
 MAX_TEMPLATES = 8
 MAX_REFUSED = 64  # preload sets remembered as refused (oldest forgotten first: it may be retried)
-REPLY_TIMEOUT = 2.0  # a fork takes a millisecond; a template that takes this long is broken
+REPLY_TIMEOUT = 5.0  # a fork takes a millisecond; a template this slow is broken (or the machine is)
 NAME = b"sandbox-tmpl"  # its comm (ps, top): a template is told apart from workers and spares
 # Read by BLAS libraries when they load: one thread each, so numpy & co. start no pool.
 THREAD_CAPS = {name: "1" for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
