@@ -27,26 +27,34 @@ from ..protocol.zygote import WORKER_FD_COUNT
 from .pidns import fork_worker
 
 
-class Spare:
-    """The zygote's side: at most one spare at a time."""
+TEMPLATE_SPARE_NAME = "sandbox-tspare"  # comm of a template's spare (ps, top)
 
-    def __init__(self):
+
+class Spare:
+    """The zygote's side: at most one spare at a time. A warm template keeps one too
+    (template.py), given the zygote's pid: its spare is then the zygote's child (CLONE_PARENT),
+    like every worker, and dies with the zygote."""
+
+    def __init__(self, zygote: int | None = None):
         self.pid = None
         self._sock = None
+        self._zygote = zygote
 
     def fork(self) -> None:
         if self.pid is not None:
             return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        zygote = os.getpid()
+        zygote = self._zygote or os.getpid()
         try:
-            pid = fork_worker()  # a PID namespace of its own (pidns.py)
+            pid = fork_worker(parent=self._zygote is not None)  # a PID namespace of its own (pidns.py)
         except OSError:  # none for now: the next request forks on demand, then tries again
             ours.close()
             theirs.close()
             return
         if pid == 0:
             ours.detach()
+            if self._zygote is not None:
+                prctl.set_name(TEMPLATE_SPARE_NAME)  # not the template's name, which it inherited
             _spare_main(theirs, zygote)
         theirs.close()
         self.pid, self._sock = pid, ours
@@ -62,7 +70,10 @@ class Spare:
         try:
             socket.send_fds(sock, [b"W"], fds)
         except OSError:
-            _kill(pid)  # it died or is wedged: either way it is not a worker
+            if self._zygote is None:
+                _kill(pid)  # it died or is wedged: either way it is not a worker
+            # (a template's spare is the zygote's to reap: its pid may be another's by now,
+            # and it is dead already, or ends at EOF on the socket closed below)
             return None
         finally:
             sock.close()
@@ -77,8 +88,13 @@ class Spare:
         return True
 
     def kill(self):
-        if self.pid is not None:
+        if self.pid is None:
+            return
+        if self._zygote is None:
             _kill(self.pid)
+        else:  # not by pid (see hand_off): EOF on its socket ends it
+            self._sock.close()
+            self.pid = self._sock = None
 
 
 def _kill(pid):

@@ -22,8 +22,8 @@ What a template is:
   hands to the worker it forks and closes. What a worker can read in its memory is what the
   zygote had (no plan either) plus the modules.
 
-Forking a worker: the zygote sends the descriptors ("W"), the template forks with
-pidns.fork_worker(parent=True) (a PID namespace of the worker's own, and CLONE_PARENT: the
+Forking a worker: the zygote sends the descriptors ("W"), the template hands them to its own
+spare (forked ahead, like the zygote's: spare.py) or forks with pidns.fork_worker(parent=True) (a PID namespace of the worker's own, and CLONE_PARENT: the
 worker is the zygote's child, which reaps it, reports its status and opens its pidfd as for
 any other), and answers "P" + pid, or "E" + why it did not fork (the zygote then forks itself).
 The worker runs serve.child_main: the same steps, in the same order, as every worker.
@@ -49,7 +49,7 @@ import prctl
 from ..child import serve, syscalls as _sys
 from ..protocol.zygote import COLD, REFUSED, WARM, WORKER_FD_COUNT
 from .pidns import fork_worker
-from .spare import warm_up
+from .spare import Spare, warm_up
 
 MAX_TEMPLATES = 8
 MAX_REFUSED = 64  # preload sets remembered as refused (oldest forgotten first: it may be retried)
@@ -306,6 +306,10 @@ def _only_runtime_paths() -> None:
 
 
 def _serve(sock: socket.socket, zygote: int) -> None:
+    # One pre-forked worker-to-be, as the zygote keeps one (spare.py): the clone, the private
+    # mount namespace and the warm-up's page faults are paid while nobody waits.
+    spare = Spare(zygote)
+    spare.fork()
     while True:
         msg, fds, _, _ = socket.recv_fds(sock, 1, WORKER_FD_COUNT + 1)
         if msg != b"W" or len(fds) not in (WORKER_FD_COUNT, WORKER_FD_COUNT + 1):
@@ -313,10 +317,11 @@ def _serve(sock: socket.socket, zygote: int) -> None:
         threads = thread_count()
         if threads != 1:  # a module started one since: no fork from here, ever again
             _close_all(fds)
+            spare.kill()
             sock.send(b"E" + f"a preloaded module started {threads - 1} thread(s) after import".encode())
             os._exit(0)
         try:
-            pid = fork_worker(parent=True)  # the zygote's child, pid 1 of its own PID namespace
+            pid = spare.hand_off(fds) or fork_worker(parent=True)  # the zygote's child, pid 1 of its own namespace
         except OSError as e:
             _close_all(fds)
             sock.send(b"F" + f"the template could not fork: {e.strerror or e}".encode())
@@ -330,6 +335,7 @@ def _serve(sock: socket.socket, zygote: int) -> None:
                 os._exit(70)  # never back into the template's loop
         _close_all(fds)  # the worker's now; nothing of it stays here
         sock.send(b"P" + _PID.pack(pid))
+        spare.fork()  # the next one, while the zygote answers the host
 
 
 def _close_all(fds: list[int]) -> None:

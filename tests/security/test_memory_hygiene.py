@@ -41,7 +41,10 @@ def _split(secret: str) -> list[bytes]:
 def _kill_spares(zygote: int, keep: set[int]) -> None:
     for pid in children_of(zygote):
         if pid not in keep:
-            os.kill(pid, signal.SIGKILL)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # e.g. a template's spare, which ends by itself once its template is killed
     end = time.monotonic() + 10
     while [p for p in children_of(zygote) if p not in keep] and time.monotonic() < end:
         time.sleep(0.01)
