@@ -17,6 +17,7 @@ import resource
 import signal
 import socket
 import types
+from typing import Any
 
 import prctl
 
@@ -36,8 +37,8 @@ class Spare:
     like every worker, and dies with the zygote."""
 
     def __init__(self, zygote: int | None = None):
-        self.pid = None
-        self._sock = None
+        self.pid: int | None = None
+        self._sock: Any = None  # a socket while there is a spare
         self._zygote = zygote
 
     def fork(self) -> None:

@@ -22,10 +22,11 @@ What a template is:
   hands to the worker it forks and closes. What a worker can read in its memory is what the
   zygote had (no plan either) plus the modules.
 
-Forking a worker: the zygote sends the descriptors ("W"), the template hands them to its own
-spare (forked ahead, like the zygote's: spare.py) or forks with pidns.fork_worker(parent=True) (a PID namespace of the worker's own, and CLONE_PARENT: the
-worker is the zygote's child, which reaps it, reports its status and opens its pidfd as for
-any other), and answers "P" + pid, or "E" + why it did not fork (the zygote then forks itself).
+Forking a worker: the zygote sends the descriptors ("W"); the template hands them to its own
+spare (forked ahead, like the zygote's: spare.py) or forks with pidns.fork_worker(parent=True)
+(a PID namespace of the worker's own, and CLONE_PARENT: the worker is the zygote's child,
+which reaps it, reports its status and opens its pidfd as for any other), and answers "P" +
+pid, or "E"/"F" + why it did not fork (the zygote then forks itself).
 The worker runs serve.child_main: the same steps, in the same order, as every worker.
 
 The zygote keeps at most MAX_TEMPLATES, retiring the least recently used. The first request of
