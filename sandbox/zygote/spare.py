@@ -22,7 +22,7 @@ from typing import Any
 import prctl
 
 from .. import protocol
-from ..child import landlock, seccomp, serve, steps, syscalls as _sys
+from ..child import landlock, minimal_view, seccomp, serve, steps, syscalls as _sys
 from ..protocol import framing, plan as plan_wire
 from ..protocol.zygote import WORKER_FD_COUNT
 from .pidns import fork_worker
@@ -178,3 +178,4 @@ def _warm_up_steps() -> None:
     os.getresuid(), os.getresgid(), os.getppid()
     landlock.abi_version()
     seccomp.action_available()
+    minimal_view.warm_up([os.path.dirname(os.__file__), "/usr/lib"])  # paths only to walk the code
