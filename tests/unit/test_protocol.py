@@ -95,7 +95,7 @@ def test_deep_nesting_is_refused():
     with pytest.raises(ProtocolViolation):
         loads(b"\x91" * 100_000 + b"\xc0")
     with pytest.raises(ProtocolViolation, match="deeper"):
-        loads(dumps(_nest(100)), Limits(max_depth=64))
+        loads(msgpack.packb(_nest(100)), Limits(max_depth=64))
     assert loads(dumps(_nest(10))) == _nest(10)
 
 
