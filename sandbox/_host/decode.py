@@ -510,11 +510,12 @@ def limit_death(raw: int | None, cpu_seconds: float | None, max_rss: int | None,
     """The error for a death its limits caused, or None when the evidence doesn't say so.
 
     Evidence the plugin cannot forge: the kernel's rusage of the worker as the zygote reaped it,
-    and how it died. A plugin can't make RLIMIT_CPU's signal itself (as pid 1 of its PID
-    namespace it is immune to its own SIGKILL and SIGXCPU): a SIGKILL or SIGXCPU death with
-    the CPU time near the limit is the limit's (the host's own kills record their reason first). A peak resident set near limits.memory_mb is
-    memory the worker really held (resident <= mapped <= RLIMIT_AS): a death after it is the
-    memory limit's (malloc failing, the stack unable to grow: SIGSEGV, an exit in the middle)."""
+    and how it died. A plugin can't send itself RLIMIT_CPU's signal (as pid 1 of its PID
+    namespace it is immune to its own SIGKILL and SIGXCPU), and the host's own kills record
+    their reason first: a SIGKILL or SIGXCPU death with the CPU time near the limit is the
+    limit's. A peak resident set near limits.memory_mb is memory the worker really held
+    (resident <= mapped <= RLIMIT_AS): a death after it is the memory limit's (malloc failing,
+    the stack unable to grow: SIGSEGV, an exit in the middle)."""
     if raw is None:
         return None
     if os.WIFEXITED(raw) and os.WEXITSTATUS(raw) == 0:

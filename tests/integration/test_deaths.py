@@ -257,3 +257,24 @@ def test_a_pretended_memory_error_and_death_is_a_crash(make_plugin):
         assert ei.value.exit_code == 70 and not isinstance(ei.value, PluginMemoryError)
         assert "memory" not in str(ei.value)
 
+
+
+def test_libseccomp_loads_on_a_host_out_of_processes():
+    """ctypes.util.find_library runs ldconfig: with no process to spare it found nothing, and
+    the host's first policy compile raised "RuntimeError: Unable to find libseccomp"."""
+    if os.geteuid() == 0:
+        pytest.skip("RLIMIT_NPROC binds only an unprivileged user (the unprivileged run covers it)")
+    import resource
+    import subprocess
+    import sys
+
+    def no_more_processes():
+        resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
+    code = ("import ctypes.util, os\n"
+            "assert ctypes.util.find_library('seccomp') is None, 'ldconfig still ran'\n"
+            "import sandbox.policy.compile as c\n"
+            "print(c.seccomp.__name__)\n")
+    out = subprocess.run([sys.executable, "-c", code], preexec_fn=no_more_processes, capture_output=True,
+                         text=True, timeout=60, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "seccomp" in out.stdout
