@@ -88,28 +88,31 @@ class Encoder:
 
     def encode_call(self, name: str, args: tuple, kwargs: dict):
         """[name, args, kwargs] without walking the parts Python already guarantees (a str name,
-        str keyword names): only a call with container arguments (or very many) is walked.
-        An argument may nest as deep as a reply may: its echo must be able to come back."""
+        str keyword names): only container arguments are walked. An argument may nest as deep
+        as a reply may (its echo must be able to come back); the object count is the message's."""
         size = len(name)
-        many = len(args) + len(kwargs) >= 64
-        walk = many
+        count = len(args) + len(kwargs)
+        if len(args) > MAX_ITEMS or len(kwargs) > MAX_ITEMS:
+            raise NotPlainData(f"a call of {count} arguments is over the {MAX_ITEMS}-item cap")
+        left = 2 * MAX_OBJECTS - (6 + count)  # the frame's own three containers
         for a in args:
             if isinstance(a, _CONTAINERS):
-                walk, size = True, LARGE
+                left = _check_keys(a, left)
+                size = LARGE
             elif type(a) is bytes or type(a) is str:
                 size += len(a)
         for k, a in kwargs.items():
+            if type(k) is not str:  # invoke(kwargs=...) takes any dict
+                raise NotPlainData(f"keyword argument name {k!r} is not a str")
             size += len(k)
             if isinstance(a, _CONTAINERS):
-                walk, size = True, LARGE
+                left = _check_keys(a, left)
+                size = LARGE
             elif type(a) is bytes or type(a) is str:
                 size += len(a)
-        frame = [name, args, kwargs]
-        if walk:
-            _check_keys(frame, framing_levels=2)
-        if size < _SMALL and not many:
-            return self._packed_quick(frame)
-        return self._packed(frame)
+        if size < _SMALL and count < 64:
+            return self._packed_quick([name, args, kwargs])
+        return self._packed([name, args, kwargs])
 
     def _packed_quick(self, obj) -> bytes:
         try:
@@ -263,22 +266,21 @@ def _budget_hooks(budget: int) -> dict:
     return {"list_hook": count, "object_hook": count}
 
 
-def _check_keys(obj, framing_levels: int = 0) -> None:
+def _check_keys(obj, left: int = 2 * MAX_OBJECTS) -> int:
     """Refuse, before anything is sent, what the other side's decoder would take for a breach of
     the protocol: a map key that is not a str, nesting past MAX_DEPTH, a container of more than
     MAX_ITEMS, more than MAX_OBJECTS objects (counted as `loads` counts them: each container as
-    1 + its length, against twice the budget). A cycle is refused as too deep.
-    `framing_levels`: containers around the value that are the frame's, not the caller's (a call
-    is [name, args, kwargs]: its arguments start two levels down). Level by level and without
-    recursion, in one function: the worker watches the builtins this function uses."""
-    level, depth = [obj], 1
-    max_depth = MAX_DEPTH + framing_levels
-    left = 2 * MAX_OBJECTS
+    1 + its length, against twice the budget). A cycle is refused as too deep. `left`: what is
+    left of that count (the parts of one message are checked in turn); returns the rest.
+    Level by level and without recursion, in one function: the worker watches the builtins
+    this function uses."""
+    level = [obj]
+    depth = 0
     while level:
-        if depth > max_depth:
+        depth += 1
+        if depth > MAX_DEPTH:
             raise NotPlainData(f"value nested deeper than {MAX_DEPTH} levels (the most either side decodes)")
         deeper: list = []
-        push = deeper.append
         for node in level:
             n = len(node)
             if n > MAX_ITEMS:
@@ -293,8 +295,9 @@ def _check_keys(obj, framing_levels: int = 0) -> None:
                 node = node.values()
             for x in node:
                 if isinstance(x, _CONTAINERS):
-                    push(x)
-        level, depth = deeper, depth + 1
+                    deeper.append(x)
+        level = deeper
+    return left
 
 
 def _no_ext(code, data):

@@ -240,7 +240,7 @@ def test_a_call_argument_may_nest_as_deep_as_a_reply():
     e = Encoder()
     # the worker decodes calls without the depth walk (the host is the trusted side)
     assert loads(e.encode_call("f", (_nest(64),), {}), Limits(max_depth=None)) == ["f", [_nest(64)], {}]
-    for args, kwargs in (((_nest(65),), {}), ((), {"k": _nest(65)}), (tuple(range(1_000_001)), {})):
+    for args, kwargs in (((_nest(65),), {}), ((), {"k": _nest(65)}), (tuple(range(1_000_001)), {}), ((), {1: 2})):
         with pytest.raises(NotPlainData):
             e.encode_call("f", args, kwargs)
 
