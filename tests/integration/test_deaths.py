@@ -45,6 +45,14 @@ PLUGIN = """
     def many(n):
         return [[] for _ in range(n)]
 
+    def post_back(n):
+        from sandbox.plugin import post
+        try:
+            post(nest(n))
+        except TypeError as e:  # NotPlainData: refused in the plugin, nothing sent
+            return f"{type(e).__name__}: {e}"
+        return "posted"
+
     def pretend_and_die():
         try:
             raise MemoryError("pretend")
@@ -173,6 +181,13 @@ def test_a_reply_that_cannot_cross_is_refused_by_the_worker(api, fn, arg, words)
     with pytest.raises(PluginError, match=f"not plain data.*{words}"):
         api.call(fn, arg)
     assert api.call("echo", 9) == 9
+
+
+def test_a_post_from_the_plugin_that_cannot_cross_raises_in_the_plugin(api):
+    """Before: the worker sent an ERROR frame for the refused post, which answered no call, and
+    the host killed the worker for a breach of the protocol."""
+    assert api.call("post_back", 65).startswith("NotPlainData: value is not plain data: value nested deeper")
+    assert api.call("echo", 10) == 10
 
 
 def test_an_argument_over_max_message_bytes_is_refused_on_the_host(make_plugin):
