@@ -525,7 +525,7 @@ def limit_death(raw: int | None, cpu_seconds: float | None, max_rss: int | None,
             and cpu_seconds >= cpu_limit * CPU_SHARE):
         sig = os.WTERMSIG(raw)
         return PluginCrashed(f"plugin {plugin} used up its {cpu_limit:g} s of CPU (limits.cpu_seconds); "
-                             f"the kernel killed it ({signal_name(sig)}; {cpu_seconds:.2f} s of CPU by the rusage)",
+                             f"the kernel killed it with {signal_name(sig)}",
                              signal=sig)
     if memory_limit and max_rss is not None and max_rss >= memory_near(memory_limit):
         how = f"killed by signal {signal_name(os.WTERMSIG(raw))}" if signaled else \
