@@ -7,7 +7,8 @@ import os
 import signal
 
 from .. import protocol
-from ..errors import LoadError, PluginCrashed, PluginError, PluginTimeout, ProtocolViolation, SandboxError
+from ..errors import (LoadError, NotPlainData, PluginCrashed, PluginError, PluginTimeout, ProtocolViolation,
+                      SandboxError)
 from ..protocol import framing
 
 HEADER_SIZE = framing.HEADER_SIZE
@@ -39,9 +40,18 @@ class Session:
     def encode_call(self, name: str, args, kwargs) -> bytes | tuple:
         if self.pending_id is not None:
             raise RuntimeError("a call is already in flight")
+        try:
+            payload = self._encoder.encode_call(name, args, kwargs)
+        except NotPlainData as e:  # refused before anything is sent: the worker is fine
+            raise NotPlainData(f"the arguments of {name!r} cannot cross to the worker: {e}") from None
+        size = len(payload)
+        if size > self.limits.max_bytes:  # the worker would take it for a breach of the protocol
+            self._encoder.release()
+            raise NotPlainData(f"the arguments of {name!r} are {size} bytes, over the policy's "
+                               f"limits.max_message_bytes ({self.limits.max_bytes})")
         self._next_id += 1
         self.pending_id = self._next_id
-        return _frame(framing.CALL, self._next_id, self._encoder.encode_call(name, args, kwargs))
+        return _frame(framing.CALL, self._next_id, payload)
 
     def call_done(self):
         self.pending_id = None
@@ -50,9 +60,15 @@ class Session:
         """The frame from encode_call is written (or dropped): its buffer may be reused."""
         self._encoder.release()
 
-    @staticmethod
-    def encode_post(obj) -> bytes | tuple:
-        return _frame(framing.POST, 0, protocol.dumps(obj))
+    def encode_post(self, obj) -> bytes | tuple:
+        try:
+            payload = protocol.dumps(obj)
+        except NotPlainData as e:
+            raise NotPlainData(f"the message cannot cross to the worker: {e}") from None
+        if len(payload) > self.limits.max_bytes:
+            raise NotPlainData(f"the message is {len(payload)} bytes, over the policy's "
+                               f"limits.max_message_bytes ({self.limits.max_bytes})")
+        return _frame(framing.POST, 0, payload)
 
     def decode(self, payload):
         """A frame's payload, decoded under this session's budgets (thread-safe: pure)."""
