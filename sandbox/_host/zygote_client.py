@@ -85,7 +85,9 @@ class Zygote:
                                           start_new_session=True)
         except OSError as e:
             host_end.close()
-            raise HostResourceError(f"the zygote could not be started: {e}", resource=_resource(e)) from None
+            short = _resource(e)
+            why = f"the host is out of {short}" if short else "it could not be started"
+            raise HostResourceError(f"no zygote to fork workers: {why} ({e.strerror or e})", resource=short) from None
         finally:
             child_end.close()
         host_end.settimeout(max(timeout, 0.001))
