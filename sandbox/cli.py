@@ -242,6 +242,16 @@ def _load_policy(name: str):
     return Policy.named(name)
 
 
+def _await_denials(w, denials: list, bound: float = 1.0) -> None:
+    """Events the hub thread saw reach subscribers on a thread of their own: wait (briefly) until
+    every denial of the last call the worker counted has been heard."""
+    import time
+    deadline = time.monotonic() + bound
+    expected = len(w.last_denials) if w is not None else 0
+    while len(denials) < expected and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
 def _call(args) -> int:
     from .worker import Worker
     policy = _load_policy(args.policy)
@@ -259,14 +269,17 @@ def _call(args) -> int:
         if ev.name == "denied":
             denials.append(denial_record(ev.fields))
     unsubscribe = events.subscribe(on_event)
+    w = None
     try:
         with Worker(args.worker_py, policy=policy) as w:
             result = w.invoke(args.function, tuple(args.args), timeout=args.timeout)
     except errors.SandboxError as exc:
+        _await_denials(w, denials)
         unsubscribe()
         for d in denials:
             _err(_record_json(d))
         return fail(exc, denials)
+    _await_denials(w, denials)
     unsubscribe()
     for d in denials:
         _err(_record_json(d))

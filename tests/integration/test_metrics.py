@@ -86,7 +86,9 @@ def test_denials_under_the_default_are_counted(make_plugin):
                 w.call("mount")
         value = reg.get_sample_value
         deadline = time.monotonic() + 10
-        while value("sandbox_workers_alive", {"plugin": name}) != 0 and time.monotonic() < deadline:
+        while ((value("sandbox_workers_alive", {"plugin": name}) != 0
+                or value("sandbox_denied_syscalls_total", {"plugin": name, "syscall": "socket"}) is None)
+               and time.monotonic() < deadline):
             time.sleep(0.01)
         text = generate_latest(reg).decode()
         assert value("sandbox_denied_syscalls_total", {"plugin": name, "syscall": "socket"}) == 1, text

@@ -231,6 +231,7 @@ def test_a_denial_under_the_default_fails_the_call_and_keeps_the_worker(plugin):
             assert pool.call("echo", 1) == 1
             s = pool.stats()
             assert s["errors"] == {"plugin-error": 1} and s["restarts"] == 0
+        assert procfs.wait_until(lambda: seen, 5)  # (events the hub saw reach subscribers on their own thread)
     finally:
         unsubscribe()
     assert [ev.get("syscall") for ev in seen] == ["socket"]

@@ -13,7 +13,7 @@ import sandbox
 from sandbox import (LoadError, PluginCrashed, PluginError, PluginMemoryError, PluginTimeout,
                      PolicyViolation, WorkerClosed)
 from helpers import DEFAULT_POLICY, ROOT
-from procfs import children_of, open_fds, zombies_of
+from procfs import children_of, open_fds, wait_until, zombies_of
 
 pytestmark = pytest.mark.unpriv
 
@@ -319,6 +319,7 @@ def test_forbidden_syscall_while_loading_under_the_default_is_a_load_error(make_
     finally:
         unsubscribe()
     assert ei.value.type == "PermissionError"
+    assert wait_until(lambda: seen, 5)  # (events the hub saw reach subscribers on their own thread)
     assert [ev.get("syscall") for ev in seen] == ["socket"] and seen[0].get("grant")
 
 

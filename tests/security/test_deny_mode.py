@@ -13,6 +13,7 @@ import pytest
 import sandbox
 from sandbox import PolicyViolation
 from helpers import DEFAULT_POLICY, ROOT
+from procfs import wait_until
 
 pytestmark = pytest.mark.unpriv
 
@@ -61,7 +62,7 @@ def test_a_denied_syscall_fails_with_eperm_and_the_worker_goes_on(denying, caplo
         unsubscribe()
     assert [n.name for n in denying.last_denials] == ["socket"]
     assert [n.name for n in seen] == ["socket"]
-    assert events and events[0].fields["syscall"] == "socket"
+    assert wait_until(lambda: events, 5) and events[0].fields["syscall"] == "socket"
     f = events[0].fields
     assert f["errno"] == errno.EPERM and f["policy"] == DEFAULT_POLICY and f["plugin"] == denying.name
     assert f["detail"].startswith("socket(AF_INET, SOCK_STREAM"), f
