@@ -5,6 +5,7 @@ attack and says, in plain words, how it was stopped; then shows that a worker st
 the attacks still answers. If the HTTP host exists, it starts it and talks to it too.
 Exit code 0 when everything behaved as expected.
 """
+import errno
 import io
 import os
 import sys
@@ -15,6 +16,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 import sandbox  # noqa: E402
+import sandbox.events  # noqa: E402
 
 PLUGINS = os.path.join(HERE, "plugins")
 POLICIES = os.path.join(ROOT, "policies")
@@ -84,10 +86,15 @@ HOSTILE = [
 ]
 
 
-def explain(err):
+def explain(err, denials=()):
     if isinstance(err, sandbox.PolicyViolation):
         return (f"stopped: it made the forbidden system call {err.syscall}() "
-                f"(policy {os.path.relpath(err.policy or '?', ROOT)}); the worker was killed")
+                f"(policy {os.path.relpath(err.policy or '?', ROOT)}, kill mode); the worker was killed")
+    if isinstance(err, sandbox.PluginError) and denials:
+        d = denials[0].fields
+        return (f"stopped: its system call was denied ({errno.errorcode.get(d['errno'], d['errno'])}) and "
+                f"reported to the host: {d['detail'][:90]} (policy {os.path.relpath(d['policy'] or '?', ROOT)}, "
+                f"deny mode; to grant it: {d['grant']}); the plugin got {err.type} and its worker carried on")
     if isinstance(err, sandbox.PluginTimeout):
         return f"stopped: no answer within {err.timeout:g} s, so the host killed it (SIGKILL, on its own clock)"
     if isinstance(err, sandbox.PluginMemoryError):
@@ -103,12 +110,21 @@ def hostile_plugins():
     sibling = worker("textstats")  # started before the attacks, must survive them
     for name, attempt in HOSTILE:
         print(f"  {name} tries to {attempt}")
+        denials = []  # what the host was told of syscalls it answered with an errno (deny mode)
+        unsubscribe = sandbox.events.subscribe(
+            lambda ev, name=name, got=denials: ev.name == "denied" and ev.get("plugin") == name and got.append(ev))
         try:
             with worker(name) as w:
                 result = w.call("run")
+        except sandbox.PluginError as e:
+            print(f"    -> {explain(e, denials)}")
+            ok = ok and bool(denials)  # an ordinary Python error with no denial behind it: not stopped by us
+            continue
         except sandbox.SandboxError as e:
             print(f"    -> {explain(e)}")
             continue
+        finally:
+            unsubscribe()
         if name == "hostile_secrets":
             refused = all(str(v).startswith("refused") for k, v in result.items() if k != "environment")
             # nothing of the host's: only the worker's own baseline (HOME, USER, thread caps)

@@ -5,9 +5,15 @@ line of stderr: one JSON object `{"error": KIND, "detail": ...}`. stdout carries
 JSON (no NaN or Infinity). Every human-readable line that holds text a plugin (or a policy
 file) chose has its control characters escaped, so it cannot drive the operator's terminal;
 the JSON line is exact (and ASCII: JSON's own escapes).
+
+A syscall the policy denied (deny mode) is never silent: each one is a JSON line on stderr,
+`{"denied": SYSCALL, "detail": ..., "errno": ..., "grant": ..., "plugin": ..., "policy": ...}`,
+printed before the error object (which also lists them under "denials"), or on success beside
+the result on stdout.
 """
 import argparse
 import base64
+import errno as errno_mod
 import json
 import math
 import os
@@ -110,8 +116,18 @@ def _record_json(rec: dict) -> str:
     return json.dumps(clean(rec), allow_nan=False)
 
 
-def fail(exc: errors.SandboxError) -> int:
+def denial_record(fields: dict) -> dict:
+    """One "denied" event's fields as the CLI reports them."""
+    number = fields.get("errno")
+    return {"denied": fields.get("syscall"), "detail": fields.get("detail"),
+            "errno": errno_mod.errorcode.get(number, number) if isinstance(number, int) else number,
+            "grant": fields.get("grant"), "plugin": fields.get("plugin"), "policy": fields.get("policy")}
+
+
+def fail(exc: errors.SandboxError, denials: list | None = None) -> int:
     rec = error_record(exc)
+    if denials:
+        rec["denials"] = denials
     _err(f"sandbox: {rec['error']}: {inert(rec['detail'])}")
     _err(_record_json(rec))
     return EXIT_CODES.get(exc.kind, 1)
@@ -226,6 +242,16 @@ def _load_policy(name: str):
     return Policy.named(name)
 
 
+def _await_denials(w, denials: list, bound: float = 1.0) -> None:
+    """Events the hub thread saw reach subscribers on a thread of their own: wait (briefly) until
+    every denial of the last call the worker counted has been heard."""
+    import time
+    deadline = time.monotonic() + bound
+    expected = len(w.last_denials) if w is not None else 0
+    while len(denials) < expected and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
 def _call(args) -> int:
     from .worker import Worker
     policy = _load_policy(args.policy)
@@ -236,8 +262,27 @@ def _call(args) -> int:
                                f"{inert(args.worker_py)}: {getattr(e, 'strerror', None) or e}") from None
     if not stat.S_ISREG(st.st_mode):  # a FIFO or a device would block whoever opens it
         raise errors.LoadError("NotARegularFile", f"{inert(args.worker_py)} is not a regular file")
-    with Worker(args.worker_py, policy=policy) as w:
-        result = w.invoke(args.function, tuple(args.args), timeout=args.timeout)
+    from . import events
+    denials: list[dict] = []
+
+    def on_event(ev: events.Event) -> None:
+        if ev.name == "denied":
+            denials.append(denial_record(ev.fields))
+    unsubscribe = events.subscribe(on_event)
+    w = None
+    try:
+        with Worker(args.worker_py, policy=policy) as w:
+            result = w.invoke(args.function, tuple(args.args), timeout=args.timeout)
+    except errors.SandboxError as exc:
+        _await_denials(w, denials)
+        unsubscribe()
+        for d in denials:
+            _err(_record_json(d))
+        return fail(exc, denials)
+    _await_denials(w, denials)
+    unsubscribe()
+    for d in denials:
+        _err(_record_json(d))
     line = dumps(result)
     print(line, flush=True)
     return 0

@@ -65,6 +65,18 @@ def _status_check(w: Any) -> tuple[bool, str]:
             "no_new_privs, seccomp filter mode")
 
 
+def _denied_check(w: Any) -> tuple[bool, str]:
+    """Under the shipped default a forbidden socket() fails with EPERM, the worker lives on, and
+    the host heard of it (the per-call list of denials names it)."""
+    try:
+        got = w.call("make_socket")
+    except errors.PluginError as e:
+        names = [n.name for n in w.last_denials]
+        ok = e.type == "PermissionError" and names == ["socket"] and w.alive
+        return ok, f"socket() failed with {e.type}, reported as denied: {', '.join(names) or 'nothing'}"
+    return False, f"not stopped: returned {got!r}"
+
+
 def libseccomp_problem() -> str | None:
     """Why the host cannot load libseccomp (it compiles every policy with it), or None."""
     try:
@@ -90,10 +102,12 @@ def checks() -> list[dict[str, Any]]:
         _check("setuid(0) refused by the kernel", lambda w: (w.call("try_setuid_root").startswith("refused"),
                                                              w.call("try_setuid_root")),
                _canary_policy(allow=["setuid"], allow_dangerous=["setuid"])),
-        _check("seccomp (forbidden syscall killed and named)",
+        _check("seccomp deny mode, the shipped default (forbidden syscall fails and is reported)", _denied_check),
+        _check("seccomp kill mode (forbidden syscall killed and named)",
                _expect(errors.PolicyViolation, lambda w: w.call("make_socket"),
                        lambda e: f"socket() stopped, reported as {e.syscall!r}" if e.syscall == "socket"
-                       else f"stopped but named {e.syscall!r}")),
+                       else f"stopped but named {e.syscall!r}"),
+               _canary_policy(default_action="kill")),
         _check("landlock (unlisted path refused)",
                _expect(errors.PluginError, lambda w: w.call("read_file", "/etc/hostname"),
                        lambda e: f"/etc/hostname: {e.type}")),

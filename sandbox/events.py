@@ -19,7 +19,7 @@ The fields each event carries (every one has `plugin` and `policy`; any may add 
 | call | a call ended, however it ended | pid, function, duration, outcome ("ok" or the error's `kind`) |
 | ended | the worker is gone and reaped | pid, reason ("closed" or the error's `kind`) |
 | violation | a forbidden syscall stopped it | pid, syscall |
-| denied | a syscall the policy answers with an errno | pid, syscall |
+| denied | deny mode answered a syscall with an errno | pid, syscall, args, errno, detail (decoded), grant |
 | timeout, memory, crash, cancelled, load-error | why a call or a start failed | pid, detail |
 
 `sandbox.metrics` counts from these alone, so an emitter keeps them: one `started` and one

@@ -71,6 +71,15 @@ LAYERS = [
            ("tests/security/test_unix_sockets.py",)),
     _layer("a gid per policy (workers of other policies share none)", "sandbox/_host/plan.py",
            "gid=gids.worker_gid(policy, uid)", "gid=uid", ("tests/integration/test_policy_gid.py",)),
+    # deny mode (the shipped default): what still kills, and the budget of denials
+    _layer("deny mode answers dangerous syscalls too (host side)", "sandbox/_host/lifecycle.py",
+           'if self._mode == "deny" and n.name not in self._dangerous:', 'if self._mode == "deny":',
+           ("tests/security",)),
+    _layer("deny mode answers dangerous syscalls too (a filter without a listener)", "sandbox/policy/compile.py",
+           "f.add_rule(seccomp.KILL_PROCESS, name)", "pass", ("tests/integration/test_policy_files.py",)),
+    _layer("the policy's max_denials ignored", "sandbox/_host/handle.py",
+           'denial_budget=getattr(sec, "max_denials_per_call", lc.DENIAL_BUDGET),', "",
+           ("tests/security/test_deny_mode.py",)),
     Layer("no PID namespace (plain fork, no pid-1 check)", (
         Patch("sandbox/zygote/pidns.py", "flags = CLONE_NEWPID | SIGCHLD", "flags = SIGCHLD"),
         Patch("sandbox/child/steps.py", '("pid_namespace", pid_namespace),', f'("pid_namespace", {NOOP}),'))),

@@ -68,6 +68,8 @@ def main() -> int:
             return 1
         except sandbox.PolicyViolation as e:
             print(f"hostile_phone_home: stopped, PolicyViolation syscall={e.syscall}")
+        except sandbox.PluginError as e:  # the default's deny mode: socket() failed, the pool's host logged it
+            print(f"hostile_phone_home: stopped, its socket() was denied: {e.type}")
     return 0
 
 

@@ -68,6 +68,8 @@ def main() -> int:
             return 1
         except sandbox.PolicyViolation as e:  # Ray hands back the actor's exception, pickled
             print(f"hostile_phone_home: stopped, PolicyViolation syscall={e.syscall}")
+        except sandbox.PluginError as e:  # the default's deny mode: socket() failed, the pool's host logged it
+            print(f"hostile_phone_home: stopped, its socket() was denied: {e.type}")
         finally:
             ray.get(hostile.close.remote())
     finally:

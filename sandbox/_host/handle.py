@@ -134,6 +134,7 @@ class WorkerHandle:
         self._log_partial = b""
         self._callbacks: dict[str, list[Callable[..., Any]]] = {"message": [], "exit": [], "log": [], "denied": []}
         self._listener: int | None = None
+        self._denial_report: tuple[int, Any] | None = None  # (notification id, decoded report)
         self._sp = None
         self._pidfd: int | None = None
         self._fds: dict[str, int] = {}
@@ -204,6 +205,7 @@ class WorkerHandle:
             seccomp_mode=mode, deny_errno=deny_errno if isinstance(deny_errno, int) else errno.EPERM,
             dangerous=DANGEROUS, on_syscall=self._on_syscall, memory_limit=limit,
             cpu_limit=self.policy.limits.cpu_seconds,
+            denial_budget=getattr(sec, "max_denials_per_call", lc.DENIAL_BUDGET),
             memory_peak=lambda: _vm_peak(pid, pidfd), offload=self._OFFLOAD)
         # the read path's own bindings (one call less per read than through the core)
         decoder = self._core.session.decoder
@@ -284,7 +286,10 @@ class WorkerHandle:
         n = notify.receive(listener)
         if n is None:
             return lc.NOTHING
-        outs = core.notification(n, _describe(n, listener))
+        report = _describe(n, listener)
+        outs = core.notification(n, report)
+        if outs and type(outs[0]) is lc.Answer:
+            self._denial_report = (n.id, report)  # words for the "denied" event and log line
         if core.reason is not None and outs and type(outs[0]) is lc.Kill:
             self._emit("violation", syscall=n.name, args=list(n.args))
             log.warning("%s", core.reason)
@@ -295,7 +300,15 @@ class WorkerHandle:
         if self._listener is not None:
             notify.answer(self._listener, n.id, out.error, out.flags)
         if out.error:
-            self._emit("denied", syscall=n.name, args=list(n.args))
+            got, self._denial_report = self._denial_report, None
+            report = got[1] if got is not None and got[0] == n.id else None
+            shown = str(report) if report is not None else n.name
+            grant = report.grant if report is not None else None
+            # a denial is never silent: the event (metrics count it), the log, the callbacks
+            self._emit("denied", syscall=n.name, args=list(n.args), errno=-out.error, detail=shown, grant=grant)
+            log.warning("plugin %s: denied %s with %s [policy %s]%s", self.name, shown,
+                        errno.errorcode.get(-out.error, -out.error), self.policy.path or self.policy.name,
+                        f"; to grant it: {grant}" if grant else "")
             self._run_callbacks("denied", n)
 
     def _read_status(self, fd) -> list:

@@ -132,8 +132,8 @@ def _seccomp_findings(raw: dict, eff: dict) -> list[Finding]:
                                              "own files; Landlock already decides which paths can be read"))
     if own.get("default_action") == "errno" or sec.get("default_action") == "errno":
         out.append(Finding("warning", "seccomp.default_action",
-                           '"errno" is deprecated: it answers forbidden syscalls silently; use "kill" '
-                           "(or the deny mode, which reports every denial)"))
+                           '"errno" is the deprecated name of "deny" (the shipped default\'s mode, which '
+                           'reports every denial): write "deny", or "kill" to stop the worker instead'))
     return out
 
 

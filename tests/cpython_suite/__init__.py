@@ -1,10 +1,11 @@
 """CPython's own regression tests for pure-computation modules, inside workers and outside.
 
-    python -m tests.cpython_suite [--quick] [--modes kill,deny,deny+scratch] [--json FILE] [MODULE ...]
+    python -m tests.cpython_suite [--quick] [--modes default,kill,default+scratch] [--json FILE] [MODULE ...]
 
 Each module of the interpreter's `Lib/test` runs once in a plain subprocess (outside) and once
 per mode inside a worker under the shipped default policy; only the limits are raised (a
-module's tests may take minutes) and, for the "deny" column, `default_action = "deny"`.
+module's tests may take minutes). Modes: "default" is the shipped default as it is (deny mode),
+"kill" and "deny" pin `seccomp.default_action`, "+scratch" adds a scratch dir.
 The table says, per module, what passed, failed and errored outside and inside, whether the
 worker was killed, and which tests differ.
 """
@@ -47,9 +48,10 @@ def stdlib_tests_present() -> bool:
 
 
 def policy_file(folder: str, mode: str) -> str:
-    """The shipped default with raised limits; in deny mode forbidden calls fail instead of killing.
-    "+scratch" adds the one file grant the test helpers want: a private scratch dir (their cwd and
-    TMPDIR), so what is left differing is threads, processes and sockets."""
+    """The shipped default with raised limits; "kill" or "deny" pins its seccomp.default_action
+    ("default" leaves it as shipped). "+scratch" adds the one file grant the test helpers want: a
+    private scratch dir (their cwd and TMPDIR), so what is left differing is threads, processes and
+    sockets."""
     from sandbox.policy import loader
     action, _, extra = mode.partition("+")
     path = os.path.join(folder, f"cpython-suite-{action}-{extra or 'plain'}.toml")
@@ -57,7 +59,8 @@ def policy_file(folder: str, mode: str) -> str:
         f.write(f'extends = "{loader.SHIPPED_DEFAULT}"\n{LIMITS}\n')
         if extra == "scratch":
             f.write("file_size_mb = 64\n[filesystem]\nscratch = true\nscratch_mb = 256\nscratch_inodes = 65536\n")
-        f.write(f'[seccomp]\ndefault_action = "{action}"\n')
+        if action != "default":
+            f.write(f'[seccomp]\ndefault_action = "{action}"\n')
     return path
 
 
@@ -83,7 +86,7 @@ def run_inside(module: str, policy: str, timeout: float = 900) -> dict:
         return {"module": module, "killed": f"{e.kind}: {e}"[:300]}
 
 
-def run(modules, modes=("kill", "deny"), jobs: int = 4) -> list[dict]:
+def run(modules, modes=("default", "kill"), jobs: int = 4) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         policies = {m: policy_file(folder, m) for m in modes}

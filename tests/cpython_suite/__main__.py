@@ -9,7 +9,8 @@ def main() -> int:
     p = argparse.ArgumentParser(prog="python -m tests.cpython_suite")
     p.add_argument("modules", nargs="*", help=f"default: {len(MODULES)} modules")
     p.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
-    p.add_argument("--modes", default="kill,deny,deny+scratch", help="comma-separated: kill, deny, deny+scratch")
+    p.add_argument("--modes", default="default,kill,default+scratch",
+                   help="comma-separated: default (as shipped: deny), kill, deny, each optionally +scratch")
     p.add_argument("--jobs", type=int, default=4)
     p.add_argument("--json", metavar="FILE")
     a = p.parse_args()

@@ -48,7 +48,8 @@ def run(*args):
 
 @pytest.fixture
 def plugin(make_plugin):
-    return make_plugin(PLUGIN)
+    """The plugin under the shipped default with kill mode pinned: a forbidden syscall is a violation."""
+    return make_plugin(PLUGIN, '[seccomp]\ndefault_action = "kill"\n')
 
 
 def last_json(stderr):
@@ -112,9 +113,12 @@ def test_call_without_policy_uses_the_shipped_default(plugin):
     for extra in ([], ["--policy", "default"]):
         out = run("call", path, "add", "2", "40", *extra)
         assert out.returncode == 0 and json.loads(out.stdout) == 42, out.stderr
-    out = run("call", path, "net")
+    out = run("call", path, "net")  # deny mode: socket() fails in the plugin, and the denial is reported
     rec = last_json(out.stderr)
-    assert rec["error"] == "violation" and rec["policy"].endswith("default.toml")
+    assert rec["error"] == "plugin-error" and rec["type"] == "PermissionError", out.stderr
+    assert [(d["denied"], d["errno"]) for d in rec["denials"]] == [("socket", "EPERM")], rec
+    assert rec["denials"][0]["policy"].endswith("default.toml")
+    assert out.returncode == EXIT_CODES["plugin-error"]
 
 
 def test_explain_default_groups_and_version():

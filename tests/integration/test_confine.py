@@ -152,12 +152,26 @@ def test_landlock_alone_refuses_a_write_the_mount_allows(make_plugin):
         assert w.call("read", "/proc/self/comm") != b"x"
 
 
-def test_forbidden_syscall_is_named(probe):
-    with pytest.raises(PolicyViolation) as ei:
+def test_forbidden_syscall_is_named_in_kill_mode(make_plugin):
+    path, policy = make_plugin(PROBE, '[seccomp]\ndefault_action = "kill"\n')
+    with sandbox.Worker(path, policy=policy) as w:
+        with pytest.raises(PolicyViolation) as ei:
+            w.call("make_socket")
+        assert ei.value.syscall == "socket"
+        assert ei.value.plugin == w.name
+        assert "socket" in str(ei.value) and ei.value.grant == 'network.allow + network.families = ["inet"]'
+        assert not w.alive
+
+
+def test_forbidden_syscall_is_denied_and_named_under_the_default(probe):
+    """The shipped default is deny mode: the socket() fails in the plugin, the host names it."""
+    denials = []
+    probe.on("denied", denials.append)
+    with pytest.raises(sandbox.PluginError) as ei:
         probe.call("make_socket")
-    assert ei.value.syscall == "socket"
-    assert ei.value.plugin == probe.name
-    assert "socket" in str(ei.value)
+    assert ei.value.type == "PermissionError"
+    assert [n.name for n in probe.last_denials] == ["socket"] and [n.name for n in denials] == ["socket"]
+    assert probe.alive and probe.call("environ")["GREETING"] == "hi"
 
 
 def test_errno_mode_returns_permission_error(make_plugin):

@@ -18,7 +18,8 @@ def test_doctor_proves_every_layer_here():
     failed = [r for r in results if not r["ok"]]
     assert failed == [] and out.returncode == 0
     layers = {r["layer"] for r in results}
-    assert {"privileges", "landlock (unlisted path refused)", "seccomp (forbidden syscall killed and named)"} <= layers
+    assert {"privileges", "landlock (unlisted path refused)", "seccomp kill mode (forbidden syscall killed and named)",
+            "seccomp deny mode, the shipped default (forbidden syscall fails and is reported)"} <= layers
 
 
 def _loaded_libseccomp() -> str:

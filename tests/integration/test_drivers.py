@@ -174,11 +174,22 @@ def test_a_deadline_kills_the_worker(driver, plugin):
     assert isinstance(w.death, PluginTimeout)
 
 
-def test_a_forbidden_syscall_is_named(driver, plugin):
-    with driver.worker(*plugin) as w:  # a policy without network: socket() is forbidden
+def test_a_forbidden_syscall_is_named(driver, make_plugin):
+    kill_mode = make_plugin(PLUGIN, '[seccomp]\ndefault_action = "kill"\n')
+    with driver.worker(*kill_mode) as w:  # a policy without network: socket() is forbidden
         with pytest.raises(PolicyViolation) as ei:
             w.call("sock")
         assert ei.value.syscall == "socket" and not w.alive
+
+
+def test_a_forbidden_syscall_is_denied_and_reported_under_the_default(driver, plugin):
+    seen = []
+    with driver.worker(*plugin) as w:  # the shipped default: deny mode
+        w.on("denied", seen.append)
+        assert w.call("sock") == errno.EPERM
+        assert [n.name for n in w.last_denials] == ["socket"] and w.alive
+        assert w.call("sock") == errno.EPERM
+    assert [n.name for n in seen] == ["socket", "socket"]
 
 
 def test_exit_codes_and_deaths_from_outside_are_reported(driver, plugin):

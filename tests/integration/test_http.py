@@ -26,7 +26,8 @@ PLUGINS = os.path.join(ROOT, "tests", "plugins", "http")
 POLICIES = {
     "burner": "[limits]\ntimeout = 10\n",
     # a small message cap: arguments that would pass it must be refused before a worker sees them
-    "flaky": "[limits]\ntimeout = 1.0\nmax_message_bytes = 65536\n",
+    # kill mode pinned: a forbidden syscall is a violation (502), the status this suite checks
+    "flaky": "[limits]\ntimeout = 1.0\nmax_message_bytes = 65536\n[seccomp]\ndefault_action = \"kill\"\n",
     "badpolicy": "[limits]\ntimeout = \"soon\"\n",
     "loadfail": "[limits]\ntimeout = 10\n",
     # nopolicy: deliberately none

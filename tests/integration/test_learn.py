@@ -70,13 +70,21 @@ def test_one_run_learns_a_policy_every_call_passes_in_kill_mode(learned):
     worker_py, out, result = learned
     assert result.ok, result.outcomes
     assert len(result.outcomes) == 1 + len(CALLS)  # load + each call: one run, not one per kill
-    policy = Policy.load(out)
+    assert Policy.load(out).seccomp.default_action == "deny"  # the mode of the policy it extends
+    # kill mode pinned over the learned policy: no call leans on a denial, each is granted
+    kill_mode = out[:-len(".toml")] + "-kill.toml"
+    with open(kill_mode, "w") as f:
+        f.write(f'extends = "{out}"\n[seccomp]\ndefault_action = "kill"\n')
+    policy = Policy.load(kill_mode)
     assert policy.seccomp.default_action == "kill"
+    denials = []
     with Worker(worker_py, policy=policy) as w:
+        w.on("denied", denials.append)
         assert [w.call(name, *args) for name, args in CALLS] == EXPECTED
         # kill mode is on and processes stay forbidden: a fork the calls never made still kills
         with pytest.raises(PolicyViolation):
             w.call("spawn")
+    assert denials == []
 
 
 @pytest.mark.unpriv
@@ -175,7 +183,7 @@ def test_cli_main_writes_the_file_and_reports_each_call(plugin, plugin_dir, caps
     assert code == 0
     err = capsys.readouterr().err
     assert "call gather(3): ok" in err and f"wrote {out}" in err
-    assert Policy.load(out).seccomp.default_action == "kill"
+    assert Policy.load(out).seccomp.default_action == "deny"  # as the default it extends
     assert L.main([plugin, "--call", "gather", "{bad", "--out", out]) != 0
     assert "not valid JSON" in capsys.readouterr().err
 

@@ -235,8 +235,12 @@ def _workload():
         pass
 
 
-def test_default_bpf_runs_python_and_kills_what_it_forbids():
-    bpf = Policy.default().bpf(notify=False)
+KILL_MODE = f'extends = "{DEFAULT_POLICY}"\n[seccomp]\ndefault_action = "kill"\n'
+
+
+def test_default_bpf_runs_python_and_kills_what_it_forbids(write):
+    """The filter alone (no listener), kill mode pinned over the default: what it forbids is SIGSYS."""
+    bpf = Policy.load(write("kill.toml", KILL_MODE)).bpf(notify=False)
     assert _run_under_filter(bpf, _workload) == 0
     for attack in (lambda: socket.socket(), lambda: os.fork(),
                    lambda: _libc_syscall(39 | 0x40000000),  # x32 getpid
@@ -252,6 +256,45 @@ def test_default_bpf_runs_python_and_kills_what_it_forbids():
         os._exit(5)
     assert _run_under_filter(bpf, write_open) == 0
     assert not os.path.exists("/tmp/should-not-exist")
+
+
+def _exits_with_errno(fn, expected: int):
+    def action():
+        try:
+            fn()
+        except OSError as e:
+            os._exit(0 if e.errno == expected else 4)
+        os._exit(5)
+    return action
+
+
+def _raw(nr, *args):
+    def call():
+        if _libc_syscall(nr, *args) == -1:
+            raise OSError(ctypes.get_errno(), "raw syscall failed")
+    return call
+
+
+def test_default_bpf_denies_what_it_forbids_and_kills_the_dangerous():
+    """The shipped default is deny mode. Its filter alone (no listener: the host's reporting is
+    not there to help) answers a forbidden call with EPERM and kills at any dangerous one."""
+    p = Policy.default()
+    assert p.seccomp.default_action == "deny"
+    bpf = p.bpf(notify=False)
+    assert _run_under_filter(bpf, _workload) == 0
+    for attack in (socket.socket, os.fork, lambda: os.kill(1, 0), _raw(1000),  # past the table
+                   _raw(56, 0x10000000 | 17, 0, 0, 0, 0)):  # clone(CLONE_NEWUSER): EPERM, not a namespace
+        assert _run_under_filter(bpf, _exits_with_errno(attack, errno.EPERM)) == 0
+    assert _run_under_filter(bpf, _raw(39 | 0x40000000)) == -signal.SIGSYS  # x32 getpid: a foreign ABI
+    assert _run_under_filter(bpf, _exits_with_errno(lambda: open("/tmp/should-not-exist", "w"), errno.EROFS)) == 0
+    assert not os.path.exists("/tmp/should-not-exist")
+    for nr, args in ((165, (0, 0, 0, 0, 0)), (101, (16, 1, 0, 0)), (272, (0x10000000,)), (321, (0, 0, 0)),
+                     (425, (1, 0)), (157, (22, 2, 0, 0, 0))):  # mount, ptrace, unshare, bpf, io_uring, prctl
+        assert _run_under_filter(bpf, _raw(nr, *args)) == -signal.SIGSYS, nr
+    # every dangerous syscall the default neither allows nor answers (clone3: ENOSYS) is in the
+    # filter's kill list, the rules build_bpf writes when there is no listener
+    answered = {"clone3"}
+    assert DANGEROUS - answered - set(p.seccomp.allowed) <= set(p._effective["kill"])
 
 
 def test_clone3_gets_enosys_and_deny_mode_gets_eperm(write):
@@ -284,8 +327,10 @@ def test_explain_cli_json_and_text():
     out = subprocess.run([sys.executable, "-m", "sandbox", "policy", "explain", DEFAULT_POLICY, "--json"],
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     e = json.loads(out.stdout)
-    assert e["seccomp"]["default_action"] == "kill"
+    assert e["seccomp"]["default_action"] == "deny" and e["seccomp"]["default_errno"] == "EPERM"
+    assert e["seccomp"]["max_denials"] == 100
     assert e["seccomp"]["allow"] == sorted(e["seccomp"]["allow"]) and "read" in e["seccomp"]["allow"]
     text = subprocess.run([sys.executable, "-m", "sandbox", "policy", "explain", DEFAULT_POLICY],
                           capture_output=True, text=True, cwd=ROOT, timeout=60).stdout
     assert "@python-runtime" in text and "clone3 fails with ENOSYS" in text
+    assert "forbidden syscalls fail with EPERM and are reported" in text and "dangerous ones always stop it" in text

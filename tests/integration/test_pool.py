@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+import sandbox
 from sandbox import (AsyncPool, Pool, PluginCrashed, PluginError, PluginTimeout, PolicyViolation, QueueFull,
                      RestartLimit, UsageError, Worker, WorkerClosed)
 from sandbox._host import lifecycle as lc
@@ -89,6 +90,12 @@ CRASHER = """
 @pytest.fixture
 def plugin(make_plugin):
     return make_plugin(PLUGIN, "[limits]\ntimeout = 10\n")
+
+
+@pytest.fixture
+def kill_mode_plugin(make_plugin):
+    """The shipped default with kill mode pinned: a forbidden syscall kills (and the pool replaces)."""
+    return make_plugin(PLUGIN, '[limits]\ntimeout = 10\n[seccomp]\ndefault_action = "kill"\n')
 
 
 def _workers(pool):
@@ -193,8 +200,8 @@ def test_async_idle_worker_killed_from_outside_the_next_50_calls_succeed(plugin)
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
-def test_failures_are_replaced_and_counted(plugin):
-    path, policy = plugin
+def test_failures_are_replaced_and_counted(kill_mode_plugin):
+    path, policy = kill_mode_plugin
     with Pool(path, policy=policy, size=2) as pool:
         with pytest.raises(PluginTimeout):
             pool.invoke("spin", timeout=0.2)
@@ -210,6 +217,24 @@ def test_failures_are_replaced_and_counted(plugin):
         s = pool.stats()
         assert s["errors"] == {"timeout": 1, "violation": 1, "crashed": 1, "plugin-error": 1}
         assert s["restarts"] >= 3
+
+
+def test_a_denial_under_the_default_fails_the_call_and_keeps_the_worker(plugin):
+    path, policy = plugin
+    seen = []
+    unsubscribe = sandbox.events.subscribe(lambda ev: ev.name == "denied" and seen.append(ev))
+    try:
+        with Pool(path, policy=policy, size=1) as pool:
+            with pytest.raises(PluginError) as e:
+                pool.call("sock")
+            assert e.value.type == "PermissionError"
+            assert pool.call("echo", 1) == 1
+            s = pool.stats()
+            assert s["errors"] == {"plugin-error": 1} and s["restarts"] == 0
+        assert procfs.wait_until(lambda: seen, 5)  # (events the hub saw reach subscribers on their own thread)
+    finally:
+        unsubscribe()
+    assert [ev.get("syscall") for ev in seen] == ["socket"]
 
 
 # Until Worker.call stops taking `timeout` itself, a plugin keyword of that name collides there.
@@ -619,8 +644,8 @@ def test_a_pool_survives_multiprocessing_fork(plugin):
 
 
 # ---- AsyncPool ---------------------------------------------------------------------------------
-def test_async_pool_tasks_get_their_own_answers_while_killed(plugin):
-    path, policy = plugin
+def test_async_pool_tasks_get_their_own_answers_while_killed(kill_mode_plugin):
+    path, policy = kill_mode_plugin
 
     async def main():
         async with AsyncPool(path, policy=policy, size=3, max_queue=1000, restart_limit=(1000, 10)) as pool:

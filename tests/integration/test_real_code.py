@@ -162,29 +162,45 @@ result = [len(box), forked]
         assert run(w, "result = 2") == 2
 
 
-def test_processes_grant_fork_but_never_a_namespace(folder):
-    path, policy = _plugin(folder, "[limits]\nprocesses = 2\n")
+KILL_MODE = '[seccomp]\ndefault_action = "kill"\n'
+
+
+@pytest.mark.parametrize("mode", ["kill", "deny"])
+def test_processes_grant_fork_but_never_a_namespace(folder, mode):
+    path, policy = _plugin(folder, "[limits]\nprocesses = 2\n" + (KILL_MODE if mode == "kill" else ""))
     fork = ("import os\npid = os.fork()\nif pid == 0:\n    os._exit(7)\n"
             "result = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])")
     newuser = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
-               "result = libc.syscall(56, 0x10000000 | 17, 0, 0, 0, 0)")  # clone(CLONE_NEWUSER|SIGCHLD)
+               "result = [libc.syscall(56, 0x10000000 | 17, 0, 0, 0, 0), ctypes.get_errno()]")  # CLONE_NEWUSER
     with sandbox.Worker(path, policy=policy) as w:
         assert run(w, fork) == 7
     with sandbox.Worker(path, policy=policy) as w:
-        with pytest.raises(sandbox.PolicyViolation) as ei:
-            run(w, newuser)
-        assert ei.value.syscall == "clone"
+        if mode == "kill":
+            with pytest.raises(sandbox.PolicyViolation) as ei:
+                run(w, newuser)
+            assert ei.value.syscall == "clone"
+        else:  # the default's deny mode: no namespace, EPERM, and the host was told
+            assert run(w, newuser) == [-1, errno.EPERM]
+            assert [n.name for n in w.last_denials] == ["clone"]
     assert Policy.load(policy).may_fork and not Policy.load(policy).may_thread
 
 
-def test_file_attributes_need_their_own_group(folder):
+@pytest.mark.parametrize("mode", ["kill", "deny"])
+def test_file_attributes_need_their_own_group(folder, mode):
     chmod = ("import os, tempfile\nfd, p = tempfile.mkstemp()\nos.close(fd)\nos.chmod(p, 0o600)\n"
              "result = oct(os.stat(p).st_mode & 0o777)")
-    path, policy = _plugin(folder, "[filesystem]\nscratch = true\n[limits]\nfile_size_mb = 1\n")
+    path, policy = _plugin(folder, "[filesystem]\nscratch = true\n[limits]\nfile_size_mb = 1\n"
+                           + (KILL_MODE if mode == "kill" else ""))
     with sandbox.Worker(path, policy=policy) as w:
-        with pytest.raises(sandbox.PolicyViolation) as ei:
-            run(w, chmod)
-        assert ei.value.syscall in ("chmod", "fchmodat")
+        if mode == "kill":
+            with pytest.raises(sandbox.PolicyViolation) as ei:
+                run(w, chmod)
+            assert ei.value.syscall in ("chmod", "fchmodat")
+        else:
+            with pytest.raises(sandbox.PluginError) as ei:
+                run(w, chmod)
+            assert ei.value.type == "PermissionError"
+            assert [n.name for n in w.last_denials] in (["chmod"], ["fchmodat"])
     path, policy = _plugin(folder, '[filesystem]\nscratch = true\n[limits]\nfile_size_mb = 1\n'
                                    '[seccomp]\ngroups = ["@file-attributes"]\n')
     with sandbox.Worker(path, policy=policy) as w:
@@ -225,17 +241,19 @@ def test_third_party_library_under_the_default(folder, module):
 
 
 def test_cpython_suite_quick_subset_completes_and_matches_outside():
-    """A few modules of the interpreter's own Lib/test, inside the default (kill mode) and outside."""
+    """A few modules of the interpreter's own Lib/test, inside the default (deny mode) and in kill
+    mode, and outside: the same tests run and none differs."""
     import sys
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     from tests import cpython_suite as cs
     if not cs.stdlib_tests_present():
         pytest.skip("this interpreter ships no Lib/test")
-    rows = cs.run(cs.QUICK, modes=("kill",))
+    rows = cs.run(cs.QUICK, modes=("default", "kill"))
     for row in rows:
-        inside, outside = row["kill"], row["outside"]
-        assert "killed" not in inside and "error" not in inside, row
-        assert inside["run"] == outside["run"] > 0 and inside["differs"] == [], row
+        for mode in ("default", "kill"):
+            inside, outside = row[mode], row["outside"]
+            assert "killed" not in inside and "error" not in inside, row
+            assert inside["run"] == outside["run"] > 0 and inside["differs"] == [], row
 
 
 def test_deny_mode_fails_calls_and_still_kills_the_dangerous(folder):

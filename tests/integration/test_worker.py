@@ -13,7 +13,7 @@ import sandbox
 from sandbox import (LoadError, PluginCrashed, PluginError, PluginMemoryError, PluginTimeout,
                      PolicyViolation, WorkerClosed)
 from helpers import DEFAULT_POLICY, ROOT
-from procfs import children_of, open_fds, zombies_of
+from procfs import children_of, open_fds, wait_until, zombies_of
 
 pytestmark = pytest.mark.unpriv
 
@@ -300,12 +300,27 @@ def test_host_death_takes_zygote_and_workers_with_it(make_plugin, plugin_dir):
 
 
 def test_forbidden_syscall_while_loading_is_named(make_plugin):
-    path, policy = make_plugin("import socket\nsocket.socket()\n")
+    path, policy = make_plugin("import socket\nsocket.socket()\n", '[seccomp]\ndefault_action = "kill"\n')
     t = time.monotonic()
     with pytest.raises(PolicyViolation) as ei:
         sandbox.Worker(path, policy=policy)
     assert ei.value.syscall == "socket"
     assert time.monotonic() - t < 5  # named at once, not after the start timeout
+
+
+def test_forbidden_syscall_while_loading_under_the_default_is_a_load_error(make_plugin):
+    """Deny mode: the import fails with PermissionError (a LoadError), and the denial was reported."""
+    path, policy = make_plugin("import socket\nsocket.socket()\n")
+    seen = []
+    unsubscribe = sandbox.events.subscribe(lambda ev: ev.name == "denied" and seen.append(ev))
+    try:
+        with pytest.raises(sandbox.LoadError) as ei:
+            sandbox.Worker(path, policy=policy)
+    finally:
+        unsubscribe()
+    assert ei.value.type == "PermissionError"
+    assert wait_until(lambda: seen, 5)  # (events the hub saw reach subscribers on their own thread)
+    assert [ev.get("syscall") for ev in seen] == ["socket"] and seen[0].get("grant")
 
 
 def test_terminate_from_another_thread_during_a_call(basic):

@@ -7,7 +7,7 @@ import pytest
 
 from sandbox import PluginCrashed, PolicyViolation
 
-from security.attack_lab import intact, violation
+from security.attack_lab import intact, stopped
 
 pytestmark = pytest.mark.unpriv
 
@@ -26,10 +26,12 @@ pytestmark = pytest.mark.unpriv
     (317, "seccomp", (1, 0, 0)), (157, "prctl", (22, 2, 0, 0, 0)),                                  # 14
     (157, "prctl", (4, 1, 0, 0, 0)), (157, "prctl", (0x59616d61, -1, 0, 0, 0)),                     # 14
 ])
-def test_privilege_and_kernel_surface_syscalls_are_violations(lab, nr, name, args):
-    """9-12, 14: seccomp; each named by the host from the kernel's notification."""
-    with intact(lab) as w:
-        violation(w, "sys", nr, *args, syscall=name)
+def test_privilege_and_kernel_surface_syscalls_are_stopped(lab, mode, nr, name, args):
+    """9-12, 14: seccomp; each named by the host from the kernel's notification. Kill mode: a
+    violation. Deny mode (the default): EPERM and a "denied" report, except the dangerous ones
+    (setuid, capset, prctl, unshare, io_uring, bpf, mount, ...), which kill there too."""
+    with intact(lab, mode=mode) as w:
+        stopped(w, mode, "sys", nr, *args, syscall=name)
 
 
 def test_clone3_gets_enosys(lab):
@@ -39,10 +41,19 @@ def test_clone3_gets_enosys(lab):
 
 
 @pytest.mark.parametrize("nr", [0x40000000 | 39, 0x40000000 | 57, 1000, 0xFFFF])
-def test_foreign_and_unknown_syscall_numbers_kill(lab, nr):
+def test_foreign_and_unknown_syscall_numbers_never_run(lab, mode, nr):
     """13: x32 numbers and numbers past the table never match a rule: the listener reports them,
-    or the filter kills by SIGSYS (a bare SIGSYS death is reported as a crash, never a violation)."""
-    with intact(lab) as w:
+    or the filter kills by SIGSYS (a bare SIGSYS death is reported as a crash, never a violation).
+    Kill mode: the worker dies. Deny mode: it dies, or the call fails with EPERM and is reported."""
+    with intact(lab, mode=mode) as w:
+        if mode == "deny":
+            try:
+                got = w.call("sys", nr)
+            except (PolicyViolation, PluginCrashed) as e:
+                assert isinstance(e, PolicyViolation) or e.signal == signal.SIGSYS
+            else:
+                assert got == [-1, 1] and len(w.last_denials) == 1 and w.last_denials[0].nr == nr, got
+            return
         with pytest.raises((PolicyViolation, PluginCrashed)) as ei:
             w.call("sys", nr)  # the listener names it, or the filter kills outright
         assert isinstance(ei.value, PolicyViolation) or ei.value.signal == signal.SIGSYS

@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from security.attack_lab import intact, violation
+from security.attack_lab import intact, stopped
 
 pytestmark = pytest.mark.unpriv
 
@@ -18,11 +18,11 @@ pytestmark = pytest.mark.unpriv
     (438, "pidfd_getfd", (3, 3, 0)),                        # 1
     (434, "pidfd_open", ("HOST", 0)),                       # 1
 ])
-def test_reaching_into_the_host_is_a_violation(lab, nr, name, args):
-    """seccomp: the ptrace family is not in any group (dangerous list)."""
+def test_reaching_into_the_host_is_a_violation(lab, mode, nr, name, args):
+    """seccomp: the ptrace family is not in any group (dangerous list): it kills in both modes."""
     args = [os.getpid() if a == "HOST" else a for a in args]
-    with intact(lab) as w:
-        violation(w, "sys", nr, *args, syscall=name)
+    with intact(lab, mode=mode) as w:
+        stopped(w, mode, "sys", nr, *args, syscall=name)
 
 
 @pytest.mark.parametrize("what", ["environ", "mem", "cmdline", "fd/0"])
@@ -34,11 +34,12 @@ def test_host_proc_files_are_out_of_reach(lab, what):
 
 
 @pytest.mark.parametrize("target", ["host", -1, 1, "sleeper"])
-def test_kill_is_a_violation(lab, sleeper, target):
-    """3: seccomp refuses kill() outright: the host, everyone (-1), init, a neighbour."""
+def test_kill_is_stopped(lab, mode, sleeper, target):
+    """3: seccomp refuses kill() outright: the host, everyone (-1), init, a neighbour. Kill mode:
+    a violation; deny mode: EPERM, reported. Either way nobody got the signal."""
     pid = {"host": os.getpid(), "sleeper": sleeper.pid}.get(target, target)
-    with intact(lab) as w:
-        violation(w, "kill", pid, signal.SIGKILL, syscall="kill")
+    with intact(lab, mode=mode) as w:
+        stopped(w, mode, "kill", pid, signal.SIGKILL, syscall="kill")
     assert sleeper.poll() is None
 
 
@@ -66,21 +67,21 @@ def test_only_own_descriptors_by_fstat(lab):
 
 
 @pytest.mark.parametrize("request_", [0x5412, 0x5412 | (1 << 32), 0x541C])
-def test_terminal_injection_ioctls(lab, request_):
+def test_terminal_injection_ioctls(lab, mode, request_):
     """6: only TCGETS-style ioctls pass (exact 64-bit compare): TIOCSTI, with high bits, TIOCLINUX."""
-    with intact(lab) as w:
-        violation(w, "sys", 16, 0, request_, 0, syscall="ioctl")
+    with intact(lab, mode=mode) as w:
+        stopped(w, mode, "sys", 16, 0, request_, 0, syscall="ioctl")
 
 
 @pytest.mark.parametrize("family,kind", [(1, 1), (2, 1), (2, 2), (10, 1), (16, 3), (40, 1), (17, 3)])
-def test_sockets_of_any_family_are_violations(lab, family, kind):
+def test_sockets_of_any_family_are_stopped(lab, mode, family, kind):
     """7, 8: unix (abstract sockets, D-Bus), inet, inet6, netlink, vsock, packet: no socket() at all."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
     listener.settimeout(0.2)
-    with intact(lab) as w:
-        violation(w, "sys", 41, family, kind, 0, syscall="socket")
+    with intact(lab, mode=mode) as w:
+        stopped(w, mode, "sys", 41, family, kind, 0, syscall="socket")
     with pytest.raises(socket.timeout):
         listener.accept()  # nobody connected
     listener.close()

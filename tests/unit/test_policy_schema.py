@@ -70,7 +70,7 @@ def test_deny_mode_and_its_numbers(load):
     old = load("[seccomp]\ndefault_action = 'errno'\ndefault_errno = 'ENOSYS'\n")  # clone3 errno == default
     assert old.seccomp.default_action == "deny" and "deny" in old.warnings[0]
     d = Policy.default()
-    assert (d.seccomp.default_action, d.seccomp.deny_errno, d.seccomp.max_denials_per_call) == ("kill", 1, 100)
+    assert (d.seccomp.default_action, d.seccomp.deny_errno, d.seccomp.max_denials_per_call) == ("deny", 1, 100)
 
 
 def test_facts(load):
