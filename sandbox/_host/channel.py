@@ -32,6 +32,7 @@ class Session:
         self.decoder = framing.FrameDecoder(max_frame, framing.CHILD_TYPES, reuse=True)  # decoded at once
         self.limits = protocol.Limits(max_bytes=max_frame)
         self._encoder = protocol.Encoder()  # callers hold their own lock around encode_call
+        self._encode_call = self._encoder.encode_call
         self.ready = False
         self.pending_id: int | None = None  # the one call in flight
         self._next_id = 0
@@ -39,9 +40,12 @@ class Session:
     def encode_call(self, name: str, args, kwargs) -> bytes | tuple:
         if self.pending_id is not None:
             raise RuntimeError("a call is already in flight")
-        self._next_id += 1
-        self.pending_id = self._next_id
-        return _frame(framing.CALL, self._next_id, self._encoder.encode_call(name, args, kwargs))
+        payload = self._encode_call(name, args, kwargs)  # first: a value it refuses leaves no call in flight
+        self.pending_id = call_id = self._next_id = self._next_id + 1
+        size = len(payload)  # (what _frame does, in line: this is every call's path)
+        if size < _LARGE:
+            return _header(_MAGIC, _VERSION, _CALL, size, call_id) + payload
+        return _header(_MAGIC, _VERSION, _CALL, size, call_id), payload
 
     def call_done(self):
         self.pending_id = None
@@ -99,6 +103,7 @@ def _frame(ftype, call_id, payload):
 
 
 _header = framing.HEADER.pack
+_MAGIC, _VERSION, _CALL, _LARGE = framing.MAGIC, framing.VERSION, framing.CALL, framing.LARGE
 
 
 def plugin_error(d: dict) -> SandboxError:

@@ -36,6 +36,7 @@ EXPORT_MARK = "__sandbox_export__"  # set by sandbox.plugin.export
 _writer = None
 _header = framing.HEADER.pack
 _write = os.write
+_MAGIC, _VERSION, _LARGE, _HEADER_SIZE = framing.MAGIC, framing.VERSION, framing.LARGE, framing.HEADER_SIZE
 
 # ---- what the serve loop needs, held before the plugin can change it ---------------------------
 # A plugin may replace builtins (say `builtins.len`) or sys.modules entries; the code that reads
@@ -156,11 +157,11 @@ class Writer:
                 ftype, payload = self._refusal(
                     ftype, "ValueError", f"value of {size} bytes exceeds max_message_bytes ({self.max_frame})")
                 size = _len(payload)
-            header = _header(framing.MAGIC, framing.VERSION, ftype, size, call_id)
-            if size < framing.LARGE:
+            header = _header(_MAGIC, _VERSION, ftype, size, call_id)
+            if size < _LARGE:
                 data = header + payload
                 n = _write(self.fd, data)
-                if n < _len(data):  # a pipe smaller than we asked for
+                if n < size + _HEADER_SIZE:  # a pipe smaller than we asked for
                     self._write_all(memoryview(data)[n:])
             else:  # large: no copy into one buffer; the host drains the pipe as we go
                 try:
@@ -432,9 +433,10 @@ def _serve(module, exports: frozenset, max_frame: int) -> None:
     limits = protocol.Limits(max_bytes=max_frame, max_depth=None)  # the host is the trusted side
     # the loop every call goes through: names bound locally, not looked up per frame
     payload_view, read_size, feed, advance = decoder.payload_view, decoder.read_size, decoder.feed, decoder.advance
-    loads, read, readv, CALL = _loads, _read, _readv, framing.CALL
-    at_boundary, single_frame, HEADER_SIZE = decoder.at_boundary, framing.single_frame, framing.HEADER_SIZE
-    seen, own = _seen, _OwnBuiltins
+    loads, read, readv, CALL, FLOOR = _loads, _read, _readv, framing.CALL, framing.LARGE
+    unpack_header, HEADER_SIZE = framing.HEADER.unpack_from, framing.HEADER_SIZE
+    MAGIC, VERSION = framing.MAGIC, framing.VERSION
+    seen, own, answer = _seen, _OwnBuiltins, _answer_call
     functions = module.__dict__
     _builtins_changed()  # loading ran plugin code
     while True:
@@ -446,22 +448,31 @@ def _serve(module, exports: frozenset, max_frame: int) -> None:
             for ftype, call_id, obj in frames:
                 _dispatch(module, functions, exports, ftype, call_id, obj)
             continue
-        view = payload_view()
-        if view is not None:  # a large payload: read straight into its buffer
-            n = readv(FROM_HOST, [view])
-            del view
-            if not n:
-                return
-            frames = advance(n)
-        else:
-            data = read(FROM_HOST, read_size())
+        if decoder._head is None and not decoder._hbuf:  # between frames: the usual read
+            data = read(FROM_HOST, FLOOR)  # (what read_size() asks for there)
             if not data:
                 return
-            one = single_frame(data, max_frame) if at_boundary() else None
-            if one is not None and one[0] == CALL:  # the usual read: one whole call
-                _answer_call(functions, exports, one[1], loads(data[HEADER_SIZE:], limits))
-                continue
+            size = _len(data)
+            if size > HEADER_SIZE:  # exactly one whole call? (framing.single_frame's checks, in line)
+                magic, version, ftype, length, call_id = unpack_header(data, 0)
+                if ftype == CALL and size == HEADER_SIZE + length and magic == MAGIC and version == VERSION \
+                        and length <= max_frame:
+                    answer(functions, exports, call_id, loads(data[HEADER_SIZE:], limits))
+                    continue
             frames = feed(data)
+        else:
+            view = payload_view()
+            if view is not None:  # a large payload: read straight into its buffer
+                n = readv(FROM_HOST, [view])
+                del view
+                if not n:
+                    return
+                frames = advance(n)
+            else:
+                data = read(FROM_HOST, read_size())
+                if not data:
+                    return
+                frames = feed(data)
         for ftype, call_id, payload in frames:
             obj = loads(payload, limits)
             _dispatch(module, functions, exports, ftype, call_id, obj)
