@@ -139,6 +139,7 @@ class Writer:
         self._encoder = protocol.Encoder()
         self._encode = self._encoder.encode
         self._lock = _thread.allocate_lock()  # _thread, not threading: the zygote stays lean
+        self.answered = False  # a reply (or error) to a call went out
 
     def send(self, ftype: int, call_id: int, obj) -> None:
         if _builtins_changed():
@@ -207,7 +208,6 @@ def child_main(fds: list[int], zygote_pid: int, ruleset: int | None = None) -> N
         if module is None:
             os._exit(71)
         exports = _exports(module)
-        _sys.libc.malloc_trim(0)  # what loading freed goes back to the kernel: a smaller idle worker
         _writer.send(framing.READY, 0, {"pid": os.getpid(), "exports": _sorted(exports)})
         _serve(module, exports, plan.max_frame)
         code = 0
@@ -439,7 +439,13 @@ def _serve(module, exports: frozenset, max_frame: int) -> None:
     seen, own, answer = _seen, _OwnBuiltins, _answer_call
     functions = module.__dict__
     _builtins_changed()  # loading ran plugin code
+    # What loading freed goes back to the kernel (a smaller idle worker), once the first call is
+    # answered: malloc_trim walks the whole heap (~0.15 ms), which no start should wait for.
+    untrimmed, writer = True, _writer
     while True:
+        if untrimmed and writer.answered:
+            untrimmed = False
+            _sys.libc.malloc_trim(0)
         if seen[0]:  # the plugin replaced a builtin this code uses: read with the originals
             with own():
                 frames = _read_decoded(decoder, limits)
@@ -512,8 +518,10 @@ def _answer_call(functions, exports, call_id, obj):
         result = fn(*args, **kwargs)
     except _BaseException as e:  # noqa: BLE001 - SystemExit and friends are reported, not obeyed
         _writer.send(framing.ERROR, call_id, _describe(e))
+        _writer.answered = True
         return
     _writer.send(framing.RESULT, call_id, result)
+    _writer.answered = True
 
 
 def _deliver(module, obj):
