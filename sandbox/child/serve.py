@@ -442,6 +442,7 @@ def _serve(module, exports: frozenset, max_frame: int) -> None:
     # What loading freed goes back to the kernel (a smaller idle worker), once the first call is
     # answered: malloc_trim walks the whole heap (~0.15 ms), which no start should wait for.
     untrimmed, writer = True, _writer
+    assert writer is not None  # child_main made it before loading the plugin
     while True:
         if untrimmed and writer.answered:
             untrimmed = False
