@@ -1,6 +1,10 @@
 """Real plugins' start: start -> first call -> terminate, p50 per example plugin.
 
-Beside each: the same plugin file imported and its same first call made by a fresh `subprocess`
+`sandbox` is the worker as it starts: forked from the warm template of its policy's preload set
+(the zygote keeps one per set; the table waits until it is ready, and its `template_state`
+column says what the zygote answered); `sandbox_no_template` is the same start the old way,
+forked by the zygote and importing the preload set after its fork. Beside each: the same
+plugin file imported and its same first call made by a fresh `subprocess`
 (`python -I`), by the same inside bubblewrap (`--unshare-all`), and by a cold
 `ProcessPoolExecutor` (created, one task, shut down). The peers import `sandbox.plugin` from a
 stub, so that they pay for the plugin's imports and nothing of ours.
@@ -109,6 +113,45 @@ def _ours_once(path, pol, fn, args) -> float:
     return time.perf_counter() - t
 
 
+class _no_templates:
+    """The old path, exactly: the spawn request names no preload set, so the zygote forks the
+    worker itself and the worker imports the preload set after its fork."""
+
+    def __enter__(self):
+        from sandbox._host import resources
+        self._saved, resources.template_key = resources.template_key, lambda preload: ()
+
+    def __exit__(self, *exc):
+        from sandbox._host import resources
+        resources.template_key = self._saved
+
+
+def _ours_no_template_once(path, pol, fn, args) -> float:
+    with _no_templates():
+        return _ours_once(path, pol, fn, args)
+
+
+def template_state(pol) -> str:
+    """What the zygote answered for this policy's preload set the last time ("none": no preload)."""
+    from sandbox._host import zygote_client
+    from sandbox.protocol.zygote import template_key
+    key = template_key(pol.preload)
+    if not key:
+        return "none"
+    return zygote_client.get(bool(pol.network.allow)).templates.get(key, "?")
+
+
+def until_warm(path, pol, fn, args, limit: float = 15.0) -> str:
+    """Start workers of this policy until its template serves them (or refuses): the state."""
+    end = time.monotonic() + limit
+    while True:
+        _ours_once(path, pol, fn, args)
+        state = template_state(pol)
+        if state in ("none", "warm") or state.startswith("refused") or time.monotonic() > end:
+            return state
+        time.sleep(0.02)
+
+
 def _run_plugin(path, fn, args):
     """In a pool's forked child: the plugin imported there, as in the other peers."""
     import types
@@ -141,12 +184,15 @@ def _pool_rows(n: int, skip: list[str]) -> dict:
 
 
 def run(quick: bool) -> dict:
-    """{plugin: {sandbox, subprocess_python, bwrap_python, process_pool_cold: ms p50}}."""
+    """{plugin: {sandbox, sandbox_no_template, subprocess_python, bwrap_python, process_pool_cold:
+    ms p50, template_state: the zygote's last answer for its preload set}}."""
     import sandbox
     n = 5 if quick else 20
     table = plugins()
     pols = {name: sandbox.Policy.load(pol) for name, (_, pol, _, _) in table.items()}
     contenders = {"sandbox": lambda name, path, fn, args: _ours_once(path, pols[name], fn, args),
+                  "sandbox_no_template": lambda name, path, fn, args: _ours_no_template_once(path, pols[name],
+                                                                                             fn, args),
                   "subprocess_python": lambda name, path, fn, args: _exec_once([PY, "-I", "-c",
                                                                                 _snippet(path, fn, args)])}
     if shutil.which("bwrap"):
@@ -157,6 +203,7 @@ def run(quick: bool) -> dict:
         try:
             for once in contenders.values():
                 once(name, path, fn, args)  # warm the page cache and the zygote
+            until_warm(path, pols[name], fn, args)  # the template imports while we wait, once
         except Exception as e:  # noqa: BLE001 - e.g. a preload the host refuses: shown, not fatal
             failed[name] = {"failed": f"{type(e).__name__}: {e}"[:300]}
             del table[name]
@@ -166,6 +213,8 @@ def run(quick: bool) -> dict:
             for c, once in contenders.items():
                 samples[name][c].append(once(name, path, fn, args))
     out = {name: {c: round(p50(v) * 1000, 2) for c, v in row.items()} for name, row in samples.items()}
+    for name in out:
+        out[name]["template_state"] = template_state(pols[name])
     out.update(failed)
     pool = subprocess.run([PY, "-m", "benchmarks.realstart", "--pool", str(n), *failed], capture_output=True, text=True,
                           timeout=600, cwd=ROOT)

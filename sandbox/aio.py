@@ -34,6 +34,7 @@ from .errors import LoadError, ProtocolViolation, WorkerClosed
 READS_PER_WAKEUP = 16      # reads of the child's pipe per loop iteration: a flood can't starve the loop
 MESSAGE_BACKLOG = 10_000   # undelivered messages per messages() iterator before the child is paused
 BACKLOG_BYTES = lc.BUFFER_BUDGET // 2  # ... or undelivered bytes
+SPAWN_MARGIN = 0.5          # s beyond start_timeout before an executor that never ran the spawn is given up on
 _ENDED = lc._ENDED
 _Reply = lc.Reply
 _events_log = _events.log
@@ -185,16 +186,19 @@ class AsyncWorker(WorkerHandle):
         self._clock = loop.time
         self._dead = loop.create_future()
         t0 = loop.time()
-        # The zygote's fork in a thread: a stopped or slow zygote never stalls the loop.
+        # The zygote's fork in a thread: a stopped or slow zygote never stalls the loop. The spawn
+        # bounds its own wait for the zygote by start_timeout and says what went wrong exactly
+        # as Worker's does (ZygoteDied for a zygote that did not answer); the margin here only
+        # covers an executor too busy to run the spawn at all.
         spawn = loop.run_in_executor(None, self._spawn)
         try:
-            await asyncio.wait_for(asyncio.shield(spawn), self._start_timeout)
+            await asyncio.wait_for(asyncio.shield(spawn), self._start_timeout + SPAWN_MARGIN)
         except (asyncio.TimeoutError, asyncio.CancelledError) as e:
             spawn.add_done_callback(_abandon(self))
             if isinstance(e, asyncio.CancelledError):
                 raise
-            raise LoadError("TimeoutError", f"plugin {self.name} did not start within "
-                                            f"{self._start_timeout:g} s (the zygote did not answer)") from None
+            raise LoadError("TimeoutError", f"plugin {self.name} did not start within {self._start_timeout:g} s "
+                                            "(the event loop's executor did not run the start)") from None
         sp, fds = self._sp, self._fds
         loop.add_reader(fds["log"], weak_method(self._on_log))
         loop.add_reader(fds["from"], weak_method(self._on_from))

@@ -69,7 +69,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 
 from ._host import options
 from ._host.handle import load_policy as _load_policy, plugin_name
-from ._host.pool_callbacks import CallbackThread, approx_size
+from ._host.callbacks import CallbackRunner, approx_size
 from ._host.pool_core import KEEP, PoolCore, Slot, Verdict, WorkerId
 from ._host.pool_evidence import close_inherited, cpu_seconds, exited, pipe_ids
 from .aio import AsyncWorker
@@ -240,7 +240,8 @@ class _PoolBase:
             self._exports = tuple(w.exports)
         with self._guard:  # on() sees either the worker or its listeners, never neither
             wid = WorkerId(self.name, self._core.number(), w.pid)
-            w.on("exit", lambda death, w=w, wid=wid: self._on_exit(w, wid, death))
+            # (the pool's own listeners: they run where the event is seen, and only record and hand over)
+            w._listen("exit", lambda death, w=w, wid=wid: self._on_exit(w, wid, death))
             for event in ("message", "log"):
                 if self._listeners[event]:
                     self._forward(w, event, wid)
@@ -251,7 +252,7 @@ class _PoolBase:
         return joined
 
     def _forward(self, w, event: str, wid: WorkerId) -> None:
-        w.on(event, lambda payload, wid=wid, event=event: self._emit(event, wid, payload))
+        w._listen(event, lambda payload, wid=wid, event=event: self._emit(event, wid, payload))
 
     def _on_exit(self, w, wid: WorkerId, death) -> None:
         with self._guard:
@@ -307,7 +308,7 @@ class Pool(_PoolBase):
     _thread: threading.Thread | None
     _jobs: queue.SimpleQueue
     _dispatchers: int
-    _callbacks: CallbackThread
+    _callbacks: CallbackRunner
 
     def __init__(self, worker_py, policy=None, **options):
         super().__init__(worker_py, policy, **options)
@@ -412,7 +413,7 @@ class Pool(_PoolBase):
         self._thread = None
         self._jobs = queue.SimpleQueue()  # (job, slot) for the dispatchers
         self._dispatchers = 0
-        self._callbacks = CallbackThread(self.name)
+        self._callbacks = CallbackRunner(f"pool {self.name}", f"sandbox-pool-{self.name}-callbacks")
 
     def _start_supervisor(self) -> None:
         """(lock held) The supervisor thread; after a fork, the child's first call starts it."""

@@ -10,6 +10,12 @@ this file only owns descriptors, poll(), locks and threads. A call does its own 
 calling thread (poll with a deadline: the host never blocks forever); between calls the hub
 thread watches the worker. Whatever the child does ends in one of the errors of
 `sandbox.errors`, and the worker is gone when it should be.
+
+Callbacks never run on the hub thread, nor on a caller's: every one runs on the worker's own
+callback thread (`_host/callbacks.py`), in the order of the events, "exit" last. Whoever sees an
+event only hands it over, so a slow callback never delays the supervision of any worker. A call
+(or post) returns once the callbacks of the events it saw have run, so that what a plugin posted
+during a call has reached its callbacks when the call returns.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import time
 
 from . import events as _events
 from ._host import channel, hub as _hub, lifecycle as lc
+from ._host.callbacks import CallbackRunner
 from ._host.handle import DEATH_WAIT, EXITED_GRACE, WorkerHandle, log, weak_method
 
 _monotonic = time.monotonic
@@ -29,6 +36,7 @@ _Reply = lc.Reply
 _events_log = _events.log
 DISPATCH_AT = lc.BUFFER_BUDGET // 4  # bytes of a call's messages held before they are handed over
 HUB_READS = 16                        # reads of a worker's pipe per hub wake-up
+CALLBACK_DRAIN = 5.0  # how long close()/terminate() let the callbacks already queued run
 # what a pump waits for
 _WANT_REPLY, _WANT_READY, _WANT_WRITTEN, _WANT_END = 1, 2, 3, 4
 
@@ -48,12 +56,29 @@ class Worker(WorkerHandle):
         self._handoff_fd: int | None = None
         self._kill_at: float | None = None  # monotonic time at which the bounded wait for the status ends
         self._hub: _hub.Hub | None = None
+        # users' callbacks run on this (created by the first on()); the library's own listeners
+        # (a pool's, `_listen`) run in line where the event is seen, and only hand over
+        self._runner: CallbackRunner | None = None
+        self._hooks: dict[str, list] = {event: [] for event in self._callbacks}
         self._start(self._start_timeout)
 
     # ---- public API -------------------------------------------------------------------------
     def on(self, event: str, callback) -> "Worker":
-        """Register a callback for "message", "exit", "log" or "denied"."""
+        """Register a callback for "message", "exit", "log" or "denied". Every callback runs on
+        the worker's callback thread (`sandbox-worker-NAME-callbacks`), one at a time, in order."""
+        if event in self._callbacks and self._runner is None:  # (before the callback is seen)
+            self._runner = CallbackRunner(f"worker {self.name}", f"sandbox-worker-{self.name}-callbacks")
         self._on_event_callback(event, callback)
+        self._listening(event)
+        return self
+
+    def _listen(self, event: str, callback) -> None:
+        if event not in self._hooks:
+            raise ValueError(f"unknown event {event!r} (message, exit, log, denied)")
+        self._hooks[event].append(callback)
+        self._listening(event)
+
+    def _listening(self, event: str) -> None:
         if event == "message" and not self._hub_reads:
             # Someone listens now: let the hub read what the plugin posts between calls. Until
             # then the pipe simply holds it (the plugin blocks when it is full) till the next call.
@@ -62,7 +87,12 @@ class Worker(WorkerHandle):
                 hub = self._hub
                 assert hub is not None  # set by _start before any fd is watched; None only once ended
                 hub.arm(self._fds["from"])
-        return self
+
+    @property
+    def callbacks_dropped(self) -> int:
+        """Events (messages, log lines, denials) dropped for the callbacks: they did not keep up."""
+        runner = self._runner
+        return runner.dropped if runner is not None else 0
 
     def call(self, name: str, /, *args, **kwargs):
         """Call the plugin's function `name`; every argument and keyword goes to the plugin."""
@@ -98,6 +128,8 @@ class Worker(WorkerHandle):
                 msgs = self._take_inbox()
         self._after_io()  # after letting go of the fds (see _on_hub_event)
         self._dispatch(msgs)
+        if self._runner is not None:
+            self._runner.barrier()
         if core.reason is not None:
             raise core.ended_error()
 
@@ -105,6 +137,7 @@ class Worker(WorkerHandle):
         """Kill the worker now (SIGKILL) and wait, bounded, until it is reaped."""
         core = self._core
         if core is None or core.state is _ENDED:
+            self._stop_callbacks()
             return
         core.closing = True   # a plain flag: the caller of a call in flight sees "closed", not "killed"
         self._send_kill()     # without the lock: a call in flight ends at once
@@ -113,11 +146,13 @@ class Worker(WorkerHandle):
             self._pump(None, None, _WANT_END, None)
             msgs = self._take_inbox()
         self._dispatch(msgs)
+        self._stop_callbacks()
 
     def close(self, grace: float = 1.0) -> None:
         """Ask the worker to exit (EOF on its input), then kill it if it hasn't within `grace`."""
         core = self._core
         if core is None or core.state is _ENDED:
+            self._stop_callbacks()
             return
         if not self._io.acquire(timeout=grace):
             self.terminate()  # a call is in flight and outlasts the grace: it can't end cleanly
@@ -130,6 +165,7 @@ class Worker(WorkerHandle):
         finally:
             self._io.release()
         self._dispatch(msgs)
+        self._stop_callbacks()
 
     def __enter__(self):
         return self
@@ -139,6 +175,9 @@ class Worker(WorkerHandle):
 
     def __del__(self):
         self._warn_unclosed()
+        runner = self.__dict__.get("_runner")
+        if runner is not None:
+            runner.seal()  # (dropped unclosed: no "exit" will end its thread)
 
     def __repr__(self):
         state = "alive" if self.alive else "ended"
@@ -147,7 +186,8 @@ class Worker(WorkerHandle):
     # ---- calls ------------------------------------------------------------------------------
     def _call(self, name, args, kwargs, timeout):
         core = self._core
-        with self._calls:
+        # (a callback calling its own worker says so: a caller waiting for its callbacks stops waiting)
+        with self._calls if self._runner is None else self._runner.guard(self._calls):
             with self._io:
                 frame = core.begin_call(name, args, kwargs)  # WorkerClosed unless READY
                 started = _monotonic()
@@ -162,6 +202,9 @@ class Worker(WorkerHandle):
                 self._after_io()  # after letting go of the fds (see _on_hub_event)
             if msgs:  # what it posted before the reply, or before it died, still counts
                 self._dispatch(msgs)
+        runner = self._runner
+        if runner is not None:  # (outside self._calls: a callback may make a call of its own)
+            runner.barrier()
         if reply is not None and reply.error is None and not (_events._subscribers or _events_log.isEnabledFor(20)):
             return reply.value  # the usual outcome, without the event nobody listens to
         return self._outcome(name, started, reply)
@@ -336,7 +379,7 @@ class Worker(WorkerHandle):
 
     # ---- hooks the core's outputs call (handle.WorkerHandle._apply) -------------------------------
     def _on_deliver(self, out):
-        if not self._callbacks["message"]:
+        if not self._callbacks["message"] and not self._hooks["message"]:
             self._core.delivered(out.size)  # nobody listens: nothing to keep
             return
         self._inbox.append(out)
@@ -379,6 +422,7 @@ class Worker(WorkerHandle):
         self._io, self._calls, self._pidfd_lock = threading.Lock(), threading.Lock(), threading.Lock()
         self._hub = None
         self._poller = None
+        self._runner = None  # the parent's callback thread is not the child's
 
     def _send_kill(self):
         with self._pidfd_lock:  # never a pidfd number that finalisation closed meanwhile
@@ -416,7 +460,7 @@ class Worker(WorkerHandle):
         finally:
             self._io.release()
             self._rearm(listener=True)
-        self._dispatch(msgs)
+        self._dispatch(msgs, caller=False)
 
     def _after_io(self):
         """After letting go of the fds: re-arm what the hub could not handle meanwhile."""
@@ -456,13 +500,47 @@ class Worker(WorkerHandle):
         finally:
             self._io.acquire()
 
-    def _dispatch(self, msgs):
+    def _dispatch(self, msgs, caller: bool = True):
+        """Hand messages over: to the library's listeners in line, to users' callbacks through the
+        callback thread. A caller (`caller`) waits for room in its backlog: back-pressure on its
+        own call, as when it ran them itself. The hub never waits: past the backlog it drops."""
+        hooks, callbacks = self._hooks["message"], self._callbacks["message"]
         for out in msgs:
-            for cb in list(self._callbacks["message"]):
+            for hook in list(hooks):
                 try:
-                    cb(out.message)
+                    hook(out.message)
                 except Exception:
-                    log.exception("message callback of worker %s failed", self.name)
+                    log.exception("message listener of worker %s failed", self.name)
+            if callbacks:
+                runner = self._runner
+                assert runner is not None  # on() made it before registering the callback
+                runner.put(list(callbacks), (out.message,), out.size, wait=caller)
+
+    def _run_callbacks(self, event: str, arg) -> None:
+        """A "denied", "exit" or "log" event: the library's listeners in line, users' callbacks
+        handed to the callback thread ("exit" never dropped, and the last it takes)."""
+        for hook in list(self._hooks[event]):
+            try:
+                hook(arg)
+            except Exception:
+                log.exception("%s listener of worker %s failed", event, self.name)
+        runner = self._runner
+        if runner is None:
+            return
+        callbacks = self._callbacks[event]
+        if event == "exit":  # the last event: never dropped, and nothing after it is taken
+            if callbacks:
+                runner.put(list(callbacks), (arg,), 0, must=True, last=True)
+            else:
+                runner.seal()
+        elif callbacks:
+            runner.put(list(callbacks), (arg,), len(arg) if event == "log" else 256)
+
+    def _stop_callbacks(self) -> None:
+        """The worker has ended: run what is queued (bounded) and end the callback thread."""
+        runner = self._runner
+        if runner is not None:
+            runner.stop(CALLBACK_DRAIN)
 
     # ---- plugin output ----------------------------------------------------------------------
     def _on_log(self, fd):

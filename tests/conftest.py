@@ -8,10 +8,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # helpers and procfs, as plain modules
 
-from helpers import DEFAULT_POLICY, IS_ROOT, POLICIES, ROOT  # noqa: E402,F401
-# Still importable from here for the driver suites (test_worker, test_aio, test_drivers) until they
-# import them from procfs; every other module does already. New code: `import procfs`.
-from procfs import children_of, open_fds, zombies_of  # noqa: E402,F401
+# Fixtures only: test modules import what they share from `helpers` and `procfs`, never from here.
+from helpers import DEFAULT_POLICY, ROOT  # noqa: E402
 
 
 if not os.access(ROOT, os.W_OK):  # the unprivileged run can't keep hypothesis' example database

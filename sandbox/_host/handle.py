@@ -296,11 +296,7 @@ class WorkerHandle:
             notify.answer(self._listener, n.id, out.error, out.flags)
         if out.error:
             self._emit("denied", syscall=n.name, args=list(n.args))
-            for cb in list(self._callbacks["denied"]):
-                try:
-                    cb(n)
-                except Exception:
-                    log.exception("denied callback of worker %s failed", self.name)
+            self._run_callbacks("denied", n)
 
     def _read_status(self, fd) -> list:
         try:
@@ -376,11 +372,7 @@ class WorkerHandle:
             self._emit(_END_EVENTS[kind], error=str(death))
         self._emit("ended", reason=kind or "closed", error=str(death) if death is not None else None)
         self._on_ended(death)
-        for cb in list(self._callbacks["exit"]):
-            try:
-                cb(death)
-            except Exception:
-                log.exception("exit callback of worker %s failed", self.name)
+        self._run_callbacks("exit", death)
 
     def _emit(self, name: str, **fields):
         sp = self._sp
@@ -474,6 +466,21 @@ class WorkerHandle:
             raise ValueError(f"unknown event {event!r} (message, exit, log, denied)")
         self._callbacks[event].append(callback)
 
+    def _listen(self, event: str, callback):
+        """The library's own listener (a pool's): run where the event is seen; it must only
+        record and hand over. Here the same as a callback (the event loop's driver runs every
+        callback in line); the thread driver keeps them apart from users' callbacks."""
+        self._on_event_callback(event, callback)
+
+    def _run_callbacks(self, event: str, arg) -> None:
+        """The callbacks of one "denied", "exit" or "log" event; here in line (the event loop's
+        driver). The thread driver hands them to a thread of their own instead."""
+        for cb in list(self._callbacks[event]):
+            try:
+                cb(arg)
+            except Exception:
+                log.exception("%s callback of worker %s failed", event, self.name)
+
     # ---- plugin output ----------------------------------------------------------------------
     def _read_log(self, fd) -> bool:
         """One read of the log pipe; False at its end (stop watching it)."""
@@ -511,11 +518,7 @@ class WorkerHandle:
             line = raw[:LOG_LINE_MAX].decode("utf-8", "replace")
             self.logs.append(line)
             log.debug("[%s] %s", self.name, line)
-            for cb in list(self._callbacks["log"]):
-                try:
-                    cb(line)
-                except Exception:
-                    log.exception("log callback of worker %s failed", self.name)
+            self._run_callbacks("log", line)
 
 
 def _describe(n, listener: int):

@@ -4,6 +4,11 @@ While a call is in flight the calling thread does its own I/O (no thread hop on 
 the hub only looks after what happens between calls: messages a plugin posts, its log lines,
 a death or a forbidden syscall. Worker fds are armed EPOLLONESHOT so the hub never spins on a
 descriptor that a calling thread currently owns.
+
+The hub reads, lets the worker's lifecycle core decide, and hands what users listen to over to
+the worker's callback thread (`callbacks.CallbackRunner`, which never makes it wait): no user
+callback runs here, so one worker's slow callback cannot delay noticing another worker's death.
+A handler here must only do bounded, non-blocking work.
 """
 import os
 import select

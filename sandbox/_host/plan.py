@@ -11,7 +11,7 @@ from ..errors import PolicyError, UsageError
 from ..policy import destinations
 from ..protocol.plan import Landlock, Plan, PlanError
 from ..zygote.leftovers import may_start_processes
-from . import rulesets
+from . import gids, rulesets
 from .zygote_client import runtime_paths
 
 # Read-only system paths every worker needs: shared libraries (C extensions dlopen them),
@@ -79,13 +79,15 @@ def build(policy, plugin: str, module_name: str, uid: int | None, scratch: str |
     try:
         return Plan(
             plugin=plugin, module_name=module_name, title=_title(module_name, policy),
-            uid=uid, gid=uid, rlimits=rlimits, env=env, preload=tuple(policy.preload),
+            uid=uid, gid=gids.worker_gid(policy, uid), rlimits=rlimits, env=env, preload=tuple(policy.preload),
             landlock=Landlock(read=read, write=write, network=network, connect=ports,
                               unix=network and "unix" in families, abi_max=rulesets.ABI_MAX),
             bpf=policy.bpf(notify=notify), notify=notify, max_frame=lim.max_message_bytes,
             own_userns=own_userns,
             may_fork=may_start_processes(policy),  # the zygote then kills what it started, too
             cwd=scratch or "/", scratch=scratch, scratch_bytes=fs.scratch_bytes,
-            scratch_inodes=fs.scratch_inodes)
+            scratch_inodes=fs.scratch_inodes,
+            # with the unix family, the only sockets besides those inside granted paths
+            unix_sockets=tuple(policy.network.unix_sockets) if network and "unix" in families else ())
     except PlanError as e:
         raise PolicyError(f"the policy does not make a usable plan: {e}", path=policy.path) from None

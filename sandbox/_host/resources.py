@@ -14,7 +14,7 @@ import msgpack
 
 from ..errors import ConfinementError, HostResourceError, SandboxError, ZygoteDied
 from ..protocol import plan as plan_wire
-from ..protocol.zygote import MAX_PLAN, STATUS, SpawnFds, SpawnRequest, plan_frame
+from ..protocol.zygote import MAX_PLAN, STATUS, SpawnFds, SpawnRequest, plan_frame, template_key
 from . import cleanup, plan as plans, rulesets, uids
 from . import zygote_client as zygote
 
@@ -115,7 +115,8 @@ class Spawned:
             # fits: checked above); a worker the zygote never forks never reads it.
             if os.write(to_w, frame) != len(frame):
                 raise SandboxError("the plan could not be written to the worker's input at once")
-            request = SpawnRequest(uid=self.uid, may_fork=self.plan.may_fork)
+            request = SpawnRequest(uid=self.uid, may_fork=self.plan.may_fork,
+                                   preload=template_key(self.plan.preload))
             fds = list(SpawnFds(**child))
             # The cache's (not closed here). A worker with scratch builds its own ruleset over its
             # private tmpfs, and its scratch path is unique: caching it would only fill the cache.

@@ -209,6 +209,8 @@ def allocate(lo: int, hi: int, policy_path: str | None = None) -> int:
 def release(uid: int | None) -> None:
     if uid is None:
         return
+    from . import gids
+    gids.worker_released(uid)  # the worker's share in its policy's gid claim
     with _lock:
         claim = _in_use.pop(uid, None)
         if claim is None:

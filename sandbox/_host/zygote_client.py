@@ -16,7 +16,7 @@ import time
 import msgpack
 
 from ..errors import ConfinementError, HostResourceError, SandboxError, ZygoteDied
-from ..protocol.zygote import MAX_REPLY, SpawnRequest, decode_reply, encode_request
+from ..protocol.zygote import MAX_REPLY, REFUSED, SpawnRequest, decode_spawn_reply, encode_request
 
 log = logging.getLogger("sandbox")
 _PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # sandbox/
@@ -59,6 +59,9 @@ class Zygote:
         self._ctl: socket.socket | None = None
         self._retired: list[tuple[subprocess.Popen, socket.socket]] = []
         self.report: dict = {}
+        # preload set -> how the zygote forked its last worker: "warm" (from its template),
+        # "cold" (itself: no template yet), or "refused: <why>" (the template could not be made)
+        self.templates: dict[tuple[str, ...], str] = {}
 
     def _running(self) -> tuple[subprocess.Popen, socket.socket] | None:
         """The zygote's process and control socket while it runs; None when it must be (re)started."""
@@ -113,9 +116,10 @@ class Zygote:
               ) -> tuple[int, int, subprocess.Popen]:
         """Fork a worker: (pid, pidfd, the zygote's process), within `timeout` seconds.
 
-        The zygote learns the descriptors and the request (uid, may_fork), nothing else: the
-        plan goes to the worker over its own pipe. A zygote found dead is replaced once; a
-        ZygoteDied says so when the replacement dies too, or when no answer came in time."""
+        The zygote learns the descriptors and the request (uid, may_fork, the preload set's
+        module names), nothing else: the plan goes to the worker over its own pipe. A zygote
+        found dead is replaced once; a ZygoteDied says so when the replacement dies too, or
+        when no answer came in time."""
         deadline = time.monotonic() + timeout
         payload = encode_request(request)
         if not self._lock.acquire(timeout=max(timeout, 0)):
@@ -149,7 +153,9 @@ class Zygote:
                 if not msg:
                     why = self._bury("it closed the control socket")
                     continue
-                pid, error = decode_reply(msg)
+                pid, error, how = decode_spawn_reply(msg)
+                if pid is not None and request.preload:
+                    self._note_template(request.preload, how)
                 if pid is not None and len(got) != 1:
                     for fd in got:
                         os.close(fd)
@@ -167,6 +173,15 @@ class Zygote:
             raise ZygoteDied(f"no zygote answered within {timeout:g} s")
         finally:
             self._lock.release()
+
+    def _note_template(self, preload: tuple[str, ...], how: str) -> None:
+        if len(self.templates) >= 256 and preload not in self.templates:
+            self.templates.pop(next(iter(self.templates)))
+        self.templates[preload] = how
+        if how.startswith(REFUSED) and preload not in _warned:
+            _warned.add(preload)
+            log.warning("sandbox: no warm template for preload %s (%s); its workers import it after fork, "
+                        "each paying the import", list(preload), how[len(REFUSED):])
 
     def _bury(self, seen: str) -> str:
         """The zygote failed mid-request: make sure it is gone; how it ended, in words."""
@@ -262,6 +277,7 @@ def _refusal(error: str) -> SandboxError:
 
 
 _zygotes: dict[tuple, Zygote] = {}
+_warned: set[tuple[str, ...]] = set()  # preload sets whose refused template was logged (once each)
 _zlock = threading.Lock()
 
 

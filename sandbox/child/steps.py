@@ -25,7 +25,7 @@ import socket
 import prctl
 
 from ..zygote import pidns
-from . import landlock, mounts, seccomp, syscalls as _sys
+from . import landlock, minimal_view, mounts, seccomp, syscalls as _sys
 
 from ..protocol.zygote import FROM_HOST, HANDOFF, STDERR, STDIN, STDOUT, TO_HOST  # noqa: F401 - the fixed numbers
 
@@ -125,14 +125,19 @@ def scratch_path(plan) -> str | None:
 
 def read_only_view(plan, state):
     """A mount namespace where all is read-only but the writable paths, and scratch is a tmpfs
-    with a quota (child/mounts.py says why). Before Landlock, which forbids mount changes, and
-    before a user namespace of the worker's own, from which it could not mount here."""
+    with a quota (child/mounts.py says why); with the unix family, one that holds only the
+    granted paths and the named sockets (child/minimal_view.py). Before Landlock, which forbids
+    mount changes, and before a user namespace of the worker's own, from which it could not mount here."""
     scratch = scratch_path(plan)
     owner = (plan.uid, plan.gid if plan.gid is not None else plan.uid) if plan.uid is not None \
         else (os.geteuid(), os.getegid())
-    mounts.read_only_view(plan.landlock.write, scratch, owner=owner,
-                          scratch_bytes=getattr(plan, "scratch_bytes", mounts.DEFAULT_SCRATCH_BYTES),
-                          scratch_inodes=getattr(plan, "scratch_inodes", mounts.DEFAULT_SCRATCH_INODES))
+    quota = {"scratch_bytes": getattr(plan, "scratch_bytes", mounts.DEFAULT_SCRATCH_BYTES),
+             "scratch_inodes": getattr(plan, "scratch_inodes", mounts.DEFAULT_SCRATCH_INODES)}
+    if plan.landlock.unix:  # it may make unix sockets: a root of its grants only (minimal_view.py)
+        minimal_view.build(list(plan.landlock.read), list(plan.landlock.write),
+                           list(getattr(plan, "unix_sockets", ())), scratch, owner=owner, **quota)
+    else:
+        mounts.read_only_view(plan.landlock.write, scratch, owner=owner, **quota)
     if scratch:
         state["own_ruleset"] = "scratch is the worker's own tmpfs"
         os.chdir(plan.cwd or scratch)  # the old cwd is the host folder now hidden beneath
@@ -181,7 +186,7 @@ def restrict_filesystem(plan, state):
 
 
 def drop_privileges(plan, state):
-    """Root: a uid/gid unique to this worker, no groups, no capabilities, locked securebits."""
+    """Root: a uid unique to this worker, its policy's gid, no groups, no capabilities, locked securebits."""
     uid, gid = plan.uid, plan.gid
     if uid is not None:
         if uid == 0 or gid == 0:
@@ -191,8 +196,9 @@ def drop_privileges(plan, state):
         if bounding_set_is_full():
             drop_bounding_set()
         os.setgroups([])
-        os.setresgid(gid, gid, gid)
+        os.setresgid(gid, gid, gid)  # the policy's gid, shared by its workers only (_host/gids.py)
         os.setresuid(uid, uid, uid)
+        os.umask(0o007)  # what it writes is its policy's: group read-write for the next worker, nothing for others
     elif prctl.cap_effective.setpcap and bounding_set_is_full():
         drop_bounding_set()  # unprivileged, but holding caps in a user namespace of its own
     _clear_capabilities()

@@ -69,6 +69,7 @@ class Network:
     allow: bool
     families: tuple[str, ...]
     connect: tuple[Destination, ...]
+    unix_sockets: tuple[str, ...] = ()  # "unix:/path" entries of network.connect, as paths
 
 
 @dataclass(frozen=True)
@@ -97,17 +98,22 @@ class Policy:
             file_size_bytes=lim["file_size_mb"] * MIB, max_message_bytes=lim["max_message_bytes"],
             threads=lim["threads"], processes=lim["processes"])
         self.uid_range = tuple(tables["identity"]["uid_range"])
+        self.gid: int | None = tables["identity"]["gid"]  # None: derived (sandbox/_host/gids.py)
+        self.gid_range = tuple(tables["identity"]["gid_range"])
         fs = tables["filesystem"]
         self.filesystem = Filesystem(read_only=tuple(_existing(fs["read_only"], base, path, "filesystem.read_only")),
                                      writable=tuple(_existing(fs["writable"], base, path, "filesystem.writable")),
                                      scratch=fs["scratch"], scratch_mb=fs["scratch_mb"],
                                      scratch_inodes=fs["scratch_inodes"])
         net = tables["network"]
-        if net["connect"] and not (net["allow"] and {"inet", "inet6"} & set(net["families"])):
+        inet, unix = destinations.split_connect(net["connect"])
+        if inet and not (net["allow"] and {"inet", "inet6"} & set(net["families"])):
             raise PolicyError('needs network.allow = true and families with "inet" or "inet6"', path,
                               "network.connect")
+        destinations.check_unix_sockets(unix, net, path)
         self.network = Network(allow=net["allow"], families=tuple(net["families"]),
-                               connect=tuple(Destination(*schema.parse_destination(d)) for d in net["connect"]))
+                               connect=tuple(Destination(*schema.parse_destination(d)) for d in inet),
+                               unix_sockets=unix)
         destinations.enforced_ports(self.network, path)  # refuses an address Landlock cannot enforce
         self.preload = list(tables["python"]["preload"])
         sec = tables["seccomp"]
@@ -197,12 +203,14 @@ class Policy:
         eff = self._effective
         return {
             "name": self.name, "path": self.path, "description": self.description, "extends": self.chain[1:],
-            "limits": dict(t["limits"]), "identity": {"uid_range": list(self.uid_range)},
+            "limits": dict(t["limits"]), "identity": {"uid_range": list(self.uid_range), "gid": self.gid,
+                                                       "gid_range": list(self.gid_range)},
             "filesystem": {"read_only": list(self.filesystem.read_only), "writable": list(self.filesystem.writable),
                            "scratch": self.filesystem.scratch, "scratch_mb": self.filesystem.scratch_mb,
                            "scratch_inodes": self.filesystem.scratch_inodes},
             "network": {"allow": self.network.allow, "families": list(self.network.families),
-                        "connect": [str(d) for d in self.network.connect],
+                        "connect": [str(d) for d in self.network.connect]
+                        + [schema.UNIX_PREFIX + p for p in self.network.unix_sockets],
                         "enforced": destinations.enforced(self.network)},
             "environment": {"pass": t["environment"]["pass"], "set": t["environment"]["set"]},
             "python": {"preload": self.preload},

@@ -13,14 +13,17 @@ Bind is always denied once `connect` is set. UDP has no Landlock rules at all: w
 `network.allow` the worker may send datagrams anywhere its socket families allow.
 
 Unix sockets: abstract ones are always scoped (ABI 6). Pathname ones are not limited by any
-Landlock ABI up to 7: connect() on a socket file is checked by the file's permissions only, not
-by the path rules, so the `unix` family reaches every socket file the worker's uid may write
-(root host: the world-writable ones, such as the D-Bus system bus; unprivileged host: the host
-user's own, such as ssh-agent and the session bus). `explain` and `lint` say so.
+Landlock ABI up to 7 (connect() on a socket file is checked by the file's permissions only), so
+a worker granted the `unix` family gets the minimal mount view (child/minimal_view.py): a root
+that holds only its granted paths, plus each socket named in `network.connect` as
+"unix:/path", bound alone. Every other socket file of the host does not exist for it.
 """
 import ipaddress
+import os
+import stat
 
 from ..errors import PolicyError
+from . import schema
 
 # What glibc's resolver reads: the name service order, the resolvers, the static names, the
 # address sorting rules. Granted read-only when a destination is a host name.
@@ -28,9 +31,36 @@ DNS_FILES = ("/etc/nsswitch.conf", "/etc/resolv.conf", "/etc/hosts", "/etc/gai.c
 DNS_PORT = 53  # TCP, for answers too large for UDP (UDP itself is not limited by Landlock)
 
 
-PATHNAME_UNIX = ("not limited by Landlock (it has no rule for connecting to a socket file): every socket "
-                 "file the worker's uid may write, anywhere; root hosts: the world-writable ones (e.g. the "
-                 "D-Bus system bus); unprivileged hosts: also the host user's own (ssh-agent, session bus)")
+PATHNAME_UNIX = ("only inside the granted paths, and the sockets named in network.connect (the rest of the "
+                 "host's filesystem is absent from the worker's mount view)")
+
+
+def split_connect(entries) -> tuple[list[str], tuple[str, ...]]:
+    """network.connect as written -> (the "host:port" entries, the unix socket paths)."""
+    inet = [e for e in entries if not e.startswith(schema.UNIX_PREFIX)]
+    unix = tuple(dict.fromkeys(schema.parse_unix_socket(e) for e in entries if e.startswith(schema.UNIX_PREFIX)))
+    return inet, unix
+
+
+def check_unix_sockets(paths, net: dict, path: str | None) -> None:
+    """A socket granted by name needs the unix family, and must be a socket (or not exist yet:
+    a service may start after the policy is loaded; the worker then finds nothing there). A
+    link is refused too: the worker's view binds the socket itself, never what a link names."""
+    if not paths:
+        return
+    if not (net["allow"] and "unix" in net["families"]):
+        raise PolicyError('"unix:" entries need network.allow = true and families with "unix"', path,
+                          "network.connect")
+    for sock in paths:
+        try:
+            mode = os.lstat(sock).st_mode
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise PolicyError(f"unix:{sock}: cannot be checked ({e.strerror})", path, "network.connect") from None
+        if not stat.S_ISSOCK(mode):
+            kind = "a symlink" if stat.S_ISLNK(mode) else "not a socket"
+            raise PolicyError(f"unix:{sock}: {kind}; name the socket file itself", path, "network.connect")
 
 
 def _is_name(host: str) -> bool:
@@ -80,9 +110,15 @@ def enforced(network) -> dict:
         "tcp": tcp,
         "udp": "not limited by Landlock (it has no UDP rules): any address and port the families allow",
         "abstract_unix": "never (scoped to the worker's own Landlock domain; no grant by name exists)",
-        "pathname_unix": (PATHNAME_UNIX if "unix" in network.families else "none (no unix family)"),
+        "pathname_unix": (PATHNAME_UNIX + _named(network) if "unix" in network.families
+                          else "none (no unix family)"),
         "dns": needs_dns(network),
     }
+
+
+def _named(network) -> str:
+    socks = getattr(network, "unix_sockets", ())
+    return f"; named: {', '.join(socks)}" if socks else ""
 
 
 def lint(network) -> list[tuple[str, str, str]]:
@@ -96,8 +132,14 @@ def lint(network) -> list[tuple[str, str, str]]:
                     "not set: the worker may connect to (and bind) any TCP port on any address, the host's "
                     "127.0.0.1 included; list the ports it needs"))
     if "unix" in fams:
-        out.append(("warning", "network.families", f"unix: pathname sockets are {PATHNAME_UNIX}; "
-                    "abstract sockets stay unreachable"))
+        out.append(("warning", "network.families", f"unix: pathname sockets are reachable {PATHNAME_UNIX}; "
+                    "every socket inside a granted folder (read_only, writable, the plugin's) is reachable, "
+                    "so grant folders that hold no socket you would not hand out; abstract sockets stay "
+                    "unreachable"))
+    for sock in getattr(network, "unix_sockets", ()):
+        if not os.path.exists(sock):
+            out.append(("warning", "network.connect", f"unix:{sock}: nothing there now; a worker started "
+                        "before the socket exists finds nothing (its view is made at start)"))
     try:
         enforced_ports(network)
     except PolicyError as e:

@@ -1,8 +1,36 @@
 """Readable summaries: an effective policy (`sandbox policy explain FILE|default`) and the groups
 (`sandbox policy groups`)."""
+import os
+import shlex
 import textwrap
 
+from ..errors import PolicyError
 from .groups import GROUPS
+
+
+def share_commands(path: str, gid: int) -> str:
+    """The operator's one-time step that makes a writable path the policy's (root hosts): its
+    workers reach it through the group; setgid keeps what is made inside in that group."""
+    mode = "2770" if os.path.isdir(path) else "660"
+    return f"chgrp {gid} {shlex.quote(path)} && chmod {mode} {shlex.quote(path)}"
+
+
+def _identity_lines(policy, e: dict) -> list[str]:
+    from .._host.gids import policy_gid
+    lo, hi = e["identity"]["uid_range"]
+    lines = [f"identity    root hosts: a uid of its own per worker from {lo}-{hi}, no groups"]
+    try:
+        gid, how = policy_gid(policy)
+    except PolicyError as err:
+        return lines + [f"            gid: unusable here: {err}"]
+    if gid is None:
+        return lines + [f"            gid: {how}"]
+    lines.append(f"            gid {gid}, shared by this policy's workers and no other policy's ({how})")
+    writable = e["filesystem"]["writable"]
+    if writable:
+        lines.append("            workers write with umask 007; make each writable path the policy's, once:")
+        lines += [f"              {share_commands(p, gid)}" for p in writable]
+    return lines
 
 
 def _mode(sec: dict) -> str:
@@ -49,8 +77,7 @@ def explain_text(policy) -> str:
         f"{lim['max_message_bytes']} bytes,",
         f"            {lim['threads']} extra threads (limits.threads), {lim['processes']} child processes "
         "(limits.processes)",
-        f"identity    a unique uid/gid from {e['identity']['uid_range'][0]}-{e['identity']['uid_range'][1]} "
-        "(root hosts)",
+        *_identity_lines(policy, e),
         f"files       read-only: runtime, plugin folder{', ' + ', '.join(fs['read_only']) if fs['read_only'] else ''}",
         f"            writable: {', '.join(fs['writable']) or 'nothing'}{scratch}",
         f"network     {'families ' + ', '.join(net['families']) if net['allow'] else 'none (empty network namespace)'}"

@@ -163,6 +163,45 @@ def _path_findings(eff: dict) -> list[Finding]:
     return out
 
 
+def _gid_findings(policy: Policy, eff: dict) -> list[Finding]:
+    """Root hosts run a policy's workers under uids of their own and the policy's gid: a writable
+    path works for all of them only if that gid may write it, and stays theirs only if nobody
+    else may."""
+    from .._host.gids import policy_gid
+    from .explain import share_commands
+    try:
+        gid, _ = policy_gid(policy)
+    except PolicyError as e:
+        return [Finding("error", getattr(e, "key", None) or "identity.gid", str(e))]
+    if gid is None:
+        return []
+    out = []
+    for p in eff.get("filesystem", {}).get("writable", ()):
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue  # reported as missing
+        folder = os.path.isdir(p)
+        need = 0o7 if folder else 0o6
+        mode = st.st_mode & 0o7777
+        # a worker's uid never owns it: the group bits apply if the group is the policy's, else "other"
+        granted = (mode >> 3) & 0o7 if st.st_gid == gid else mode & 0o7
+        # a setgid folder of another group gives what is made inside that group, which no worker has
+        foreign_setgid = folder and mode & 0o2000 and st.st_gid != gid
+        if granted & need != need or foreign_setgid:
+            why = (f"is setgid to group {st.st_gid}, so what a worker makes there is not its policy's" if
+                   foreign_setgid and granted & need == need else
+                   f"is not writable by the policy's gid {gid} (group {st.st_gid}, mode {mode:o})")
+            out.append(Finding("warning", "filesystem.writable",
+                               f"{p} {why}: on a root host this policy's workers cannot share what they write there; "
+                               "run: " + share_commands(p, gid)))
+        if mode & 0o002:
+            out.append(Finding("warning", "filesystem.writable",
+                               f"{p} is writable by every user (mode {mode:o}): other policies' workers granted it "
+                               f"can change what this policy's write; chmod o-rwx {p}"))
+    return out
+
+
 def _preload_findings(eff: dict) -> list[Finding]:
     out = []
     lim, env = eff.get("limits", {}), eff.get("environment", {}).get("set", {})
@@ -199,7 +238,7 @@ def lint(policy_path) -> list[Finding]:
     eff = policy.explain()
     findings += _seccomp_findings(raw, eff) + _network_findings(eff) + _path_findings(eff)
     findings += [Finding(*f) for f in destinations.lint(policy.network)]
-    findings += _preload_findings(eff)
+    findings += _preload_findings(eff) + _gid_findings(policy, eff)
     return sorted(findings, key=lambda f: f.level != "error")
 
 

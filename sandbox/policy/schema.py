@@ -3,6 +3,7 @@ import difflib
 import errno as errno_mod
 import ipaddress
 import math
+import os
 import re
 from typing import Any, Callable
 
@@ -88,11 +89,33 @@ def _modules(v):
 
 
 def _destinations(v):
-    """network.connect: "host:port" ("[v6]:port" for IPv6); the host an IP address or a DNS name."""
+    """network.connect: "host:port" ("[v6]:port" for IPv6), the host an IP address or a DNS name;
+    or "unix:/absolute/path" for one pathname unix socket."""
     v = _list_of_str(v)
     for x in v:
-        parse_destination(x)
+        if x.startswith(UNIX_PREFIX):
+            parse_unix_socket(x)
+        else:
+            parse_destination(x)
     return v
+
+
+UNIX_PREFIX = "unix:"
+SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes, the last one the terminating NUL
+
+
+def parse_unix_socket(text: str) -> str:
+    """"unix:/run/app.sock" -> "/run/app.sock": absolute, normalized (no ".", "..", "//"), short
+    enough for connect() to name it."""
+    path = text[len(UNIX_PREFIX):]
+    if not path.startswith("/") or path != os.path.normpath(path) or path.startswith("//"):
+        raise ValueError(f"{text!r}: a unix socket is named by an absolute, normalized path "
+                         '(e.g. "unix:/run/app.sock")')
+    if path == "/" or "\x00" in path:
+        raise ValueError(f"{text!r} is not a socket path")
+    if len(path.encode("utf-8", "surrogateescape")) > SUN_PATH_MAX:
+        raise ValueError(f"{text!r}: longer than {SUN_PATH_MAX} bytes, which connect() cannot name")
+    return path
 
 
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
@@ -118,11 +141,24 @@ def parse_destination(text: str) -> tuple[str, int]:
     return host.lower(), int(port)
 
 
-def _uid_range(v):
-    if (not isinstance(v, list) or len(v) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in v)
-            or not 0 < v[0] <= v[1] < 2**32 - 1):
-        raise ValueError("must be [first, last] with 0 < first <= last < 4294967295 (uid 0 is never used)")
-    return tuple(v)
+def _id_range(what: str):
+    def check(v):
+        if (not isinstance(v, list) or len(v) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+                or not 0 < v[0] <= v[1] < 2**32 - 1):
+            raise ValueError(f"must be [first, last] with 0 < first <= last < 4294967295 ({what} 0 is never used)")
+        return tuple(v)
+    return check
+
+
+_uid_range = _id_range("uid")
+
+
+def _gid(v):
+    """identity.gid: one number, or unset (then derived from the policy file's path)."""
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 < v < 2**32 - 1:
+        raise ValueError(f"must be a gid from 1 to 4294967294 (gid 0 is never used), not {v!r}")
+    return v
 
 
 def _action(v):
@@ -179,7 +215,10 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "threads": (_number(lo=0, hi=4096, integer=True), 0),    # extra threads (clone with CLONE_THREAD)
         "processes": (_number(lo=0, hi=4096, integer=True), 0),  # child processes (fork)
     },
-    "identity": {"uid_range": (_uid_range, (1879048192, 1879113727))},
+    # gid: the gid this policy's workers share (root hosts); None = derived from the file's path
+    # into gid_range, which starts right above the default uid_range (see default.toml)
+    "identity": {"uid_range": (_uid_range, (1879048192, 1879113727)), "gid": (_gid, None),
+                 "gid_range": (_id_range("gid"), (1879113728, 1895890943))},
     "filesystem": {"read_only": (_paths, []), "writable": (_paths, []), "scratch": (_bool, False),
                    "scratch_mb": (_number(lo=1, hi=1 << 20, integer=True), 64),
                    "scratch_inodes": (_number(lo=16, hi=1 << 24, integer=True), 4096)},
@@ -250,10 +289,15 @@ MERGED_LISTS = {("filesystem", "read_only"), ("filesystem", "writable"), ("netwo
                 ("environment", "pass"), ("python", "preload"), ("seccomp", "groups"), ("seccomp", "allow"),
                 ("seccomp", "allow_dangerous"), ("seccomp", "rule")}
 MERGED_MAPS = {("environment", "set"), ("seccomp", "errno")}
+# Keys that belong to the one file that sets them: `extends` never passes them on. An explicit
+# gid names one policy's files; two policies extending one base must not end up sharing it.
+NOT_INHERITED = {("identity", "gid")}
 
 
 def merge(base: dict, child: dict) -> dict:
     out = {sec: dict(vals) for sec, vals in base.items()}
+    for sec, k in NOT_INHERITED:
+        out[sec][k] = SCHEMA[sec][k][1]
     for sec, vals in child.items():
         if sec in TOP_LEVEL:
             continue

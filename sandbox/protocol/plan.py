@@ -55,7 +55,10 @@ class _Record:
     __slots__ = ()
     FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {}
 
+    DEFAULTS: dict[str, Any] = {}
+
     def __init__(self, **fields: Any) -> None:
+        fields = {**self.DEFAULTS, **fields}
         missing = self.FIELDS.keys() - fields.keys()
         extra = fields.keys() - self.FIELDS.keys()
         if missing or extra:
@@ -140,7 +143,7 @@ def _is_landlock(v: Any) -> bool:
 class Plan(_Record):
     __slots__ = ("plugin", "module_name", "title", "uid", "gid", "rlimits", "env", "preload", "landlock",
                  "bpf", "notify", "max_frame", "own_userns", "may_fork", "cwd", "scratch", "scratch_bytes",
-                 "scratch_inodes")
+                 "scratch_inodes", "unix_sockets")
     plugin: str
     module_name: str
     title: str
@@ -159,6 +162,7 @@ class Plan(_Record):
     scratch: str | None
     scratch_bytes: int
     scratch_inodes: int
+    unix_sockets: tuple[str, ...]
     FIELDS = {
         "plugin": (_is_str, "the absolute path of worker.py"),
         "module_name": (_is_str, "the plugin's module name"),
@@ -178,7 +182,10 @@ class Plan(_Record):
         "scratch": (_is_opt_str, "a path or None (the worker's private tmpfs)"),
         "scratch_bytes": (_is_int, "an int (the scratch tmpfs's size=)"),
         "scratch_inodes": (_is_int, "an int (the scratch tmpfs's nr_inodes=)"),
+        "unix_sockets": (_is_strs, "a tuple of socket paths (bound alone into the minimal view)"),
     }
+    # fields a plan may leave out (their value then): nothing a missing field defaults to may grant more
+    DEFAULTS: dict[str, Any] = {"unix_sockets": ()}
 
     @classmethod
     def from_wire(cls, d: Any) -> "Plan":
@@ -186,8 +193,9 @@ class Plan(_Record):
             raise PlanError("a plan must be a map")
         d = dict(d)
         d["landlock"] = Landlock.from_wire(d.get("landlock"))
-        if type(d.get("preload")) is list:
-            d["preload"] = tuple(d["preload"])
+        for key in ("preload", "unix_sockets"):
+            if type(d.get(key)) is list:
+                d[key] = tuple(d[key])
         return cls(**d)
 
 

@@ -17,6 +17,10 @@ is single-threaded, so no lock glibc's fork would take can be held by another th
 The child also enters a private mount namespace of its own at once (child/mounts.py): that
 needs no plan, so a spare pays for it while the zygote is idle.
 
+A warm template (template.py) forks its workers with `fork_worker(parent=True)`: CLONE_PARENT
+makes the worker the zygote's child, not the template's, so the zygote reaps it, reports its
+status and opens its pidfd exactly as for a worker it forked itself.
+
 When the kernel refuses the namespace (no CAP_SYS_ADMIN, user.max_pid_namespaces reached) a
 plain fork serves instead and `refusal` says why; the child's first confinement step sees that
 it is not pid 1 and refuses to start, naming the layer. Never a silent weaker worker.
@@ -29,6 +33,7 @@ from ..child import mounts
 
 SYS_clone = 56  # x86_64
 CLONE_NEWPID = 0x20000000
+CLONE_PARENT = 0x00008000
 CLONE_CHILD_CLEARTID = 0x00200000
 CLONE_CHILD_SETTID = 0x01000000
 SIGCHLD = 17
@@ -59,6 +64,7 @@ def _own_tid_address() -> int:
 
 
 def _clone(flags: int, ctid: int) -> int:
+    """clone() as os.fork() would do it; in the child, a private mount namespace is entered."""
     _api.PyOS_BeforeFork()
     pid = _py.syscall(SYS_clone, ctypes.c_ulong(flags), None, None, ctypes.c_void_p(ctid or None), None)
     err = ctypes.get_errno()
@@ -68,22 +74,26 @@ def _clone(flags: int, ctid: int) -> int:
         return 0
     _api.PyOS_AfterFork_Parent()
     if pid < 0:
-        raise OSError(err, f"clone(CLONE_NEWPID): {os.strerror(err)}")
+        raise OSError(err, f"clone({'CLONE_NEWPID' if flags & CLONE_NEWPID else 'CLONE_PARENT'}): "
+                           f"{os.strerror(err)}")
     return pid
 
 
-def fork_worker() -> int:
-    """Like os.fork(); the child is pid 1 of a new PID namespace, or (kernel refused) `refusal` is set."""
+def fork_worker(parent: bool = False) -> int:
+    """Like os.fork(); the child is pid 1 of a new PID namespace, or (kernel refused) `refusal` is set.
+    With `parent`, the child is our parent's child (CLONE_PARENT), not ours, in either case."""
     global refusal
     ctid = _own_tid_address()
-    flags = CLONE_NEWPID | SIGCHLD | ((CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID) if ctid else 0)
+    flags = SIGCHLD | ((CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID) if ctid else 0) | (CLONE_PARENT if parent else 0)
     try:
-        pid = _clone(flags, ctid)
+        pid = _clone(flags | CLONE_NEWPID, ctid)
     except OSError as e:
         if e.errno not in NO_NAMESPACE:
             raise  # no memory, no pids: the same failure os.fork() would report
         refusal = f"the kernel refused a PID namespace ({errno.errorcode.get(e.errno, e.errno)}: {e.strerror})"
-        return os.fork()
+        # still our parent's child when asked: the zygote must be able to reap it; its first
+        # confinement step then refuses to start, naming the missing layer
+        return _clone(flags, ctid) if parent else os.fork()
     refusal = None
     return pid
 

@@ -7,7 +7,9 @@ Its loop: wait for a spawn request or a child's death; fork; reap; report.
 A spawn request carries the worker's descriptors, its uid and whether it may start processes:
 what the zygote needs to fork and reap, and nothing else. The plan (environment, paths, filter)
 goes from the host to the worker over the worker's own input pipe, so the zygote and its spare
-never hold one, and no worker can find an earlier worker's data in what it inherited.
+never hold one, and no worker can find an earlier worker's data in what it inherited. A request
+also names the policy's preload modules: a policy that has some gets its workers from a warm
+template that imported them once (template.py).
 """
 import gc
 import mmap
@@ -27,6 +29,7 @@ from ..protocol.zygote import (MAX_REQUEST, MAX_SPAWN_FDS, SPAWN_FD_COUNT, STATU
 from .leftovers import Leftovers
 from .pidns import fork_worker
 from .spare import Spare
+from .template import Templates
 
 
 def run(ctl: socket.socket, pdeathsig: bool) -> None:
@@ -48,6 +51,7 @@ def run(ctl: socket.socket, pdeathsig: bool) -> None:
     poller = select.poll()
     poller.register(ctl.fileno(), select.POLLIN)
     poller.register(rd, select.POLLIN)
+    _templates.attach(poller)
     while True:
         try:
             events = poller.poll()
@@ -57,8 +61,12 @@ def run(ctl: socket.socket, pdeathsig: bool) -> None:
             if fd == rd:
                 _drain(rd)
                 _reap(status_fds)
-            elif not _handle_request(ctl, status_fds, (rd, wr)):
-                _shutdown(status_fds)
+            elif fd == ctl.fileno():
+                if not _handle_request(ctl, status_fds, (rd, wr)):
+                    _shutdown(status_fds)
+            else:
+                _templates.readable(fd)  # ready, refused or dead (nothing if already forgotten)
+        _templates.start_wanted()  # between requests: no request is even a local here
 
 
 def _raise_nofile():
@@ -84,7 +92,7 @@ def _reap(status_fds):
             break
         if pid == 0:
             break
-        if _spare.reaped(pid):
+        if _spare.reaped(pid) or _templates.reaped(pid):
             continue  # killed before it was needed; the next request forks afresh, then a new spare
         fd = status_fds.pop(pid, None)
         if fd is not None:
@@ -127,7 +135,9 @@ def _spawn(ctl, status_fds, msg, fds: list[int], flags) -> None:
     worker = SpawnFds(*fds[:SPAWN_FD_COUNT])
     ruleset = fds[SPAWN_FD_COUNT] if len(fds) > SPAWN_FD_COUNT else None
     own = fds[:WORKER_FD_COUNT] + ([ruleset] if ruleset is not None else [])  # what the worker gets
-    pid = _spare.hand_off(own)
+    pid, how = _templates.fork_from(request.preload, own, lambda: _strays(status_fds))
+    if pid is None:
+        pid = _spare.hand_off(own)
     if pid is None:
         zygote = os.getpid()  # taken here: in the child, getppid() may already be 1
         try:
@@ -143,7 +153,7 @@ def _spawn(ctl, status_fds, msg, fds: list[int], flags) -> None:
         _answer(ctl, error=f"no pidfd for the worker: {e.strerror} (out of file descriptors?)")
     else:
         try:
-            socket.send_fds(ctl, [encode_reply(pid)], [pidfd])
+            socket.send_fds(ctl, [encode_reply(pid, template=how)], [pidfd])
         except OSError:
             os.kill(pid, signal.SIGKILL)  # the host is gone: the next poll sees EOF
         finally:
@@ -154,6 +164,17 @@ def _spawn(ctl, status_fds, msg, fds: list[int], flags) -> None:
     status_fds[pid] = worker.status
     _leftovers.watch(pid, {"uid": request.uid, "may_fork": request.may_fork})
     _spare.fork()  # the next request's child, paid for while we would otherwise be idle
+
+
+def _strays(status_fds) -> list[int]:
+    """Our children that are no worker, spare or template we know of (a worker a dying template
+    may have forked for a request that then failed): to be killed, never left half-known."""
+    try:
+        with open(f"/proc/self/task/{os.getpid()}/children") as f:
+            children = {int(p) for p in f.read().split()}
+    except OSError:
+        return []
+    return sorted(children - set(status_fds) - {_spare.pid} - _templates.pids)
 
 
 def _close(fd: int) -> None:
@@ -182,6 +203,7 @@ def _receive(ctl):
 
 
 _spare = Spare()
+_templates = Templates()
 _leftovers = Leftovers()
 
 
@@ -211,6 +233,7 @@ def _in_child(worker: SpawnFds, ruleset: int | None, zygote: int):
 def _shutdown(status_fds):
     # The host is gone or done: take every worker with us.
     _spare.kill()
+    _templates.kill_all()
     for pid in list(status_fds):
         try:
             os.kill(pid, signal.SIGKILL)

@@ -17,36 +17,45 @@ import resource
 import signal
 import socket
 import types
+from typing import Any
 
 import prctl
 
 from .. import protocol
-from ..child import landlock, seccomp, serve, steps, syscalls as _sys
+from ..child import landlock, minimal_view, seccomp, serve, steps, syscalls as _sys
 from ..protocol import framing, plan as plan_wire
 from ..protocol.zygote import WORKER_FD_COUNT
 from .pidns import fork_worker
 
 
-class Spare:
-    """The zygote's side: at most one spare at a time."""
+TEMPLATE_SPARE_NAME = "sandbox-tspare"  # comm of a template's spare (ps, top)
 
-    def __init__(self):
-        self.pid = None
-        self._sock = None
+
+class Spare:
+    """The zygote's side: at most one spare at a time. A warm template keeps one too
+    (template.py), given the zygote's pid: its spare is then the zygote's child (CLONE_PARENT),
+    like every worker, and dies with the zygote."""
+
+    def __init__(self, zygote: int | None = None):
+        self.pid: int | None = None
+        self._sock: Any = None  # a socket while there is a spare
+        self._zygote = zygote
 
     def fork(self) -> None:
         if self.pid is not None:
             return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        zygote = os.getpid()
+        zygote = self._zygote or os.getpid()
         try:
-            pid = fork_worker()  # a PID namespace of its own (pidns.py)
+            pid = fork_worker(parent=self._zygote is not None)  # a PID namespace of its own (pidns.py)
         except OSError:  # none for now: the next request forks on demand, then tries again
             ours.close()
             theirs.close()
             return
         if pid == 0:
             ours.detach()
+            if self._zygote is not None:
+                prctl.set_name(TEMPLATE_SPARE_NAME)  # not the template's name, which it inherited
             _spare_main(theirs, zygote)
         theirs.close()
         self.pid, self._sock = pid, ours
@@ -62,7 +71,10 @@ class Spare:
         try:
             socket.send_fds(sock, [b"W"], fds)
         except OSError:
-            _kill(pid)  # it died or is wedged: either way it is not a worker
+            if self._zygote is None:
+                _kill(pid)  # it died or is wedged: either way it is not a worker
+            # (a template's spare is the zygote's to reap: its pid may be another's by now,
+            # and it is dead already, or ends at EOF on the socket closed below)
             return None
         finally:
             sock.close()
@@ -77,8 +89,13 @@ class Spare:
         return True
 
     def kill(self):
-        if self.pid is not None:
+        if self.pid is None:
+            return
+        if self._zygote is None:
             _kill(self.pid)
+        else:  # not by pid (see hand_off): EOF on its socket ends it
+            self._sock.close()
+            self.pid = self._sock = None
 
 
 def _kill(pid):
@@ -99,7 +116,7 @@ def _spare_main(sock: socket.socket, zygote: int) -> None:
         _sys.close_range(3, fd - 1) if fd > 3 else None
         _sys.close_range(fd + 1)
         try:
-            _warm_up()
+            warm_up()
         except Exception:  # noqa: BLE001 - only a speed-up: a spare that skipped it is still sound
             pass
         msg, fds, _, _ = socket.recv_fds(sock, 1, WORKER_FD_COUNT + 1)
@@ -113,8 +130,9 @@ def _spare_main(sock: socket.socket, zygote: int) -> None:
     os._exit(code)
 
 
-def _warm_up() -> None:
-    """Walk the paths every worker takes, on harmless input, so their page faults are paid now.
+def warm_up() -> None:
+    """Walk the paths every worker takes, on harmless input, so their page faults are paid now
+    (by a spare, and by a warm template once it has imported: template.py).
 
     Only pure computation: nothing here changes the process's credentials, limits or fds."""
     limits = protocol.Limits(max_bytes=1 << 20)
@@ -160,3 +178,4 @@ def _warm_up_steps() -> None:
     os.getresuid(), os.getresgid(), os.getppid()
     landlock.abi_version()
     seccomp.action_available()
+    minimal_view.warm_up([os.path.dirname(os.__file__), "/usr/lib"])  # paths only to walk the code

@@ -7,7 +7,8 @@ import time
 import pytest
 
 from sandbox import AsyncWorker, LoadError, PluginError, PluginTimeout, WorkerClosed
-from conftest import ROOT, open_fds, zombies_of
+from helpers import ROOT
+from procfs import open_fds, zombies_of
 
 pytestmark = pytest.mark.unpriv
 

@@ -25,7 +25,7 @@ import sandbox
 import sandbox.events
 from sandbox import (AsyncWorker, LoadError, PluginCrashed, PluginTimeout, PolicyViolation, ProtocolViolation,
                      UsageError, WorkerClosed)
-from conftest import ROOT
+from helpers import ROOT
 
 pytestmark = pytest.mark.unpriv
 
@@ -428,7 +428,8 @@ def test_a_stopped_zygote_bounds_terminate_and_start(driver_name, plugin, plugin
     # the pidfd says the worker exited: terminate() does not wait out DEATH_WAIT (5 s) for a status
     # the stopped zygote cannot send
     assert got["alive"] is False and got["terminate_s"] < 3, got
-    assert got["start"] in ("zygote-died", "load-error") and got["start_s"] < 8, got
+    # the same error from both drivers: the zygote is named, not a plugin that failed to load
+    assert got["start"] == "zygote-died" and got["start_s"] < 8, got
     if driver_name == "async":
         assert got["loop_stall_s"] < 0.5, got  # the spawn ran in a thread, never on the loop
 

@@ -12,7 +12,8 @@ import pytest
 import sandbox
 from sandbox import (LoadError, PluginCrashed, PluginError, PluginMemoryError, PluginTimeout,
                      PolicyViolation, WorkerClosed)
-from conftest import DEFAULT_POLICY, ROOT, children_of, open_fds, zombies_of
+from helpers import DEFAULT_POLICY, ROOT
+from procfs import children_of, open_fds, zombies_of
 
 pytestmark = pytest.mark.unpriv
 

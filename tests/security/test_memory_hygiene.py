@@ -41,7 +41,10 @@ def _split(secret: str) -> list[bytes]:
 def _kill_spares(zygote: int, keep: set[int]) -> None:
     for pid in children_of(zygote):
         if pid not in keep:
-            os.kill(pid, signal.SIGKILL)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # e.g. a template's spare, which ends by itself once its template is killed
     end = time.monotonic() + 10
     while [p for p in children_of(zygote) if p not in keep] and time.monotonic() < end:
         time.sleep(0.01)
@@ -92,3 +95,49 @@ def test_the_scanner_finds_what_it_holds(plugin_dir):
     with sandbox.Worker(SCANNER, policy=policy_scan) as scanner:
         report = scanner.call("scan", {"own": _split(own)})
     assert "own" in report["hits"]
+
+
+def test_a_worker_forked_from_a_template_finds_nothing_of_earlier_workers_of_its_set(plugin_dir):
+    """A warm template (zygote/template.py) forks every worker of a preload set: it must hold
+    nothing of any of them. Worker A1 (the first of the set, forked by the zygote while the
+    template starts) and A2 (forked by the template) each get a secret in their environment
+    and payload; then a scanner of the same preload set, forked by the same template, finds
+    neither in its whole address space."""
+    from sandbox._host import zygote_client
+    preload = ["json", "sandbox.child.canary_template"]
+    section = "[python]\npreload = [" + ", ".join(f'"{m}"' for m in preload) + "]\n"
+    folder = os.path.join(plugin_dir, "plugin_a")
+    os.makedirs(folder, mode=0o755)
+    worker_a = os.path.join(folder, "worker.py")
+    with open(worker_a, "w") as f:
+        f.write(A_PLUGIN)
+    os.chmod(worker_a, 0o644)
+    policy_scan = os.path.join(plugin_dir, "scan.toml")
+    with open(policy_scan, "w") as f:
+        f.write(f'extends = "{DEFAULT_POLICY}"\n[filesystem]\nread_only = ["/proc/self"]\n{section}')
+
+    def how():
+        return zygote_client.get(False).templates.get(tuple(preload))
+
+    pairs, seen = {}, []
+    for n in (1, 2):
+        token, payload = (f"{kind}{n}-{secrets.token_hex(12)}" for kind in ("tok", "pay"))
+        policy_a = os.path.join(plugin_dir, f"a{n}.toml")
+        with open(policy_a, "w") as f:
+            f.write(f'extends = "{DEFAULT_POLICY}"\n{section}[environment]\nset = {{ API_TOKEN = "{token}" }}\n')
+        end = time.monotonic() + 20
+        while True:  # A2 must come from the template: start until the zygote says it did
+            with sandbox.Worker(worker_a, policy=policy_a) as a:
+                assert a.call("use", payload) == [token, payload]
+            seen.append(how())
+            if n == 1 or how() == "warm":
+                break
+            assert time.monotonic() < end, seen
+            time.sleep(0.02)
+        pairs[f"A{n}'s environment"], pairs[f"A{n}'s payload"] = _split(token), _split(payload)
+    assert "warm" in seen
+    with sandbox.Worker(SCANNER, policy=policy_scan) as scanner:
+        assert how() == "warm", "the scanner did not come from the template"
+        report = scanner.call("scan", pairs)
+    assert report["scanned"] > 4 << 20, report
+    assert report["hits"] == {}, f"a template's worker found: {report['hits']}"

@@ -255,9 +255,9 @@ def test_explain_and_lint_say_ports_not_addresses(tmp_path):
 
     unix = tmp_path / "unix.toml"
     unix.write_text('[network]\nallow = true\nfamilies = ["unix"]\n')
-    assert any("pathname sockets are not limited by Landlock" in f.message
+    assert any("pathname sockets are reachable only inside the granted paths" in f.message
                for f in lint(str(unix)) if f.key == "network.families")
-    assert "pathname unix sockets: not limited by Landlock" in explain_text(Policy.load(str(unix)))
+    assert "pathname unix sockets: only inside the granted paths" in explain_text(Policy.load(str(unix)))
 
     remote = _policy_file(tmp_path, 'connect = ["[2001:db8::1]:443"]\n')
     assert [f.level for f in lint(remote) if f.key == "network.connect"] == ["error"]
