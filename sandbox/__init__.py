@@ -12,7 +12,7 @@ else is private and may change. The distribution is `sandbox-plugins` (see `sand
 from typing import TYPE_CHECKING
 
 from .__about__ import __version__
-from .errors import (ConfinementError, HostResourceError, LoadError, PluginCrashed, PluginError,
+from .errors import (ConfinementError, HostResourceError, LoadError, NotPlainData, PluginCrashed, PluginError,
                      PluginMemoryError, PluginTimeout, PolicyError, PolicyViolation, ProtocolViolation,
                      QueueFull, RestartLimit, SandboxError, UsageError, WorkerClosed, ZygoteDied)
 
@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # the real names for type checkers; at run time they are impo
 __all__ = ["Worker", "AsyncWorker", "Pool", "AsyncPool", "Policy", "SandboxError", "PluginError",
            "LoadError", "PluginTimeout", "PolicyViolation", "PluginCrashed", "PluginMemoryError",
            "ProtocolViolation", "PolicyError", "ConfinementError", "WorkerClosed", "QueueFull",
-           "RestartLimit", "UsageError", "HostResourceError", "ZygoteDied", "__version__"]
+           "RestartLimit", "UsageError", "NotPlainData", "HostResourceError", "ZygoteDied", "__version__"]
 
 
 def __getattr__(name: str) -> object:

@@ -205,6 +205,15 @@ class UsageError(SandboxError, ValueError):
     kind = "usage-error"
 
 
+class NotPlainData(UsageError, TypeError):
+    """A value that cannot cross between host and worker (not plain data, an int past 64 bits,
+    a lone surrogate, nested deeper or holding more than the other side decodes); it was refused
+    before anything was sent, and the worker is fine. Also a TypeError, as it always was.
+
+    The host raises it for a call's arguments or a post; a plugin's reply that cannot cross
+    arrives as a PluginError saying "not plain data" (the worker refused to send it)."""
+
+
 class HostResourceError(SandboxError):
     """The host itself ran short of something a worker needs (file descriptors, processes,
     memory, disk, uids); the message names it. Nothing is wrong with the plugin."""
@@ -232,5 +241,5 @@ def _all_classes(base: type[SandboxError]) -> list[type[SandboxError]]:
 
 _CLASSES = {c.__name__: c for c in _all_classes(SandboxError)}
 _BY_KIND: dict[str, type[SandboxError]] = {}
-for _c in reversed(list(_CLASSES.values())):
+for _c in _CLASSES.values():  # a base before its subclasses: a kind they share names the base
     _BY_KIND.setdefault(_c.kind, _c)

@@ -5,8 +5,10 @@
 
 Each event is also a `logging` record on the "sandbox.events" logger with the fields in
 `extra` (so a JSON log formatter sees plugin, policy, pid, uid, ...). Subscribers run on the
-thread that emitted the event: keep them quick; one that raises is logged and never breaks
-the worker that emitted.
+thread that emitted the event when that is a caller's (a call's own events: they have run when
+the call returns); events the hub thread sees (an idle worker's death, a denial between calls)
+are handed to the "sandbox-events" thread, in order, so that a slow subscriber never delays the
+supervision of any worker. One that raises is logged and never breaks the worker that emitted.
 
 The fields each event carries (every one has `plugin` and `policy`; any may add more):
 
@@ -79,8 +81,36 @@ def emit(name: str, level: int = logging.INFO, **fields: Any) -> None:
     if not _subscribers:
         return
     event = Event(name, fields)
-    for cb in list(_subscribers):
+    subscribers = list(_subscribers)
+    if getattr(_here, "defer", False):
+        _deferred().put([_deliver], (event, subscribers), 512)
+    else:
+        _deliver(event, subscribers)
+
+
+def _deliver(event: Event, subscribers: list[Callable[[Event], None]]) -> None:
+    for cb in subscribers:
         try:
             cb(event)
         except Exception:  # a subscriber's bug never breaks a worker
             log.exception("event subscriber %r failed", cb)
+
+
+_here = threading.local()  # `defer` is set on the hub's thread (defer_on_this_thread)
+_runner = None
+
+
+def defer_on_this_thread() -> None:
+    """Events emitted on the calling thread from now on reach subscribers on the events thread
+    (the hub calls this on its own thread: supervision never waits for a subscriber)."""
+    _here.defer = True
+
+
+def _deferred():
+    global _runner
+    if _runner is None:
+        from ._host.callbacks import CallbackRunner  # (host-only machinery, imported on first use)
+        with _lock:
+            if _runner is None:
+                _runner = CallbackRunner("sandbox.events subscribers", "sandbox-events")
+    return _runner

@@ -7,7 +7,8 @@ import os
 import signal
 
 from .. import protocol
-from ..errors import LoadError, PluginCrashed, PluginError, PluginTimeout, ProtocolViolation, SandboxError
+from ..errors import (LoadError, NotPlainData, PluginCrashed, PluginError, PluginTimeout, ProtocolViolation,
+                      SandboxError)
 from ..protocol import framing
 
 HEADER_SIZE = framing.HEADER_SIZE
@@ -40,10 +41,17 @@ class Session:
     def encode_call(self, name: str, args, kwargs) -> bytes | tuple:
         if self.pending_id is not None:
             raise RuntimeError("a call is already in flight")
-        payload = self._encode_call(name, args, kwargs)  # first: a value it refuses leaves no call in flight
-        self.pending_id = call_id = self._next_id = self._next_id + 1
-        size = len(payload)  # (what _frame does, in line: this is every call's path)
-        if size < _LARGE:
+        try:
+            payload = self._encode_call(name, args, kwargs)
+        except NotPlainData as e:  # refused before anything is sent: the worker is fine
+            raise NotPlainData(f"the arguments of {name!r} cannot cross to the worker: {e}") from None
+        size = len(payload)
+        if size > self.limits.max_bytes:  # the worker would take it for a breach of the protocol
+            self._encoder.release()
+            raise NotPlainData(f"the arguments of {name!r} are {size} bytes, over the policy's "
+                               f"limits.max_message_bytes ({self.limits.max_bytes})")
+        self.pending_id = call_id = self._next_id = self._next_id + 1  # only now: nothing refused
+        if size < _LARGE:  # (what _frame does, in line: this is every call's path)
             return _header(_MAGIC, _VERSION, _CALL, size, call_id) + payload
         return _header(_MAGIC, _VERSION, _CALL, size, call_id), payload
 
@@ -54,9 +62,15 @@ class Session:
         """The frame from encode_call is written (or dropped): its buffer may be reused."""
         self._encoder.release()
 
-    @staticmethod
-    def encode_post(obj) -> bytes | tuple:
-        return _frame(framing.POST, 0, protocol.dumps(obj))
+    def encode_post(self, obj) -> bytes | tuple:
+        try:
+            payload = protocol.dumps(obj)
+        except NotPlainData as e:
+            raise NotPlainData(f"the message cannot cross to the worker: {e}") from None
+        if len(payload) > self.limits.max_bytes:
+            raise NotPlainData(f"the message is {len(payload)} bytes, over the policy's "
+                               f"limits.max_message_bytes ({self.limits.max_bytes})")
+        return _frame(framing.POST, 0, payload)
 
     def decode(self, payload):
         """A frame's payload, decoded under this session's budgets (thread-safe: pure)."""

@@ -27,6 +27,7 @@ from .. import events
 from ..errors import HostResourceError, LoadError, ProtocolViolation, SandboxError, WorkerClosed
 from ..protocol import framing
 from . import channel, lifecycle as lc, notify, options
+from ..protocol.zygote import decode_status
 from .resources import STATUS, Spawned
 
 log = logging.getLogger("sandbox")
@@ -204,6 +205,7 @@ class WorkerHandle:
             policy=self.policy.path or self.policy.name, expects_listener=bool(sp.plan.notify),
             seccomp_mode=mode, deny_errno=deny_errno if isinstance(deny_errno, int) else errno.EPERM,
             dangerous=DANGEROUS, on_syscall=self._on_syscall, memory_limit=limit,
+            cpu_limit=self.policy.limits.cpu_seconds,
             memory_peak=lambda: _vm_peak(pid, pidfd), offload=self._OFFLOAD)
         # the read path's own bindings (one call less per read than through the core)
         self._decoder = decoder = self._core.session.decoder
@@ -305,11 +307,12 @@ class WorkerHandle:
             return lc.NOTHING
         except OSError:
             data = b""
-        raw = STATUS.unpack(data)[1] if len(data) == STATUS.size else None
+        reaped = decode_status(data)
         core = self._core
         assert core is not None  # the status pipe is watched only once the worker (and its core) exist
-        # no record: the zygote, which writes it, died (and the worker with it)
-        return core.status(raw, self._sp.zygote_death() if raw is None and self._sp is not None else None)
+        if reaped is None:  # no record: the zygote, which writes it, died (and the worker with it)
+            return core.status(None, self._sp.zygote_death() if self._sp is not None else None)
+        return core.status(reaped.raw, usage=reaped)
 
     def _status_never_came(self) -> list:
         """The bounded wait after a kill is over: end with what is known of the zygote."""

@@ -14,6 +14,8 @@ import os
 import select
 import threading
 
+from .. import events as _events
+
 ONESHOT = select.EPOLLIN | select.EPOLLONESHOT
 
 
@@ -51,6 +53,7 @@ class Hub:
                     pass
 
     def _run(self):
+        _events.defer_on_this_thread()  # subscribers of sandbox.events never hold up this thread
         while True:
             try:
                 events = self._ep.poll()

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from operator import itemgetter as _itemgetter
 from typing import Callable
 
-from . import channel
+from . import channel, decode
 from .channel import FAILURE, LOAD_FAILED, MESSAGE, READY, RESULT
 from ..errors import (ConfinementError, LoadError, PluginCrashed, PluginError, PluginMemoryError,
                       PolicyViolation, ProtocolViolation, SandboxError, WorkerClosed)
@@ -137,7 +137,6 @@ _CONTAINER_BYTES = frozenset(range(0x80, 0xA0)) | {0xDC, 0xDD, 0xDE, 0xDF}
 OFFLOAD_AT = 32 * 1024  # a container payload this large is decoded off an event loop
 SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1
 DENIAL_BUDGET = 100        # denied syscalls per call (deny mode) before the worker is killed
-MEMORY_MARGIN = 64 << 20  # a peak this close to the memory limit is evidence that it was reached
 BUFFER_BUDGET = 64 << 20   # bytes of undelivered messages a worker may have in the host at once
 
 
@@ -159,7 +158,7 @@ class Lifecycle:
                  dangerous: frozenset = frozenset(), on_syscall: Callable | None = None,
                  memory_limit: int | None = None, memory_peak: Callable[[], int | None] | None = None,
                  buffer_budget: int = BUFFER_BUDGET, denial_budget: int = DENIAL_BUDGET,
-                 offload: int | None = None):
+                 offload: int | None = None, cpu_limit: int | None = None):
         self.name, self.plugin, self.policy = name, plugin, policy
         self.state = _STARTING
         self.session = channel.Session(max_frame)
@@ -184,6 +183,7 @@ class Lifecycle:
         self._mode, self._deny_errno, self._dangerous = seccomp_mode, deny_errno, dangerous
         self._on_syscall = on_syscall
         self._memory_limit, self._memory_peak = memory_limit, memory_peak
+        self._cpu_limit = cpu_limit
         self._peak_seen = 0
         self._buffer_budget, self._denial_budget = buffer_budget, denial_budget
         # hot-path bindings
@@ -249,7 +249,7 @@ class Lifecycle:
             self.state = _READY
 
     def encode_post(self, obj):
-        frame = channel.Session.encode_post(obj)  # encoding errors come first: the worker is fine
+        frame = self.session.encode_post(obj)  # encoding errors come first: the worker is fine
         if self.state not in (_READY, _CALLING) or self.reason is not None:
             raise self.closed_error()
         return frame
@@ -377,14 +377,20 @@ class Lifecycle:
             return out + [Reply(None, copy.copy(self.reason))]
         return NOTHING
 
-    def status(self, raw: int | None, unknown: SandboxError | None = None) -> list:
+    def status(self, raw: int | None, unknown: SandboxError | None = None, usage=None) -> list:
         """The zygote reaped the worker: its raw wait status (None if no record came; `unknown`
-        then says what is known instead, e.g. that the zygote died)."""
+        then says what is known instead, e.g. that the zygote died). `usage`: the kernel's
+        figures from the reap (cpu_seconds, max_rss), which tell a death by a limit."""
         if self.state is _ENDED:
             return NOTHING
+        if raw is not None and usage is not None:
+            unknown = decode.limit_death(raw, usage.cpu_seconds, usage.max_rss, plugin=self.name,
+                                         cpu_limit=self._cpu_limit, memory_limit=self._memory_limit)
+        elif raw is not None:
+            unknown = None
         if self._needs_handoff():  # a confinement failure reported there names the real cause
-            return self._defer(lambda: self._end(raw, unknown if raw is None else None))
-        return self._end(raw, unknown if raw is None else None)
+            return self._defer(lambda: self._end(raw, unknown))
+        return self._end(raw, unknown)
 
     def status_wait_over(self, waited: float, known: SandboxError | None = None) -> list:
         """The worker was killed `waited` seconds ago and its status never came: end anyway
@@ -427,10 +433,7 @@ class Lifecycle:
         # and only once per climb (the peak is the worker's lifetime figure: a plugin that once
         # came near the limit can't make each later MemoryError of its own count as the limit's).
         rose, self._peak_seen = peak > self._peak_seen, max(peak, self._peak_seen)
-        limit = self._memory_limit
-        # near: within one large allocation (64 MiB, or an eighth of the limit), never below half
-        near = max(limit // 2, limit - max(limit // 8, MEMORY_MARGIN))
-        return rose and peak >= near
+        return rose and peak >= decode.memory_near(self._memory_limit)
 
     # ---- internals ---------------------------------------------------------------------------------
     def _needs_handoff(self) -> bool:

@@ -172,9 +172,11 @@ class Writer:
                     self._encoder.release()
 
     def _refusal(self, ftype, etype, message):
-        """A reply or event that can't be sent becomes an ERROR frame saying why."""
-        if ftype not in (framing.RESULT, framing.EVENT):
-            raise ValueError(message)
+        """A reply that can't be sent becomes an ERROR frame saying why; a post() that can't
+        raises in the plugin (an ERROR frame would answer no call: the host would take it for
+        a breach of the protocol)."""
+        if ftype != framing.RESULT:
+            raise (protocol.NotPlainData if etype == "TypeError" else ValueError)(message)
         return framing.ERROR, self._encode({"type": etype, "message": message, "traceback": ""})
 
     def _write_all(self, *views):

@@ -152,7 +152,24 @@ def set_rlimits(plan, state):
             continue
         soft, hard = resource.getrlimit(res)
         value = value if hard == resource.RLIM_INFINITY else min(value, hard)
+        if name == "as":
+            _check_room(value)
         resource.setrlimit(res, (value, value))
+
+
+def _check_room(limit: int) -> None:
+    """An address-space limit below what this worker has mapped already (what it inherited from
+    the zygote) would fail later, anywhere, as a bare MemoryError, an import that "failed to map
+    segment" or a silent exit: say so now, in the limit's words (a worker started at that size
+    has nothing left to allocate)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            mapped = int(f.read(64).split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return  # no figure: the limit still applies, only this early word is lost
+    if limit < mapped:
+        raise MemoryError(f"limits.memory_mb = {limit >> 20} is below what the worker needs to start "
+                          f"(~{-(-mapped >> 20)} MiB, mapped before its plugin loads)")
 
 
 def restrict_filesystem(plan, state):

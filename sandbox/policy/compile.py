@@ -20,7 +20,29 @@ import tempfile
 try:
     import seccomp
 except ImportError:  # the PyPI ctypes bindings, same API as libseccomp's own module
-    import pyseccomp as seccomp
+    def _import_pyseccomp():
+        """pyseccomp finds the library with ctypes.util.find_library, which runs ldconfig: on a
+        host out of processes that finds nothing ("Unable to find libseccomp") although the
+        library is there. Then the loader's own name for it serves, which forks nothing."""
+        import ctypes.util
+        real = ctypes.util.find_library
+
+        def find(name):
+            found = real(name)
+            if found is None and name == "seccomp":
+                try:
+                    ctypes.CDLL("libseccomp.so.2")
+                except OSError:
+                    return None
+                return "libseccomp.so.2"
+            return found
+        ctypes.util.find_library = find
+        try:
+            import pyseccomp
+        finally:
+            ctypes.util.find_library = real
+        return pyseccomp
+    seccomp = _import_pyseccomp()
 
 from ..errors import PolicyError
 from . import conditions as C

@@ -11,8 +11,15 @@ from typing import Any
 
 import msgpack
 
-from ..errors import ProtocolViolation
+from ..errors import NotPlainData, ProtocolViolation
 from .framing import KEEP_MAX, LARGE  # a LARGE payload is handed out as a view, not copied out
+
+
+# What either side decodes at most (Limits' defaults); the encoder refuses what would pass them,
+# so a value the other side would take for a protocol breach is never sent.
+MAX_DEPTH = 64
+MAX_ITEMS = 1_000_000
+MAX_OBJECTS = 1_000_000
 
 
 class Limits:
@@ -23,8 +30,8 @@ class Limits:
 
     __slots__ = ("max_bytes", "max_items", "max_depth", "max_objects")
 
-    def __init__(self, max_bytes: int = 16 * 1024 * 1024, max_items: int = 1_000_000,
-                 max_depth: int | None = 64, max_objects: int = 1_000_000):
+    def __init__(self, max_bytes: int = 16 * 1024 * 1024, max_items: int = MAX_ITEMS,
+                 max_depth: int | None = MAX_DEPTH, max_objects: int = MAX_OBJECTS):
         self.max_bytes = max_bytes
         self.max_items = max_items  # elements of any one array or map
         self.max_depth = max_depth
@@ -34,10 +41,6 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
-
-
-class NotPlainData(TypeError):
-    pass
 
 
 def _refuse(obj):
@@ -87,25 +90,32 @@ class Encoder:
 
     def encode_call(self, name: str, args: tuple, kwargs: dict):
         """[name, args, kwargs] without walking the parts Python already guarantees (a str name,
-        str keyword names): only container arguments are checked."""
+        str keyword names): only container arguments are walked. An argument may nest as deep
+        as a reply may (its echo must be able to come back); the object count is the message's."""
         size = len(name)
+        count = len(args) + len(kwargs)
+        if len(args) > MAX_ITEMS or len(kwargs) > MAX_ITEMS:
+            raise NotPlainData(f"a call of {count} arguments is over the {MAX_ITEMS}-item cap")
+        left = 2 * MAX_OBJECTS - (6 + count)  # the frame's own three containers
         for a in args:
             t = type(a)
             if t is bytes or t is str:
                 size += len(a)
             elif t is not int and t is not float and a is not None and t is not bool and isinstance(a, _CONTAINERS):
-                _check_keys(a)
+                left = _check_keys(a, left)
                 size = LARGE
         if kwargs:
             for k, a in kwargs.items():
+                if type(k) is not str:  # invoke(kwargs=...) takes any dict
+                    raise NotPlainData(f"keyword argument name {k!r} is not a str")
                 size += len(k)
                 t = type(a)
                 if t is bytes or t is str:
                     size += len(a)
                 elif isinstance(a, _CONTAINERS):
-                    _check_keys(a)
+                    left = _check_keys(a, left)
                     size = LARGE
-        if size < _SMALL and len(args) + len(kwargs) < 64:
+        if size < _SMALL and count < 64:
             try:  # (what _packed_quick does, in line: this is every call's path)
                 return self._quick([name, args, kwargs])
             except NotPlainData:
@@ -266,22 +276,38 @@ def _budget_hooks(budget: int) -> dict:
     return {"list_hook": count, "object_hook": count}
 
 
-def _check_keys(obj, budget: int = 10_000_000) -> None:
-    stack = [obj]
-    pop, push = stack.pop, stack.append
-    while stack:
-        budget -= 1
-        if budget < 0:
-            raise NotPlainData("value too large or cyclic")
-        node = pop()
-        if type(node) is dict:
-            for k in node:
-                if type(k) is not str:
-                    raise NotPlainData(f"map key {k!r} is not a str")
-            node = node.values()
-        for x in node:
-            if isinstance(x, (list, tuple, dict)):
-                push(x)
+def _check_keys(obj, left: int = 2 * MAX_OBJECTS) -> int:
+    """Refuse, before anything is sent, what the other side's decoder would take for a breach of
+    the protocol: a map key that is not a str, nesting past MAX_DEPTH, a container of more than
+    MAX_ITEMS, more than MAX_OBJECTS objects (counted as `loads` counts them: each container as
+    1 + its length, against twice the budget). A cycle is refused as too deep. `left`: what is
+    left of that count (the parts of one message are checked in turn); returns the rest.
+    Level by level and without recursion, in one function: the worker watches the builtins
+    this function uses."""
+    level = [obj]
+    depth = 0
+    while level:
+        depth += 1
+        if depth > MAX_DEPTH:
+            raise NotPlainData(f"value nested deeper than {MAX_DEPTH} levels (the most either side decodes)")
+        deeper: list = []
+        for node in level:
+            n = len(node)
+            if n > MAX_ITEMS:
+                raise NotPlainData(f"a {type(node).__name__} of {n} items is over the {MAX_ITEMS}-item cap")
+            left -= 1 + n
+            if left < 0:
+                raise NotPlainData(f"value holds more than {MAX_OBJECTS} objects (the most either side decodes)")
+            if isinstance(node, dict):
+                for k in node:
+                    if type(k) is not str:
+                        raise NotPlainData(f"map key {k!r} is not a str")
+                node = node.values()
+            for x in node:
+                if isinstance(x, _CONTAINERS):
+                    deeper.append(x)
+        level = deeper
+    return left
 
 
 def _no_ext(code, data):

@@ -32,7 +32,32 @@ MAX_SPAWN_FDS = SPAWN_FD_COUNT + 1
 # The fixed descriptor numbers inside a worker, once its first step has arranged them.
 STDIN, STDOUT, STDERR, FROM_HOST, TO_HOST, HANDOFF = 0, 1, 2, 3, 4, 5
 
-STATUS = struct.Struct("<ii")  # (pid, raw wait status): the zygote's report when it reaps a worker
+# The zygote's report when it reaps a worker: (pid, raw wait status, CPU time in microseconds
+# (user + system), peak resident set in KiB), as the kernel's wait4() rusage gave them. The
+# plugin can't write these: they are how the host tells a death by limits.cpu_seconds or
+# limits.memory_mb from any other (the rusage counts the children the worker reaped as well).
+STATUS = struct.Struct("<iiQQ")
+
+
+class Reaped(NamedTuple):
+    pid: int
+    raw: int             # the wait status
+    cpu_seconds: float   # user + system time the worker (and the children it reaped) used
+    max_rss: int         # peak resident set in bytes
+
+
+def encode_status(pid: int, raw: int, rusage) -> bytes:
+    """The record for one reaped worker, from os.wait4()'s (pid, status, rusage)."""
+    cpu_us = max(0, int((rusage.ru_utime + rusage.ru_stime) * 1_000_000))
+    return STATUS.pack(pid, raw, cpu_us, max(0, int(rusage.ru_maxrss)))
+
+
+def decode_status(data: bytes) -> Reaped | None:
+    """The record, or None unless it is exactly one (the zygote died before writing it whole)."""
+    if len(data) != STATUS.size:
+        return None
+    pid, raw, cpu_us, max_rss_kib = STATUS.unpack(data)
+    return Reaped(pid, raw, cpu_us / 1_000_000, max_rss_kib * 1024)
 
 # A preload set names at most MAX_PRELOAD modules of at most MAX_MODULE_NAME characters each; a
 # policy with more is served without a template (its workers import after fork, as always).

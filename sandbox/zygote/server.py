@@ -24,7 +24,7 @@ import msgpack
 import prctl
 
 from ..child import serve, steps  # imported here so children never import after fork
-from ..protocol.zygote import (MAX_REQUEST, MAX_SPAWN_FDS, SPAWN_FD_COUNT, STATUS, WORKER_FD_COUNT,
+from ..protocol.zygote import (MAX_REQUEST, MAX_SPAWN_FDS, SPAWN_FD_COUNT, WORKER_FD_COUNT, encode_status,
                                SpawnFds, decode_request, encode_reply)
 from .leftovers import Leftovers
 from .pidns import fork_worker
@@ -87,7 +87,9 @@ def _drain(fd):
 def _reap(status_fds):
     while True:
         try:
-            pid, status = os.waitpid(-1, os.WNOHANG)  # our children: workers, the spare, orphans
+            # our children: workers, the spare, orphans. wait4: the kernel's rusage of the worker
+            # goes into its status record, the evidence of a death by its CPU or memory limit
+            pid, status, usage = os.wait4(-1, os.WNOHANG)
         except ChildProcessError:
             break
         if pid == 0:
@@ -98,7 +100,7 @@ def _reap(status_fds):
         if fd is not None:
             _leftovers.worker_died(pid)  # before the report: the host frees the uid on it
             try:
-                os.write(fd, STATUS.pack(pid, status))
+                os.write(fd, encode_status(pid, status, usage))
             except OSError:
                 pass
             os.close(fd)

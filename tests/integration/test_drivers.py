@@ -23,8 +23,8 @@ import pytest
 
 import sandbox
 import sandbox.events
-from sandbox import (AsyncWorker, LoadError, PluginCrashed, PluginTimeout, PolicyViolation, ProtocolViolation,
-                     UsageError, WorkerClosed)
+from sandbox import (AsyncWorker, LoadError, PluginCrashed, PluginError, PluginTimeout, PolicyViolation,
+                     ProtocolViolation, UsageError, WorkerClosed)
 from helpers import ROOT
 
 pytestmark = pytest.mark.unpriv
@@ -62,6 +62,15 @@ PLUGIN = """
 
     def empty_maps(n, parts):
         return [[{} for _ in range(n)] for _ in range(parts)]
+
+    def raw_empty_maps(n, parts):
+        # past the worker's own encoder, as a hostile plugin would: straight onto its pipe
+        import msgpack
+        from sandbox.protocol import framing
+        data = framing.encode_frame(framing.EVENT, 0, msgpack.packb([[{}] * n] * parts))
+        while data:
+            data = data[os.write(4, data):]
+        time.sleep(30)
 
     def flood(count, size):
         blob = b"x" * size
@@ -263,9 +272,13 @@ def test_a_forged_confinement_error_frame_is_a_load_error(driver, make_plugin):
 
 def test_a_reply_of_millions_of_tiny_objects_is_refused(driver, plugin):
     with driver.worker(*plugin) as w:
+        # the worker's encoder refuses to send what the host would not decode
+        with pytest.raises(PluginError, match="not plain data.*objects"):
+            w.call("empty_maps", 900_000, 3)  # 2.7 million empty maps
+        assert w.alive
         t = time.monotonic()
         with pytest.raises(ProtocolViolation, match="objects"):
-            w.call("empty_maps", 900_000, 3)  # 2.7 million empty maps in a 2.6 MiB reply
+            w.call("raw_empty_maps", 900_000, 3)  # the same in a 2.6 MiB frame written raw
         assert time.monotonic() - t < 30  # generous: the plugin builds them, the host stops early
 
 

@@ -13,6 +13,7 @@ import time
 import pytest
 
 import sandbox
+import sandbox.events
 from helpers import ROOT
 from sandbox import PluginCrashed
 
@@ -188,6 +189,7 @@ FORKER = r"""
 import json, os, sys, threading, time
 sys.path.insert(0, {root!r})
 import sandbox
+import sandbox.events
 from sandbox._host.callbacks import CallbackRunner
 path, policy = sys.argv[1:3]
 parent_pid = os.getpid()
@@ -246,3 +248,30 @@ def test_fork_gives_the_child_callback_threads_of_its_own(plugin, plugin_dir):
     assert got["child"] == {"bare_ran_in_child": True, "own_worker_callbacks": [
         "sandbox-worker-p1-callbacks"] * 2, "parent_worker_ran_here": False}, got
     assert got["parent_ran"] == 2
+
+
+@pytest.mark.unpriv
+def test_a_slow_event_subscriber_never_delays_noticing_a_death(plugin):
+    """A sandbox.events subscriber that sleeps 3 s on the first death the hub sees: a second idle
+    worker's death is still noticed at once (the hub hands events over, it never runs subscribers)."""
+    sleeping, slept = threading.Event(), threading.Event()
+
+    def slow(ev):
+        if ev.name == "ended" and not sleeping.is_set():
+            sleeping.set()
+            time.sleep(3)
+            slept.set()
+
+    unsubscribe = sandbox.events.subscribe(slow)
+    try:
+        with sandbox.Worker(*plugin) as a, sandbox.Worker(*plugin) as b:
+            a.call("hello"), b.call("hello")
+            os.kill(a.pid, signal.SIGKILL)  # idle: only the hub notices, and emits "ended"
+            assert sleeping.wait(10), "no 'ended' event for A"
+            os.kill(b.pid, signal.SIGKILL)
+            t0 = time.monotonic()
+            assert _wait_for(lambda: not b.alive, timeout=1.0), \
+                f"B's death unnoticed after {time.monotonic() - t0:.2f} s while a subscriber slept"
+            assert not slept.is_set()
+    finally:
+        unsubscribe()

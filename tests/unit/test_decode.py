@@ -144,3 +144,16 @@ def test_prlimit_lowering_is_explained():
     r = D.describe("prlimit64", (0, 7, 0x1000, 0, 0, 0))
     assert r.args_text == "0, RLIMIT_NOFILE, 0x1000, 0"
     assert "lower" in r.benign_note
+
+
+def test_a_cpu_death_needs_the_cpu_signal_and_the_cpu_time():
+    import signal
+
+    from sandbox._host.decode import limit_death
+    kw = dict(plugin="p", cpu_limit=10, memory_limit=None)
+    assert "limits.cpu_seconds" in str(limit_death(signal.SIGKILL, 9.0, 0, **kw))
+    assert "limits.cpu_seconds" in str(limit_death(signal.SIGXCPU, 10.2, 0, **kw))
+    assert limit_death(signal.SIGKILL, 1.0, 0, **kw) is None          # killed early: not the limit
+    assert limit_death(signal.SIGSEGV, 10.0, 0, **kw) is None         # not the limit's signal
+    assert limit_death(signal.SIGKILL, 10.0, 0, plugin="p", cpu_limit=None, memory_limit=None) is None
+    assert limit_death(0, 10.0, 1 << 40, plugin="p", cpu_limit=10, memory_limit=1 << 20) is None  # a clean exit

@@ -320,3 +320,48 @@ def test_a_read_that_breaks_the_protocol_answers_nothing():
     assert names(c.receive(forged)) == ["Kill"]  # the second reply is unsolicited
     (reply, end) = c.status(SIGKILLED)
     assert isinstance(reply.error, ProtocolViolation)
+
+
+# ---- deaths by the worker's own limits: the kernel's rusage decides, with the wait status ---------
+def _reaped(cpu, rss_mib=10):
+    from sandbox.protocol.zygote import Reaped
+    return Reaped(123, SIGKILLED, cpu, rss_mib << 20)
+
+
+def test_a_sigkill_at_the_cpu_limit_is_named_by_limits_cpu_seconds():
+    c = calling_core(cpu_limit=60)
+    reply, end = c.status(SIGKILLED, usage=_reaped(59.2))
+    assert isinstance(end.death, PluginCrashed) and end.death.signal == signal.SIGKILL
+    assert "used up its 60 s of CPU (limits.cpu_seconds)" in str(end.death) == str(reply.error)
+
+
+def test_a_sigkill_well_below_the_cpu_limit_is_a_plain_crash():
+    c = calling_core(cpu_limit=60)
+    (_, end) = c.status(SIGKILLED, usage=_reaped(3.0))
+    assert str(end.death) == "plugin p was killed by signal SIGKILL"
+
+
+def test_an_exit_at_the_cpu_limit_is_not_the_cpu_limit():
+    c = calling_core(cpu_limit=1)
+    (_, end) = c.status(3 << 8, usage=_reaped(5.0))  # exited with code 3: RLIMIT_CPU never does that
+    assert end.death.exit_code == 3 and "cpu" not in str(end.death)
+
+
+def test_a_death_with_the_memory_limit_resident_is_a_memory_error():
+    c = calling_core(memory_limit=128 << 20)
+    (_, end) = c.status(70 << 8, usage=_reaped(0.1, rss_mib=120))
+    assert isinstance(end.death, PluginMemoryError) and "limits.memory_mb = 128" in str(end.death)
+    c = calling_core(memory_limit=128 << 20)
+    (_, end) = c.status(70 << 8, usage=_reaped(0.1, rss_mib=20))  # its word alone: a crash
+    assert type(end.death) is PluginCrashed and end.death.exit_code == 70
+
+
+def test_a_reason_recorded_first_wins_over_the_rusage():
+    c = calling_core(cpu_limit=1)
+    c.deadline_passed(0.5)
+    (end,) = c.status(SIGKILLED, usage=_reaped(5.0))
+    assert isinstance(end.death, PluginTimeout)
+    c = calling_core(cpu_limit=1)
+    c.kill()  # terminate(): an end that was asked for has no death to explain
+    (_, end) = c.status(SIGKILLED, usage=_reaped(5.0))
+    assert end.death is None

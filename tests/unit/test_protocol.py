@@ -95,7 +95,7 @@ def test_deep_nesting_is_refused():
     with pytest.raises(ProtocolViolation):
         loads(b"\x91" * 100_000 + b"\xc0")
     with pytest.raises(ProtocolViolation, match="deeper"):
-        loads(dumps(_nest(100)), Limits(max_depth=64))
+        loads(msgpack.packb(_nest(100)), Limits(max_depth=64))
     assert loads(dumps(_nest(10))) == _nest(10)
 
 
@@ -210,6 +210,54 @@ def test_lifecycle_fast_read_matches_the_general_decoder(magic, version, ftype, 
     outs = slow.receive(frame[:1]) + slow.receive(frame[1:])
     assert got == _outcome(slow, outs)
     assert fast.session.pending_id == slow.session.pending_id
+
+
+# ---- what the encoder refuses is exactly what the other side's decoder would ------------------
+def _counted(value) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
+
+
+@pytest.mark.parametrize("value", [
+    _nest(65), {"a": _nest(64)}, [0] * 1_000_001, [[0] * 10] * 200_000, [{} for _ in range(2_000_001)],
+])
+def test_the_encoder_refuses_what_the_decoder_refuses(value):
+    from sandbox.protocol import Encoder
+    with pytest.raises(NotPlainData):
+        dumps(value)
+    with pytest.raises(NotPlainData):
+        Encoder().encode(value)
+    with pytest.raises(ProtocolViolation):
+        loads(_counted(value))
+
+
+@pytest.mark.parametrize("value", [_nest(64), {"a": _nest(63)}, [0] * 1_000_000, [[0] * 10] * 150_000])
+def test_the_encoder_passes_what_the_decoder_takes(value):
+    assert loads(dumps(value)) == value
+
+
+def test_a_call_argument_may_nest_as_deep_as_a_reply():
+    from sandbox.protocol import Encoder
+    e = Encoder()
+    # the worker decodes calls without the depth walk (the host is the trusted side)
+    assert loads(e.encode_call("f", (_nest(64),), {}), Limits(max_depth=None)) == ["f", [_nest(64)], {}]
+    for args, kwargs in (((_nest(65),), {}), ((), {"k": _nest(65)}), (tuple(range(1_000_001)), {}), ((), {1: 2})):
+        with pytest.raises(NotPlainData):
+            e.encode_call("f", args, kwargs)
+
+
+def test_a_cycle_is_refused_not_followed():
+    a: list = []
+    a.append(a)
+    with pytest.raises(NotPlainData, match="deeper"):
+        dumps(a)
+
+
+def test_not_plain_data_is_a_sandbox_error_and_still_a_type_error():
+    from sandbox.errors import SandboxError, UsageError
+    with pytest.raises(NotPlainData) as ei:
+        dumps({1, 2})
+    assert isinstance(ei.value, SandboxError) and isinstance(ei.value, UsageError)
+    assert isinstance(ei.value, TypeError) and ei.value.kind == "usage-error"
 
 
 @given(st.text(min_size=1, max_size=20), st.lists(plain | big, max_size=4),

@@ -101,3 +101,17 @@ def test_one_descriptor_set_for_host_zygote_and_child():
     from sandbox.child import steps
     assert spawn.SpawnFds._fields == ("from_host", "to_host", "handoff", "log", "status")
     assert (steps.FROM_HOST, steps.TO_HOST, steps.HANDOFF) == (spawn.FROM_HOST, spawn.TO_HOST, spawn.HANDOFF)
+
+
+def test_the_status_record_carries_the_kernels_rusage():
+    import resource
+
+    from sandbox.protocol.zygote import STATUS, decode_status, encode_status
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    data = encode_status(42, 9, usage)
+    assert len(data) == STATUS.size
+    got = decode_status(data)
+    assert (got.pid, got.raw) == (42, 9)
+    assert abs(got.cpu_seconds - (usage.ru_utime + usage.ru_stime)) < 1e-5
+    assert got.max_rss == usage.ru_maxrss * 1024
+    assert decode_status(data[:-1]) is None and decode_status(b"") is None  # a torn record: none
