@@ -33,6 +33,7 @@ class Session:
         self.decoder = framing.FrameDecoder(max_frame, framing.CHILD_TYPES, reuse=True)  # decoded at once
         self.limits = protocol.Limits(max_bytes=max_frame)
         self._encoder = protocol.Encoder()  # callers hold their own lock around encode_call
+        self._encode_call = self._encoder.encode_call
         self.ready = False
         self.pending_id: int | None = None  # the one call in flight
         self._next_id = 0
@@ -41,7 +42,7 @@ class Session:
         if self.pending_id is not None:
             raise RuntimeError("a call is already in flight")
         try:
-            payload = self._encoder.encode_call(name, args, kwargs)
+            payload = self._encode_call(name, args, kwargs)
         except NotPlainData as e:  # refused before anything is sent: the worker is fine
             raise NotPlainData(f"the arguments of {name!r} cannot cross to the worker: {e}") from None
         size = len(payload)
@@ -49,9 +50,10 @@ class Session:
             self._encoder.release()
             raise NotPlainData(f"the arguments of {name!r} are {size} bytes, over the policy's "
                                f"limits.max_message_bytes ({self.limits.max_bytes})")
-        self._next_id += 1
-        self.pending_id = self._next_id
-        return _frame(framing.CALL, self._next_id, payload)
+        self.pending_id = call_id = self._next_id = self._next_id + 1  # only now: nothing refused
+        if size < _LARGE:  # (what _frame does, in line: this is every call's path)
+            return _header(_MAGIC, _VERSION, _CALL, size, call_id) + payload
+        return _header(_MAGIC, _VERSION, _CALL, size, call_id), payload
 
     def call_done(self):
         self.pending_id = None
@@ -115,6 +117,7 @@ def _frame(ftype, call_id, payload):
 
 
 _header = framing.HEADER.pack
+_MAGIC, _VERSION, _CALL, _LARGE = framing.MAGIC, framing.VERSION, framing.CALL, framing.LARGE
 
 
 def plugin_error(d: dict) -> SandboxError:

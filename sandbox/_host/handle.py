@@ -25,6 +25,7 @@ from typing import Any
 
 from .. import events
 from ..errors import HostResourceError, LoadError, ProtocolViolation, SandboxError, WorkerClosed
+from ..protocol import framing
 from . import channel, lifecycle as lc, notify, options
 from ..protocol.zygote import decode_status
 from .resources import STATUS, Spawned
@@ -37,6 +38,7 @@ DEATH_WAIT = 5.0      # after a kill, how long the status may take before the ha
 EXITED_GRACE = 0.25   # ... once the worker's pidfd says it has exited (a stopped or dead zygote
                       # would otherwise hold terminate() for the whole DEATH_WAIT)
 _readv, _read = os.readv, os.read
+_READ_FLOOR = framing.LARGE  # what FrameDecoder.read_size() asks for between frames
 _events_log = events.log
 # (an OSError's errno may be None: no entry, like any errno not named here)
 _HOST_ERRNOS: dict[int | None, str] = {errno.EMFILE: "file descriptors", errno.ENFILE: "file descriptors",
@@ -208,7 +210,7 @@ class WorkerHandle:
             denial_budget=getattr(sec, "max_denials_per_call", lc.DENIAL_BUDGET),
             memory_peak=lambda: _vm_peak(pid, pidfd), offload=self._OFFLOAD)
         # the read path's own bindings (one call less per read than through the core)
-        decoder = self._core.session.decoder
+        self._decoder = decoder = self._core.session.decoder
         self._payload_view, self._read_size = decoder.payload_view, decoder.read_size
         self._emit("started")
         return sp
@@ -340,6 +342,11 @@ class WorkerHandle:
         if core.decoding:
             return None  # a payload is being decoded: the frames after it wait in the pipe
         try:
+            if self._decoder._head is None:  # between frames (the usual read): what read_size() says there
+                data = _read(fd, _READ_FLOOR)
+                if not data:
+                    self._eof = True
+                return core.receive(data)
             view = self._payload_view()
             if view is not None:
                 try:

@@ -129,7 +129,8 @@ class Ended:
 KILL, TAKE_HANDOFF, CLOSE_INPUT, READY_OUT = Kill(), TakeHandoff(), CloseInput(), Ready()
 NOTHING: list = []  # shared, never appended to: inputs that mean nothing return it
 HEADER = framing.HEADER_SIZE
-_single_frame, _RESULT = framing.single_frame, framing.RESULT
+_RESULT, _MAGIC, _VERSION = framing.RESULT, framing.MAGIC, framing.VERSION
+_unpack_header = framing.HEADER.unpack_from
 _loads = protocol.loads
 # msgpack's first byte of a map or an array (fix, 16 and 32 bits)
 _CONTAINER_BYTES = frozenset(range(0x80, 0xA0)) | {0xDC, 0xDD, 0xDE, 0xDF}
@@ -240,7 +241,7 @@ class Lifecycle:
         """The caller stopped waiting (reply, error, or cancel): nothing is in flight any more
         (`sent`: and the frame is out, as call_sent says)."""
         session = self.session
-        if sent:
+        if sent and session._encoder._view is not None:  # (only a large frame holds a buffer)
             session.sent()
         session.pending_id = None
         self.awaiting = False
@@ -265,18 +266,22 @@ class Lifecycle:
         if self.state is _ENDED or self._untrusted:
             return NOTHING
         decoder = self._decoder
-        if decoder._head is None and not decoder._hbuf and self.state is _CALLING and \
-                _single_frame(data, self._max) == (_RESULT, self.session.pending_id) and \
-                (self._offload is None or len(data) < self._offload + HEADER or
-                 not self._heavy(memoryview(data)[HEADER:])):
-            # the usual read: exactly the awaited reply, decoded in one step
-            try:
-                obj = _loads(data[HEADER:], self._limits)
-            except ProtocolViolation as e:
-                return self._protocol_violation(e)
-            self.session.pending_id = None
-            self.awaiting = False
-            return [_tuple_new(Reply, (obj, None))]
+        size = len(data)
+        if size > HEADER and decoder._head is None and not decoder._hbuf and self.state is _CALLING:
+            # the usual read: exactly the awaited reply, decoded in one step (the checks of
+            # framing.single_frame, in line)
+            magic, version, ftype, length, call_id = _unpack_header(data, 0)
+            if size == HEADER + length and ftype == _RESULT and call_id == self.session.pending_id and \
+                    magic == _MAGIC and version == _VERSION and length <= self._max and \
+                    (self._offload is None or size < self._offload + HEADER or
+                     not self._heavy(memoryview(data)[HEADER:])):
+                try:
+                    obj = _loads(data[HEADER:], self._limits)
+                except ProtocolViolation as e:
+                    return self._protocol_violation(e)
+                self.session.pending_id = None
+                self.awaiting = False
+                return [_tuple_new(Reply, (obj, None))]
         try:
             frames = decoder.feed(data)
         except ProtocolViolation as e:

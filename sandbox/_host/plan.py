@@ -61,7 +61,7 @@ def build(policy, plugin: str, module_name: str, uid: int | None, scratch: str |
     _check_text(policy, "filesystem.read_only", fs.read_only)
     _check_text(policy, "filesystem.writable", fs.writable)
     _check_text(policy, "python.preload", policy.preload)
-    env = policy.environment(dict(os.environ), scratch=scratch)
+    env = policy.environment(os.environ, scratch=scratch)  # (it reads the few names `pass` lists: no copy of all)
     _check_text(policy, "environment", list(env) + list(env.values()))
     bad_names = [k for k in env if not k or "=" in k]
     if bad_names:

@@ -36,6 +36,7 @@ EXPORT_MARK = "__sandbox_export__"  # set by sandbox.plugin.export
 _writer = None
 _header = framing.HEADER.pack
 _write = os.write
+_MAGIC, _VERSION, _LARGE, _HEADER_SIZE = framing.MAGIC, framing.VERSION, framing.LARGE, framing.HEADER_SIZE
 
 # ---- what the serve loop needs, held before the plugin can change it ---------------------------
 # A plugin may replace builtins (say `builtins.len`) or sys.modules entries; the code that reads
@@ -138,6 +139,7 @@ class Writer:
         self._encoder = protocol.Encoder()
         self._encode = self._encoder.encode
         self._lock = _thread.allocate_lock()  # _thread, not threading: the zygote stays lean
+        self.answered = False  # a reply (or error) to a call went out
 
     def send(self, ftype: int, call_id: int, obj) -> None:
         if _builtins_changed():
@@ -156,11 +158,11 @@ class Writer:
                 ftype, payload = self._refusal(
                     ftype, "ValueError", f"value of {size} bytes exceeds max_message_bytes ({self.max_frame})")
                 size = _len(payload)
-            header = _header(framing.MAGIC, framing.VERSION, ftype, size, call_id)
-            if size < framing.LARGE:
+            header = _header(_MAGIC, _VERSION, ftype, size, call_id)
+            if size < _LARGE:
                 data = header + payload
                 n = _write(self.fd, data)
-                if n < _len(data):  # a pipe smaller than we asked for
+                if n < size + _HEADER_SIZE:  # a pipe smaller than we asked for
                     self._write_all(memoryview(data)[n:])
             else:  # large: no copy into one buffer; the host drains the pipe as we go
                 try:
@@ -208,7 +210,6 @@ def child_main(fds: list[int], zygote_pid: int, ruleset: int | None = None) -> N
         if module is None:
             os._exit(71)
         exports = _exports(module)
-        _sys.libc.malloc_trim(0)  # what loading freed goes back to the kernel: a smaller idle worker
         _writer.send(framing.READY, 0, {"pid": os.getpid(), "exports": _sorted(exports)})
         _serve(module, exports, plan.max_frame)
         code = 0
@@ -434,12 +435,20 @@ def _serve(module, exports: frozenset, max_frame: int) -> None:
     limits = protocol.Limits(max_bytes=max_frame, max_depth=None)  # the host is the trusted side
     # the loop every call goes through: names bound locally, not looked up per frame
     payload_view, read_size, feed, advance = decoder.payload_view, decoder.read_size, decoder.feed, decoder.advance
-    loads, read, readv, CALL = _loads, _read, _readv, framing.CALL
-    at_boundary, single_frame, HEADER_SIZE = decoder.at_boundary, framing.single_frame, framing.HEADER_SIZE
-    seen, own = _seen, _OwnBuiltins
+    loads, read, readv, CALL, FLOOR = _loads, _read, _readv, framing.CALL, framing.LARGE
+    unpack_header, HEADER_SIZE = framing.HEADER.unpack_from, framing.HEADER_SIZE
+    MAGIC, VERSION = framing.MAGIC, framing.VERSION
+    seen, own, answer = _seen, _OwnBuiltins, _answer_call
     functions = module.__dict__
     _builtins_changed()  # loading ran plugin code
+    # What loading freed goes back to the kernel (a smaller idle worker), once the first call is
+    # answered: malloc_trim walks the whole heap (~0.15 ms), which no start should wait for.
+    untrimmed, writer = True, _writer
+    assert writer is not None  # child_main made it before loading the plugin
     while True:
+        if untrimmed and writer.answered:
+            untrimmed = False
+            _sys.libc.malloc_trim(0)
         if seen[0]:  # the plugin replaced a builtin this code uses: read with the originals
             with own():
                 frames = _read_decoded(decoder, limits)
@@ -448,22 +457,31 @@ def _serve(module, exports: frozenset, max_frame: int) -> None:
             for ftype, call_id, obj in frames:
                 _dispatch(module, functions, exports, ftype, call_id, obj)
             continue
-        view = payload_view()
-        if view is not None:  # a large payload: read straight into its buffer
-            n = readv(FROM_HOST, [view])
-            del view
-            if not n:
-                return
-            frames = advance(n)
-        else:
-            data = read(FROM_HOST, read_size())
+        if decoder._head is None and not decoder._hbuf:  # between frames: the usual read
+            data = read(FROM_HOST, FLOOR)  # (what read_size() asks for there)
             if not data:
                 return
-            one = single_frame(data, max_frame) if at_boundary() else None
-            if one is not None and one[0] == CALL:  # the usual read: one whole call
-                _answer_call(functions, exports, one[1], loads(data[HEADER_SIZE:], limits))
-                continue
+            size = _len(data)
+            if size > HEADER_SIZE:  # exactly one whole call? (framing.single_frame's checks, in line)
+                magic, version, ftype, length, call_id = unpack_header(data, 0)
+                if ftype == CALL and size == HEADER_SIZE + length and magic == MAGIC and version == VERSION \
+                        and length <= max_frame:
+                    answer(functions, exports, call_id, loads(data[HEADER_SIZE:], limits))
+                    continue
             frames = feed(data)
+        else:
+            view = payload_view()
+            if view is not None:  # a large payload: read straight into its buffer
+                n = readv(FROM_HOST, [view])
+                del view
+                if not n:
+                    return
+                frames = advance(n)
+            else:
+                data = read(FROM_HOST, read_size())
+                if not data:
+                    return
+                frames = feed(data)
         for ftype, call_id, payload in frames:
             obj = loads(payload, limits)
             _dispatch(module, functions, exports, ftype, call_id, obj)
@@ -503,8 +521,10 @@ def _answer_call(functions, exports, call_id, obj):
         result = fn(*args, **kwargs)
     except _BaseException as e:  # noqa: BLE001 - SystemExit and friends are reported, not obeyed
         _writer.send(framing.ERROR, call_id, _describe(e))
+        _writer.answered = True
         return
     _writer.send(framing.RESULT, call_id, result)
+    _writer.answered = True
 
 
 def _deliver(module, obj):

@@ -77,12 +77,14 @@ class Encoder:
     def encode(self, obj):
         """Plain data to bytes; anything else raises NotPlainData (tuples travel as lists)."""
         t = type(obj)
-        if t is bytes or t is str:
-            if len(obj) < _SMALL:
-                return self._packed_quick(obj)
-        elif t is int or t is float or obj is None or t is bool:
-            return self._packed_quick(obj)
-        elif isinstance(obj, _CONTAINERS):
+        if (t is bytes or t is str) and len(obj) < _SMALL or t is int or t is float or obj is None or t is bool:
+            try:  # (what _packed_quick does, in line: this is every reply's path)
+                return self._quick(obj)
+            except NotPlainData:
+                raise
+            except (TypeError, ValueError, OverflowError) as e:
+                raise NotPlainData(str(e)) from None
+        if isinstance(obj, _CONTAINERS):
             _check_keys(obj)
         return self._packed(obj)
 
@@ -96,22 +98,30 @@ class Encoder:
             raise NotPlainData(f"a call of {count} arguments is over the {MAX_ITEMS}-item cap")
         left = 2 * MAX_OBJECTS - (6 + count)  # the frame's own three containers
         for a in args:
-            if isinstance(a, _CONTAINERS):
+            t = type(a)
+            if t is bytes or t is str:
+                size += len(a)
+            elif t is not int and t is not float and a is not None and t is not bool and isinstance(a, _CONTAINERS):
                 left = _check_keys(a, left)
                 size = LARGE
-            elif type(a) is bytes or type(a) is str:
-                size += len(a)
-        for k, a in kwargs.items():
-            if type(k) is not str:  # invoke(kwargs=...) takes any dict
-                raise NotPlainData(f"keyword argument name {k!r} is not a str")
-            size += len(k)
-            if isinstance(a, _CONTAINERS):
-                left = _check_keys(a, left)
-                size = LARGE
-            elif type(a) is bytes or type(a) is str:
-                size += len(a)
+        if kwargs:
+            for k, a in kwargs.items():
+                if type(k) is not str:  # invoke(kwargs=...) takes any dict
+                    raise NotPlainData(f"keyword argument name {k!r} is not a str")
+                size += len(k)
+                t = type(a)
+                if t is bytes or t is str:
+                    size += len(a)
+                elif isinstance(a, _CONTAINERS):
+                    left = _check_keys(a, left)
+                    size = LARGE
         if size < _SMALL and count < 64:
-            return self._packed_quick([name, args, kwargs])
+            try:  # (what _packed_quick does, in line: this is every call's path)
+                return self._quick([name, args, kwargs])
+            except NotPlainData:
+                raise
+            except (TypeError, ValueError, OverflowError) as e:
+                raise NotPlainData(str(e)) from None
         return self._packed([name, args, kwargs])
 
     def _packed_quick(self, obj) -> bytes:

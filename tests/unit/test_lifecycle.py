@@ -119,6 +119,18 @@ def test_reply_in_one_read_and_in_pieces():
     assert names(got) == ["Deliver", "Reply"] and got[0].message == "m" and got[1].value == 5
 
 
+def test_a_call_with_an_argument_it_refuses_leaves_the_worker_usable():
+    """An argument that is not plain data is refused before anything is in flight: the next call works."""
+    c = ready_core()
+    for bad in (object(), {1: "int key"}, [{"k": {2: "nested int key"}}]):
+        with pytest.raises(codec.NotPlainData):
+            c.begin_call("f", (bad,), {})
+        assert c.state is lc.State.READY and c.session.pending_id is None
+    c.begin_call("f", (1,), {})
+    (out,) = c.receive(frame(framing.RESULT, "ok", c.session.pending_id))
+    assert out.value == "ok"
+
+
 def test_plugin_error_and_memory_evidence():
     peak = [10]
     c = calling_core(memory_limit=100, memory_peak=lambda: peak[0])

@@ -258,3 +258,27 @@ def test_not_plain_data_is_a_sandbox_error_and_still_a_type_error():
         dumps({1, 2})
     assert isinstance(ei.value, SandboxError) and isinstance(ei.value, UsageError)
     assert isinstance(ei.value, TypeError) and ei.value.kind == "usage-error"
+
+
+@given(st.text(min_size=1, max_size=20), st.lists(plain | big, max_size=4),
+       st.dictionaries(st.text(min_size=1, max_size=8), plain | big, max_size=3))
+@settings(max_examples=200, deadline=None)
+def test_a_call_frame_encodes_like_the_general_encoder(name, args, kwargs):
+    """Encoder.encode_call skips walking what Python guarantees; it must give what encode() gives."""
+    from sandbox.protocol import Encoder
+    fast, general = Encoder(), Encoder()
+    got = bytes(fast.encode_call(name, tuple(args), kwargs))
+    fast.release()
+    assert got == bytes(general.encode([name, args, kwargs]))
+    assert loads(got) == [name, args, kwargs]
+
+
+@pytest.mark.parametrize("bad", [object(), {1: "x"}, [[{"k": {2.5: "x"}}]], (b"x" * 70_000, object())])
+def test_a_call_with_a_value_that_is_not_plain_data_is_refused(bad):
+    from sandbox.protocol import Encoder
+    enc = Encoder()
+    with pytest.raises(NotPlainData):
+        enc.encode_call("f", (bad,), {})
+    with pytest.raises(NotPlainData):
+        enc.encode_call("f", (), {"k": bad})
+    assert loads(bytes(enc.encode_call("f", (1,), {}))) == ["f", [1], {}]
