@@ -83,8 +83,10 @@ def watch_self(plan, state):
 
 
 def new_session(plan, state):
-    """No controlling terminal (TIOCSTI needs one) and out of the host's process group."""
-    os.setsid()
+    """No controlling terminal (TIOCSTI needs one) and out of the host's process group. A spare
+    made its session while it waited (zygote/spare.py); a fresh fork makes it here."""
+    if os.getsid(0) != os.getpid():
+        os.setsid()
     os.chdir(plan.cwd)
 
 

@@ -115,6 +115,13 @@ def _spare_main(sock: socket.socket, zygote: int) -> None:
         fd = sock.fileno()
         _sys.close_range(3, fd - 1) if fd > 3 else None
         _sys.close_range(fd + 1)
+        # The worker's own session now, while idle: setsid() also makes a new scheduler
+        # autogroup, and a task just moved into one can wait behind every runnable process for
+        # its first slice (milliseconds on a loaded host). The new_session step sees it done.
+        try:
+            os.setsid()
+        except OSError:
+            pass  # the step does it (and fails loudly if it cannot)
         try:
             warm_up()
         except Exception:  # noqa: BLE001 - only a speed-up: a spare that skipped it is still sound
