@@ -65,7 +65,9 @@ def plugins() -> dict:
 def numpy_policy() -> str:
     """numpy's BLAS starts threads: the policy preloads it and allows threads."""
     import tempfile
+    import atexit
     fd, path = tempfile.mkstemp(prefix="bench-numpy-", suffix=".toml")  # the tree may be read-only
+    atexit.register(os.unlink, path)
     with os.fdopen(fd, "w") as f:
         f.write(f'extends = "{os.path.join(ROOT, "policies", "default.toml")}"\n'
                 '[limits]\nprocesses = 8\nmemory_mb = 2048\n'

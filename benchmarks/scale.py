@@ -3,6 +3,7 @@ and reap them all. And what each confinement layer (policy variant) adds to one 
 import asyncio
 import os
 import resource
+import shutil
 import tempfile
 import time
 
@@ -71,8 +72,15 @@ VARIANTS = {
 
 def start_by_policy(n: int) -> dict:
     """start -> first reply p50 (ms) per policy variant, measured in interleaved rounds."""
-    import sandbox
     d = tempfile.mkdtemp(prefix="bench-policies-")
+    try:
+        return _start_by_policy(n, d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _start_by_policy(n: int, d: str) -> dict:
+    import sandbox
     pols = {}
     for name, body in VARIANTS.items():
         path = os.path.join(d, f"{name}.toml")

@@ -8,6 +8,7 @@ claim files, and the time the cycles took. A leak shows as a difference between 
 import argparse
 import json
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -58,6 +59,13 @@ def main() -> None:
     ap.add_argument("--cycles", type=int, default=10000)
     args = ap.parse_args()
     folder = tempfile.mkdtemp(prefix="sandbox-soak-")
+    try:
+        _soak(folder, args.cycles)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _soak(folder: str, cycles: int) -> None:
     os.chmod(folder, 0o755)
     path = os.path.join(folder, "worker.py")
     with open(path, "w") as f:
@@ -68,7 +76,7 @@ def main() -> None:
     time.sleep(0.5)
     before = snapshot()
     t0 = time.perf_counter()
-    for i in range(args.cycles):
+    for i in range(cycles):
         w = sandbox.Worker(path)
         if i % 10 == 0:
             assert w.call("ping") == "pong"
@@ -76,8 +84,8 @@ def main() -> None:
     took = time.perf_counter() - t0
     time.sleep(0.5)
     after = snapshot()
-    print(json.dumps({"cycles": args.cycles, "seconds": round(took, 2),
-                      "per_cycle_ms": round(took / args.cycles * 1000, 3), "before": before, "after": after}))
+    print(json.dumps({"cycles": cycles, "seconds": round(took, 2),
+                      "per_cycle_ms": round(took / cycles * 1000, 3), "before": before, "after": after}))
 
 
 if __name__ == "__main__":
