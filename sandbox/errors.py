@@ -74,14 +74,16 @@ class PluginError(SandboxError):
     """The plugin raised an exception; its description arrives as three strings."""
 
     kind = "plugin-error"
-    _fields = ("type", "message", "traceback")
+    _fields = ("type", "message", "traceback", "denied")
     traceback: str
+    denied: str | None  # when a syscall was denied during the call: which, where, what grants it
 
-    def __init__(self, type: str, message: str, traceback: str = ""):
+    def __init__(self, type: str, message: str, traceback: str = "", denied: str | None = None):
         Exception.__init__(self, f"{type}: {message}")
         self.type = type
         self.message = message
         self.traceback = traceback
+        self.denied = denied
 
 
 class LoadError(PluginError):

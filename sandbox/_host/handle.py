@@ -15,6 +15,7 @@ import copy
 import errno
 import logging
 import os
+import re
 import select
 import signal
 import time
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import events
-from ..errors import HostResourceError, LoadError, ProtocolViolation, SandboxError, WorkerClosed
+from ..errors import HostResourceError, LoadError, PluginError, ProtocolViolation, SandboxError, WorkerClosed
 from ..protocol import framing
 from . import channel, lifecycle as lc, notify, options
 from ..protocol.zygote import decode_status
@@ -35,6 +36,7 @@ log.addHandler(logging.NullHandler())  # a library doesn't print on its own
 LOG_LINE_MAX = 4096
 LOG_BUDGET = 1 << 20  # bytes of plugin output forwarded per worker; the rest is counted, not kept
 DEATH_WAIT = 5.0      # after a kill, how long the status may take before the handle ends anyway
+DENIED_WORDS_KEPT = 256  # denials remembered for the words of the call's error (the budget kills past ~100)
 EXITED_GRACE = 0.25   # ... once the worker's pidfd says it has exited (a stopped or dead zygote
                       # would otherwise hold terminate() for the whole DEATH_WAIT)
 _readv, _read = os.readv, os.read
@@ -137,6 +139,9 @@ class WorkerHandle:
         self._callbacks: dict[str, list[Callable[..., Any]]] = {"message": [], "exit": [], "log": [], "denied": []}
         self._listener: int | None = None
         self._denial_report: tuple[int, Any] | None = None  # (notification id, decoded report)
+        # recent denials as words (oldest dropped), for the error of the call they happened in
+        self._denied_words: collections.deque[tuple[int, str, str | None]] = collections.deque(
+            maxlen=DENIED_WORDS_KEPT)
         self._sp = None
         self._pidfd: int | None = None
         self._fds: dict[str, int] = {}
@@ -308,6 +313,7 @@ class WorkerHandle:
             grant = report.grant if report is not None else None
             # a denial is never silent: the event (metrics count it), the log, the callbacks
             self._emit("denied", syscall=n.name, args=list(n.args), errno=-out.error, detail=shown, grant=grant)
+            self._denied_words.append((n.id, shown, grant))
             log.warning("plugin %s: denied %s with %s [policy %s]%s", self.name, shown,
                         errno.errorcode.get(-out.error, -out.error), self.policy.path or self.policy.name,
                         f"; to grant it: {grant}" if grant else "")
@@ -418,10 +424,32 @@ class WorkerHandle:
             # reply -> error), a cycle that keeps a dropped worker alive until the cyclic GC
             # runs. A copy is raised instead.
             error = copy.copy(error)
+            if self._denied_words:
+                error = self._with_denials(error)
         try:
             raise error
         finally:
             del error  # (nor may this frame keep the error it raises)
+
+    def _with_denials(self, error: SandboxError) -> SandboxError:
+        """A plugin exception raised in a call that had syscalls denied: it most likely is the
+        denial's errno surfacing, so the error says which syscall, what would grant it, and where
+        in the plugin it surfaced (the traceback's last line in the plugin's own folder: the
+        plugin's words, shown, never used for a decision)."""
+        core = self._core
+        words = list(self._denied_words)
+        self._denied_words.clear()
+        ids = {n.id for n in core.denials} if core is not None else set()
+        mine = [(shown, grant) for nid, shown, grant in words if nid in ids]
+        if not mine or not isinstance(error, PluginError) or isinstance(error, LoadError):
+            return error
+        shown, grant = mine[-1]
+        where = plugin_line(error.traceback or "", os.path.dirname(self.plugin))
+        more = f" (and {len(mine) - 1} more)" if len(mine) > 1 else ""
+        error.denied = (f"{shown}{more}" + (f"; to grant it: {grant}" if grant else "")
+                        + (f"; the exception was raised at {where}" if where else ""))
+        error.args = (f"{error.args[0] if error.args else ''} [a syscall was denied in this call: {error.denied}]",)
+        return error
 
     def _disown(self, owner: int):
         """After fork, in the child: the parent's worker is the parent's. Forget its descriptors
@@ -535,6 +563,19 @@ class WorkerHandle:
             self.logs.append(line)
             log.debug("[%s] %s", self.name, line)
             self._run_callbacks("log", line)
+
+
+_FRAME = re.compile(r'  File "([^"\n]{1,4096})", line (\d{1,9})')
+
+
+def plugin_line(traceback: str, folder: str) -> str | None:
+    """'worker.py:12': the last frame of a plugin traceback that lies in the plugin's folder."""
+    last = None
+    for m in _FRAME.finditer(traceback[-65536:]):
+        path = m.group(1)
+        if path.startswith(folder.rstrip("/") + "/"):
+            last = f"{path[len(folder.rstrip('/')) + 1:]}:{m.group(2)}"
+    return last
 
 
 def _describe(n, listener: int):

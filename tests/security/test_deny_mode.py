@@ -36,6 +36,9 @@ def flood(n):
             pass
     return n
 
+def raw_net():
+    return socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # the PermissionError surfaces here
+
 def mount():
     return ctypes.CDLL(None, use_errno=True).syscall(165, 0, 0, 0, 0, 0)  # mount(2): dangerous
 """
@@ -124,3 +127,35 @@ def test_a_worker_whose_policy_is_bad_fails_cleanly(make_plugin, monkeypatch):
         sandbox.Worker(path, policy=policy)
     gc.collect()
     assert unraisable == []
+
+
+@pytest.mark.parametrize("driver", ["sync", "async"])
+def test_an_exception_after_a_denial_names_the_syscall_the_grant_and_the_line(make_plugin, driver):
+    """The errno of a denial surfacing as the plugin's exception: the error says which syscall was
+    denied, what would grant it and the plugin's line that raised; it survives pickle and JSON."""
+    import asyncio
+    import pickle
+    path, policy = make_plugin(PLUGIN)
+
+    async def run():
+        if driver == "sync":
+            with sandbox.Worker(path, policy=policy) as w:
+                with pytest.raises(sandbox.PluginError) as info:
+                    w.call("raw_net")
+                assert w.call("net") == 1  # and a call that copes says nothing of it
+                return info.value
+        async with sandbox.AsyncWorker(path, policy=policy) as w:
+            with pytest.raises(sandbox.PluginError) as info:
+                await w.call("raw_net")
+            return info.value
+
+    e = asyncio.run(run())
+    assert e.type == "PermissionError"
+    line = PLUGIN.splitlines().index("    return socket.socket(socket.AF_INET, socket.SOCK_STREAM)"
+                                     "  # the PermissionError surfaces here") + 1
+    assert e.denied and e.denied.startswith("socket(AF_INET, SOCK_STREAM"), e.denied
+    assert 'network.families = ["inet"]' in e.denied and f"worker.py:{line}" in e.denied, e.denied
+    assert e.denied in str(e)
+    again = pickle.loads(pickle.dumps(e))
+    assert again.denied == e.denied and str(again) == str(e)
+    assert sandbox.SandboxError.from_dict(json.loads(json.dumps(e.to_dict()))).denied == e.denied
