@@ -50,7 +50,10 @@ def _step(name: str) -> Layer:
 
 
 LAYERS = [
-    *(_step(s) for s in ("arrange_fds", "pid_namespace", "new_session", "clear_environment", "read_only_view",
+    Layer("step new_session (a spare makes its session early: both removed)", (
+        Patch("sandbox/child/steps.py", '("new_session", new_session),', f'("new_session", {NOOP}),'),
+        Patch("sandbox/zygote/spare.py", "            os.setsid()\n", "            pass\n"))),
+    *(_step(s) for s in ("arrange_fds", "pid_namespace", "clear_environment", "read_only_view",
                          "set_rlimits", "restrict_filesystem", "drop_privileges", "die_with_parent",
                          "no_new_privs", "install_seccomp")),
     _layer("seccomp TSYNC (threads a preload started stay unfiltered)", "sandbox/child/seccomp.py",
@@ -59,8 +62,9 @@ LAYERS = [
     _layer("plugin file opened following symlinks", "sandbox/child/serve.py",
           "RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS", "0"),
     _layer("per-message object budget in the decoder", "sandbox/protocol/codec.py",
-          "max_objects: int = 1_000_000", "max_objects: int = 1 << 62",
-          ("tests/security/test_attack_protocol.py", "tests/unit/test_protocol.py")),
+          "MAX_OBJECTS = 1_000_000", "MAX_OBJECTS = 1 << 62",
+          ("tests/security/test_attack_protocol.py", "tests/unit/test_protocol.py", "tests/unit/test_lifecycle.py",
+           "tests/integration/test_drivers.py")),
     _layer("frame size cap", "sandbox/protocol/framing.py", "if length > self._max:", "if False:",
            ("tests/security/test_attack_protocol.py", "tests/unit/test_protocol.py")),
     _layer("scratch quota (size and inodes of its tmpfs)", "sandbox/child/mounts.py",
@@ -81,7 +85,7 @@ LAYERS = [
            'denial_budget=getattr(sec, "max_denials_per_call", lc.DENIAL_BUDGET),', "",
            ("tests/security/test_deny_mode.py",)),
     Layer("no PID namespace (plain fork, no pid-1 check)", (
-        Patch("sandbox/zygote/pidns.py", "flags = CLONE_NEWPID | SIGCHLD", "flags = SIGCHLD"),
+        Patch("sandbox/zygote/pidns.py", "pid = _clone(flags | CLONE_NEWPID, ctid)", "pid = _clone(flags, ctid)"),
         Patch("sandbox/child/steps.py", '("pid_namespace", pid_namespace),', f'("pid_namespace", {NOOP}),'))),
 ]
 
