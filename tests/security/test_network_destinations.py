@@ -9,12 +9,12 @@ policy layer refuses addresses that would claim otherwise.
 """
 import os
 import socket
-import threading
 import uuid
 
 import pytest
 
 import sandbox
+from helpers import GreetingServer
 from sandbox import ConfinementError, PolicyError
 from sandbox._host import rulesets
 from sandbox.child import landlock
@@ -67,46 +67,7 @@ CLIENT = """
 INET = '[network]\nallow = true\nfamilies = ["inet"]\n{connect}[seccomp]\nallow = ["bind"]\n'
 
 
-class Server:
-    """A TCP (or abstract unix) server in this process that answers each connection with a
-    greeting and closes it."""
-
-    def __init__(self, sock: socket.socket, greeting: bytes):
-        self.sock = sock
-        self.greeting = greeting
-        sock.listen(8)
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    @classmethod
-    def tcp(cls, greeting: bytes) -> "Server":
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.bind(("127.0.0.1", 0))
-        return cls(s, greeting)
-
-    @property
-    def port(self) -> int:
-        return self.sock.getsockname()[1]
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                try:
-                    conn.sendall(self.greeting)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-        self.thread.join(5)
+Server = GreetingServer
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import threading
 import pytest
 
 import sandbox
+from helpers import GreetingServer
 from sandbox import PolicyError
 from sandbox.child import landlock
 
@@ -79,40 +80,8 @@ CLIENT = """
 """
 
 
-class Listener:
-    """A stream socket file in this process that greets each connection and counts them."""
-
-    def __init__(self, path: str, greeting: bytes):
-        self.path = path
-        self.greeting = greeting
-        self.accepted = 0
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(path)
-        os.chmod(path, 0o777)  # world-writable: its permissions alone let every uid connect
-        self.sock.listen(8)
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            with conn:
-                try:
-                    conn.sendall(self.greeting)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-        self.thread.join(5)
+def Listener(path: str, greeting: bytes) -> GreetingServer:
+    return GreetingServer.unix(path, greeting)
 
 
 def _folder() -> str:
