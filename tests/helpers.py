@@ -2,6 +2,7 @@
 
 Fixtures live in conftest.py; what is not a fixture lives here or, for /proc, in procfs.py.
 """
+import asyncio
 import os
 import socket
 import threading
@@ -72,3 +73,20 @@ class GreetingServer:
             pass
         self.sock.close()
         self.thread.join(5)
+
+
+class LoopThread:
+    """An asyncio loop running on a thread of its own, for driving async APIs from sync tests."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout=120):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()

@@ -5,12 +5,12 @@ AsyncPool, with the worker still usable afterwards."""
 import asyncio
 import os
 import signal
-import threading
 import time
 
 import pytest
 
 import sandbox
+from helpers import LoopThread
 from sandbox import (AsyncPool, AsyncWorker, ConfinementError, NotPlainData, PluginCrashed, PluginError,
                      PluginMemoryError, Pool, UsageError)
 
@@ -84,21 +84,6 @@ def _wait_for(cond, timeout=20.0):
 
 
 # ---- a sync face for each of the four APIs ------------------------------------------------------
-class _Loop:
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout=120):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self):
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-
 class _Face:
     """call/invoke/post/close of any of the four, run to completion."""
 
@@ -109,7 +94,7 @@ class _Face:
         elif kind == "Pool":
             self.obj = Pool(path, policy=policy, size=1)
         else:
-            self._loop = _Loop()
+            self._loop = LoopThread()
             start = AsyncWorker.start if kind == "AsyncWorker" else AsyncPool.start
             kw = {} if kind == "AsyncWorker" else {"size": 1}
             self.obj = self._loop.run(start(path, policy=policy, **kw))

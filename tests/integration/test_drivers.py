@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 import warnings
 import weakref
@@ -25,7 +24,7 @@ import sandbox
 import sandbox.events
 from sandbox import (AsyncWorker, LoadError, PluginCrashed, PluginError, PluginTimeout, PolicyViolation,
                      ProtocolViolation, UsageError, WorkerClosed)
-from helpers import ROOT
+from helpers import ROOT, LoopThread
 
 pytestmark = pytest.mark.unpriv
 
@@ -97,25 +96,12 @@ class SyncDriver:
         pass
 
 
-class AsyncDriver:
+class AsyncDriver(LoopThread):
     """AsyncWorker behind the sync API: each method runs on a loop of its own thread."""
     name = "async"
 
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout=120):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
     def worker(self, path, policy, **kw):
         return AsyncHandle(self, self.run(AsyncWorker.start(path, policy=policy, **kw)))
-
-    def close(self):
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 class AsyncHandle:
