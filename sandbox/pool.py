@@ -36,7 +36,7 @@ A batch configuration (a crash is one failed item, not a reason to stop):
 
     Pool(path, policy=policy, size=os.cpu_count(), restart_limit=None, max_queue=100_000)
 
-Callbacks: `pool.on("message" | "log" | "exit", cb)` calls `cb(worker_id, payload)`, where
+Callbacks: `pool.on("message" | "log" | "denied" | "exit", cb)` calls `cb(worker_id, payload)`, where
 `worker_id` is a `WorkerId(pool, number, pid)` (str: "pool-number") and the payload is what the
 plugin posted, one log line, or the error that ended the worker (None after a clean close). What a
 plugin posts during a pool call is delivered too. A plugin's log is capped per call (1 MiB) and
@@ -73,14 +73,14 @@ from ._host.callbacks import CallbackRunner, approx_size
 from ._host.pool_core import KEEP, PoolCore, Slot, Verdict, WorkerId
 from ._host.pool_evidence import close_inherited, cpu_seconds, exited, pipe_ids
 from .aio import AsyncWorker
-from .errors import SandboxError, WorkerClosed
+from .errors import SandboxError, UsageError, WorkerClosed
 from .worker import Worker
 
 __all__ = ["Pool", "AsyncPool", "WorkerId"]
 
 log = logging.getLogger("sandbox")
 CLOSE_GRACE = 0.5
-EVENTS = ("message", "log", "exit")
+EVENTS = ("message", "log", "exit", "denied")
 _RESEND = object()  # an attempt's outcome: the call never reached its worker; send it again
 _monotonic = time.monotonic
 
@@ -171,9 +171,9 @@ class _PoolBase:
             return self._core.stats() | {"callbacks_dropped": self._callbacks_dropped()}
 
     def on(self, event: str, callback: Callable) -> "_PoolBase":
-        """`callback(worker_id, payload)` for every message, log line or exit of every worker."""
+        """`callback(worker_id, payload)` for every message, log line, denied syscall or exit of every worker."""
         if event not in EVENTS:
-            raise ValueError(f"unknown event {event!r} (message, exit, log)")
+            raise UsageError(f"unknown event {event!r} (message, exit, log, denied)")
         with self._guard:
             if not self._listeners[event] and event != "exit":
                 for w in self._core.workers:  # the ones already running start forwarding now
@@ -242,7 +242,7 @@ class _PoolBase:
             wid = WorkerId(self.name, self._core.number(), w.pid)
             # (the pool's own listeners: they run where the event is seen, and only record and hand over)
             w._listen("exit", lambda death, w=w, wid=wid: self._on_exit(w, wid, death))
-            for event in ("message", "log"):
+            for event in ("message", "log", "denied"):
                 if self._listeners[event]:
                     self._forward(w, event, wid)
             joined = self._core.added(w, wid)

@@ -801,3 +801,36 @@ def test_an_abandoned_async_start_ends_through_the_core(plugin, caplog):
     with caplog.at_level(logging.ERROR, logger="asyncio"):
         asyncio.run(asyncio.wait_for(main(), 60))
     assert not [r for r in caplog.records if "Exception in callback" in r.getMessage()]
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_pool_denied_callbacks_name_the_worker_and_the_syscall(plugin, kind):
+    """Under the default (deny mode) a pool's workers report each denied syscall to
+    pool.on("denied") with the worker's identity; the call fails, the worker serves on."""
+    path, policy = plugin
+    got = []
+
+    def on_denied(wid, n):
+        got.append((wid.pool, n.name))
+
+    if kind == "sync":
+        with Pool(path, policy=policy, size=1) as pool:
+            pool.on("denied", on_denied)
+            with pytest.raises(sandbox.PluginError):
+                pool.call("sock")
+            assert pool.call("echo", 1) == 1
+            name = pool.name
+    else:
+        async def main():
+            async with AsyncPool(path, policy=policy, size=1) as pool:
+                pool.on("denied", on_denied)
+                with pytest.raises(sandbox.PluginError):
+                    await pool.call("sock")
+                assert await pool.call("echo", 1) == 1
+                for _ in range(100):
+                    if got:
+                        break
+                    await asyncio.sleep(0.01)
+                return pool.name
+        name = asyncio.run(asyncio.wait_for(main(), 30))
+    assert got and got[0] == (name, "socket"), got
