@@ -128,9 +128,14 @@ class Spawned:
                     request, fds, max(deadline - time.monotonic(), 0.001))
             except SandboxError as e:
                 if getattr(e, "worker_may_run", False):
-                    # A stalled zygote may still fork this request when it resumes: that worker
-                    # is confined as usual and dies at its first write (nobody reads), and its
-                    # uid never goes to another worker (the zygote kills leftovers by uid).
+                    # A stalled zygote may still fork this request when it resumes, or it forked
+                    # and the pidfd never reached us: that worker is confined as usual and ends
+                    # at once (its input ends after the plan; nobody reads its output). Its uid
+                    # goes to no other worker until its status record says it was reaped, or
+                    # the status pipe's end says the zygote is gone (and the worker with it).
+                    status = self.fds.pop("status", None)
+                    if status is not None and self.uid is not None:
+                        release_when_reaped(status, self.uid)
                     self.uid = None
                 raise
         except OSError as e:
@@ -206,3 +211,25 @@ class Spawned:
             # the empty mount point, removed without recursion or following links in any case.
             cleanup.remove_tree(self.scratch)
             self.scratch = None
+
+
+def release_when_reaped(status_fd: int, uid: int) -> None:
+    """Hold `uid` until the zygote writes the status of the worker that may have it (or closes
+    its end of the status pipe): then free the uid and the descriptor. Nothing waits for it."""
+    from . import hub as _hub
+
+    hub = _hub.get()
+
+    def on_status(fd: int) -> None:
+        try:
+            os.read(fd, 4096)  # a status record, or EOF: either way that worker is gone
+        except BlockingIOError:
+            hub.arm(fd)
+            return
+        except OSError:
+            pass
+        hub.unwatch(fd)
+        close_fd(fd)
+        uids.release(uid)
+
+    hub.watch(status_fd, on_status)

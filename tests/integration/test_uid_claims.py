@@ -113,3 +113,48 @@ def test_a_claim_file_released_under_a_waiter_is_not_taken_for_a_claim(tmp_path,
     finally:
         os.close(other)
         os.close(fd)
+
+
+STALLED = r"""
+import json, os, signal, sys, tempfile, time
+sys.path.insert(0, {root!r})
+import sandbox
+from sandbox._host import uids, zygote_client
+d = tempfile.mkdtemp(); os.chmod(d, 0o755)
+p = os.path.join(d, "worker.py")
+with open(p, "w") as f:
+    f.write("def ping():\n    return 1\n")
+os.chmod(p, 0o644)
+w = sandbox.Worker(p)
+before = set(uids._in_use)
+zygote = zygote_client.get(False)._proc
+zygote.send_signal(signal.SIGSTOP)
+try:
+    sandbox.Worker(p, start_timeout=1.0)
+    outcome = "started"
+except sandbox.ZygoteDied:
+    outcome = "zygote-died"
+held = set(uids._in_use) - before  # the stalled request's uid: the zygote may still fork it
+zygote.kill()  # ours; the request's descriptors, still in flight, close with it
+zygote.send_signal(signal.SIGCONT) if zygote.poll() is None else None
+end = time.monotonic() + 10
+while held & set(uids._in_use) and time.monotonic() < end:
+    time.sleep(0.01)
+print(json.dumps({{"outcome": outcome, "held": len(held), "still_held": len(held & set(uids._in_use))}}))
+"""
+
+
+@pytest.mark.unpriv
+def test_a_stalled_starts_uid_is_freed_once_its_worker_cannot_exist(plugin_dir):
+    """A start that timed out on a stopped zygote keeps its uid (the zygote may still fork it),
+    but not forever: once the status pipe says the zygote is gone, the uid is free again."""
+    script = os.path.join(plugin_dir, "stalled.py")
+    with open(script, "w") as f:
+        f.write(STALLED.format(root=ROOT))
+    out = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["outcome"] == "zygote-died"
+    if got["held"] == 0:
+        pytest.skip("no uid claims in this mode (an unprivileged host runs workers as its own uid)")
+    assert got["still_held"] == 0, got
