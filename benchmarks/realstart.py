@@ -210,10 +210,12 @@ def run(quick: bool) -> dict:
             failed[name] = {"failed": f"{type(e).__name__}: {e}"[:300]}
             del table[name]
     samples = {name: {c: [] for c in contenders} for name in table}
-    for _ in range(n):  # rounds, so that noise hits every contender alike
-        for name, (path, _, fn, args) in table.items():
-            for c, once in contenders.items():
-                samples[name][c].append(once(name, path, fn, args))
+    names, order = list(table), list(contenders)
+    for r in range(n):  # rounds, so that noise hits every contender alike, each in every position
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            path, _, fn, args = table[name]
+            for c in order[r % len(order):] + order[:r % len(order)]:
+                samples[name][c].append(contenders[c](name, path, fn, args))
     out = {name: {c: round(p50(v) * 1000, 2) for c, v in row.items()} for name, row in samples.items()}
     for name in out:
         out[name]["template_state"] = template_state(pols[name])
