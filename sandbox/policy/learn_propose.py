@@ -209,8 +209,14 @@ def propose(rec: Recorder, *, out_path: str | None, outcomes: list[tuple[str, st
     if fams:
         L += ["", "[network]", "allow = true  # NETWORK: " + "; ".join(_why(rec.families[f]) for f in fams),
               f"families = [{', '.join(_q(f) for f in fams)}]"]
+    connect, notes = _connect_entries(rec.destinations) if fams else ([], [])
+    if connect:
+        L.append("connect = [")
+        L += [f"    {_q(entry)},  # {why}" for entry, why in connect]
+        L.append("]")
     for dest, seen in sorted(rec.destinations.items()):
         L.append(f"# destination: {_clean(dest)} ({_why(seen)})")
+    L += notes
 
     have = set(rec.base.preload)
     asked = _imports_of([rec.plugin] + sorted(rec.own_files))
@@ -274,3 +280,30 @@ def propose(rec: Recorder, *, out_path: str | None, outcomes: list[tuple[str, st
     if notes:
         L += [""] + notes
     return "\n".join(L) + "\n"
+
+
+def _connect_entries(destinations: dict) -> tuple[list[tuple[str, str]], list[str]]:
+    """`network.connect` entries for the destinations seen: what the policy can enforce, said
+    plainly (Landlock matches TCP ports, not addresses; an abstract socket has no grant)."""
+    import ipaddress
+    out: dict[str, str] = {}
+    notes = []
+    for dest, seen in sorted(destinations.items()):
+        family, _, rest = str(dest).partition(":")
+        if family == "AF_UNIX" and rest.startswith("/"):
+            out.setdefault(f"unix:{rest}", f"that socket alone: {_why(seen)}")
+        elif family == "AF_UNIX":
+            notes.append(f"# not granted: abstract socket {_clean(rest)} (abstract sockets stay scoped)")
+        elif family in ("AF_INET", "AF_INET6") and rest.rpartition(":")[2].isdigit():
+            host, _, port = rest.rpartition(":")
+            try:
+                loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+            except ValueError:
+                continue
+            if loopback:
+                out.setdefault(f"{host}:{port}", _why(seen))
+            else:
+                any_ = "0.0.0.0" if family == "AF_INET" else "[::]"
+                out.setdefault(f"{any_}:{port}", f"port {port} at any address (Landlock matches ports): seen "
+                               f"{_clean(host)}; {_why(seen)}")
+    return list(out.items()), notes

@@ -209,6 +209,7 @@ def test_network_use_is_learned_with_its_destination_and_nothing_leaves(plugin_d
     e = Policy.load(out).explain()
     assert e["network"]["allow"] is True and e["network"]["families"] == ["inet"]
     assert "# destination: AF_INET:127.0.0.1:9" in result.text
+    assert e["network"]["connect"] == ["127.0.0.1:9"]  # exactly the destination it used
 
 
 @pytest.mark.unpriv
