@@ -3,6 +3,7 @@
     python -m benchmarks.web_apps inprocess|processpool PORT
 """
 import asyncio
+import contextlib
 import concurrent.futures as cf
 import multiprocessing as mp
 import sys
@@ -32,7 +33,18 @@ def make_app(mode: str) -> Starlette:
     async def health(request):
         return JSONResponse({"status": "ok"})
 
-    return Starlette(routes=[Route("/plugins/bench/ping", call, methods=["POST"]), Route("/health", health)])
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        if pool is not None:  # its workers and the forkserver end with the server, none outlives it
+            pool.shutdown(wait=True, cancel_futures=True)
+            from multiprocessing import forkserver
+            stop = getattr(forkserver._forkserver, "_stop", None)
+            if stop is not None:
+                stop()
+
+    return Starlette(routes=[Route("/plugins/bench/ping", call, methods=["POST"]), Route("/health", health)],
+                     lifespan=lifespan)
 
 
 if __name__ == "__main__":
