@@ -27,7 +27,7 @@ import weakref
 from os import close as _os_close, write as _os_write
 
 from . import events as _events
-from ._host import channel, lifecycle as lc
+from ._host import channel, hub as _hub, lifecycle as lc
 from ._host.handle import DEATH_WAIT, EXITED_GRACE, WorkerHandle, log, weak_method
 from .errors import LoadError, ProtocolViolation, WorkerClosed
 
@@ -406,6 +406,34 @@ class AsyncWorker(WorkerHandle):
 
     def _watch_listener(self, fd):
         self._loop.add_reader(fd, weak_method(self._on_listener_ready))
+
+    def _release_elsewhere(self):
+        loop, sp = self._loop, self._sp
+        timers = [t for t in (self._death_timer, self._deadline_timer) if t is not None]
+        watched = [fd for fd in (self._pidfd, sp.handoff.fileno() if sp is not None and sp.handoff is not None
+                                 else None, *self._fds.values()) if fd is not None and fd >= 0]
+        self._sp, self._fds, self._death_timer, self._deadline_timer = None, {}, None, None
+
+        def release():  # on the loop's thread; no reference to the worker: it is being collected
+            for timer in timers:
+                timer.cancel()
+            if loop is not None and not loop.is_closed():
+                for fd in watched:  # before the descriptors close: never a reused number
+                    loop.remove_reader(fd)
+                    loop.remove_writer(fd)
+            if sp is not None:
+                sp.release()
+        if loop is not None and loop.is_running():
+            try:
+                loop.call_soon_threadsafe(release)
+                return
+            except RuntimeError:
+                pass  # closed meanwhile
+        hub = _hub.current()
+        if hub is not None:
+            hub.call_soon(release)  # (a loop that is not running has no reader to race with)
+        else:
+            release()
 
     def _unwatch_all(self):
         for timer in (self._death_timer, self._deadline_timer):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import select
+import sys
 import threading
 import time
 
@@ -176,8 +177,8 @@ class Worker(WorkerHandle):
     def __del__(self):
         self._warn_unclosed()
         runner = self.__dict__.get("_runner")
-        if runner is not None:
-            runner.seal()  # (dropped unclosed: no "exit" will end its thread)
+        if runner is not None and not sys.is_finalizing():
+            runner.seal()  # (dropped unclosed: no "exit" will end its thread; its lock is its own)
 
     def __repr__(self):
         state = "alive" if self.alive else "ended"
@@ -407,6 +408,21 @@ class Worker(WorkerHandle):
     def _watch_listener(self, fd):
         if self._poller is not None:
             self._poller.register(fd, select.POLLIN)
+
+    def _release_elsewhere(self):
+        hub, sp, fds = self._hub, self._sp, list(self._fds.values())
+        self._sp, self._fds, self._poller, self._handoff_fd = None, {}, None, None
+
+        def release():  # no reference to the worker: it is being collected
+            if hub is not None:
+                for fd in fds:
+                    hub.unwatch(fd)  # before the descriptors close: never a reused number
+            if sp is not None:
+                sp.release()
+        if hub is not None:
+            hub.call_soon(release)
+        else:
+            release()  # never started a hub: nothing of it is watched
 
     def _unwatch_all(self):
         hub = self._hub

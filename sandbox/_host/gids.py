@@ -274,10 +274,16 @@ def _take(gid: int, owner: str, policy, how: str) -> None:
 
 @atexit.register
 def _release_all() -> None:
-    with _lock:
+    # Bounded: a thread stuck in a section must not keep the host from exiting. The claims
+    # left then are only files whose lock the kernel frees with this process: reused later.
+    if not _lock.acquire(timeout=1.0):
+        return
+    try:
         for gid in list(_held):
             _held[gid][3] = 1
             _drop(gid)
+    finally:
+        _lock.release()
 
 
 __all__ = ["derive", "policy_gid", "worker_gid"]

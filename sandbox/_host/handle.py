@@ -18,6 +18,7 @@ import os
 import re
 import select
 import signal
+import sys
 import time
 import warnings
 import weakref
@@ -462,7 +463,11 @@ class WorkerHandle:
             self._core.disown(owner)
 
     def _warn_unclosed(self):
-        """From __del__: a worker dropped without close() is killed and released, with a warning."""
+        """From __del__: a worker dropped without close() is killed, with a warning, and the rest
+        of its release is handed on (`_release_elsewhere`). The collector runs __del__ in whatever
+        thread allocates, possibly inside a section holding the hub's lock or the uid registry's,
+        and at interpreter exit, when a daemon thread stopped mid-section holds one for ever: so
+        nothing here takes a lock that is not this worker's own."""
         core = self._core
         if core is None or core.state is lc._ENDED:
             return
@@ -470,12 +475,14 @@ class WorkerHandle:
         warnings.warn(f"worker {self.name} (pid {self.pid}) was never closed; killing it", ResourceWarning,
                       stacklevel=1)
         self._send_kill()
-        try:
-            self._unwatch_all()
-        except Exception:  # noqa: BLE001 - the loop or hub may be gone at interpreter exit
-            pass
-        if self._sp is not None:
-            self._sp.release()
+        if sys.is_finalizing():
+            return  # the process is ending: the kernel frees its descriptors and claim locks
+        self._release_elsewhere()
+
+    def _release_elsewhere(self) -> None:
+        """(__del__) Unwatch and release this dropped worker where that is safe: the driver's
+        own thread of control (the hub, the event loop), never the collector's."""
+        raise NotImplementedError
 
     # ---- hooks of the drivers ----------------------------------------------------------------------
     def _on_reply(self, out):

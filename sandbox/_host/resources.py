@@ -125,7 +125,8 @@ class Spawned:
                 fds.append(ruleset)
             try:
                 self.pid, self.pidfd, self.zygote_proc = zygote.get(bool(policy.network.allow)).spawn(
-                    request, fds, max(deadline - time.monotonic(), 0.001))
+                    request, fds, max(deadline - time.monotonic(), 0.001),
+                    asked=SPAWN_TIMEOUT if start_timeout is None else start_timeout)
             except SandboxError as e:
                 if getattr(e, "worker_may_run", False):
                     # A stalled zygote may still fork this request when it resumes, or it forked

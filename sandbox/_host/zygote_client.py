@@ -114,18 +114,20 @@ class Zygote:
     def pid(self):
         return self._proc.pid if self._proc else None
 
-    def spawn(self, request: SpawnRequest, fds: list[int], timeout: float = REPLY_TIMEOUT
-              ) -> tuple[int, int, subprocess.Popen]:
+    def spawn(self, request: SpawnRequest, fds: list[int], timeout: float = REPLY_TIMEOUT,
+              asked: float | None = None) -> tuple[int, int, subprocess.Popen]:
         """Fork a worker: (pid, pidfd, the zygote's process), within `timeout` seconds.
 
         The zygote learns the descriptors and the request (uid, may_fork, the preload set's
         module names), nothing else: the plan goes to the worker over its own pipe. A zygote
         found dead is replaced once; a ZygoteDied says so when the replacement dies too, or
-        when no answer came in time."""
+        when no answer came in time. `asked`: the caller's own timeout, the figure errors name
+        (`timeout` is what is left of it)."""
         deadline = time.monotonic() + timeout
+        said = f"{timeout if asked is None else asked:g} s"
         payload = encode_request(request)
         if not self._lock.acquire(timeout=max(timeout, 0)):
-            raise ZygoteDied(f"the zygote did not take the request within {timeout:g} s "
+            raise ZygoteDied(f"the zygote did not take the request within {said} "
                              "(another start is waiting on it)")
         try:
             why = "it ended"
@@ -144,7 +146,7 @@ class Zygote:
                     msg, got, _, _ = socket.recv_fds(ctl, MAX_REPLY, 1)
                 except socket.timeout:
                     self._retire()
-                    err: SandboxError = ZygoteDied(f"the zygote did not answer within {timeout:.2g} s (stopped or "
+                    err: SandboxError = ZygoteDied(f"the zygote did not answer within {said} (stopped or "
                                      "overloaded); it takes no more requests and the next worker "
                                      "starts on a new zygote")
                     err.worker_may_run = True  # it may still fork this request when it resumes
@@ -172,7 +174,7 @@ class Zygote:
                 return pid, got[0], proc
             else:
                 raise ZygoteDied(f"the zygote died while starting a worker ({why}), and so did its replacement")
-            raise ZygoteDied(f"no zygote answered within {timeout:g} s")
+            raise ZygoteDied(f"no zygote answered within {said}")
         finally:
             self._lock.release()
 

@@ -41,8 +41,15 @@ def installed():
     base = tempfile.mkdtemp(prefix="sandbox-wheel-")
     os.chmod(base, 0o755)  # workers (other uids) read the venv and the plugin
     try:
+        # Built from a private copy of the checkout: setuptools writes its egg-info and its
+        # release tree into the source folder, and a checkout's own (the editable install's
+        # egg-info, anything another process writes there meanwhile) must not leak into the build.
+        source = os.path.join(base, "source")
+        shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(
+            ".venv", ".git", "__pycache__", ".pytest_cache", ".hypothesis", ".mypy_cache", ".ruff_cache",
+            "build", "dist", "*.egg-info", "bench-*.json", "sandbox_plugins-*"))
         dist = os.path.join(base, "dist")
-        out = _run([sys.executable, "-m", "build", "--outdir", dist, ROOT], cwd=base)
+        out = _run([sys.executable, "-m", "build", "--outdir", dist, source], cwd=base)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         venv = os.path.join(base, "venv")
         out = _run([sys.executable, "-m", "venv", venv])
@@ -78,8 +85,6 @@ def test_the_installed_package_is_the_wheel_not_the_checkout(installed):
     assert version == dist_version
     assert license_ == "MIT"
     out = _run([os.path.join(installed["bin"], "sandbox"), "--version"], cwd=installed["cwd"])
-    if out.returncode == 2 and "--version" not in out.stderr + out.stdout:
-        pytest.skip("this build's CLI has no --version")
     assert out.returncode == 0 and out.stdout.strip().endswith(f" {version}"), out.stdout + out.stderr
 
 
@@ -127,15 +132,11 @@ def test_worker_call_from_the_installed_wheel(installed):
 def test_cli_call_without_a_policy_uses_the_shipped_default(installed):
     out = _run([os.path.join(installed["bin"], "sandbox"), "call", installed["plugin"], "add", "2", "3"],
                cwd=installed["cwd"], timeout=60)
-    if out.returncode == 2 and "--policy" in out.stderr:
-        pytest.skip("this build's `sandbox call` still requires --policy")
     assert out.returncode == 0 and out.stdout.strip() == "5", out.stderr
 
 
 def test_policy_explain_finds_the_shipped_default_by_name(installed):
     out = _run([os.path.join(installed["bin"], "sandbox"), "policy", "explain", "default", "--json"],
                cwd=installed["cwd"], timeout=60)
-    if out.returncode != 0 and "default" in out.stderr and ("not found" in out.stderr or "No such" in out.stderr):
-        pytest.skip("this build's `policy explain` takes a file only")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)  # the effective policy, as JSON

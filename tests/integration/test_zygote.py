@@ -227,7 +227,8 @@ def test_the_zygote_answers_a_malformed_request_and_lives(make_plugin, request_b
 
 
 STOPPED_ZYGOTE = r"""
-import json, os, signal, sys, time
+import faulthandler, json, os, signal, sys, time
+faulthandler.dump_traceback_later(40, exit=True)  # a hang says where it is
 sys.path.insert(0, {root!r})
 sys.path.insert(0, {tests!r})
 import procfs
