@@ -87,6 +87,9 @@ LAYERS = [
     Layer("no PID namespace (plain fork, no pid-1 check)", (
         Patch("sandbox/zygote/pidns.py", "pid = _clone(flags | CLONE_NEWPID, ctid)", "pid = _clone(flags, ctid)"),
         Patch("sandbox/child/steps.py", '("pid_namespace", pid_namespace),', f'("pid_namespace", {NOOP}),'))),
+    _layer("grant paths follow any link (one a worker planted too)", "sandbox/child/grant_paths.py",
+           "why = _why_untrusted(fd, folder, st, writable)", "why = None",
+           ("tests/security/test_grant_links.py", "tests/unit/test_grant_paths.py")),
 ]
 
 

@@ -7,6 +7,7 @@ worker's confinement: a path or value with a NUL byte is a PolicyError naming th
 """
 import os
 
+from ..child import grant_paths
 from ..errors import PolicyError, UsageError
 from ..policy import destinations
 from ..protocol.plan import Landlock, Plan, PlanError
@@ -88,6 +89,9 @@ def build(policy, plugin: str, module_name: str, uid: int | None, scratch: str |
             cwd=scratch or "/", scratch=scratch, scratch_bytes=fs.scratch_bytes,
             scratch_inodes=fs.scratch_inodes,
             # with the unix family, the only sockets besides those inside granted paths
-            unix_sockets=tuple(policy.network.unix_sockets) if network and "unix" in families else ())
+            unix_sockets=tuple(policy.network.unix_sockets) if network and "unix" in families else (),
+            # where any worker may write: the child follows no link found there (grant_paths.py)
+            # (not scratch: a private tmpfs, unique per worker, it would only churn the record)
+            worker_writable=grant_paths.note_writable(fs.writable) + ((scratch,) if scratch else ()))
     except PlanError as e:
         raise PolicyError(f"the policy does not make a usable plan: {e}", path=policy.path) from None

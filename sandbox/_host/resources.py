@@ -12,7 +12,8 @@ from typing import NamedTuple
 
 import msgpack
 
-from ..errors import ConfinementError, HostResourceError, SandboxError, ZygoteDied
+from ..child.grant_paths import UnsafeGrant
+from ..errors import ConfinementError, HostResourceError, PolicyError, SandboxError, ZygoteDied
 from ..protocol import plan as plan_wire
 from ..protocol.zygote import MAX_PLAN, STATUS, SpawnFds, SpawnRequest, plan_frame, template_key
 from . import cleanup, plan as plans, rulesets, uids
@@ -120,7 +121,8 @@ class Spawned:
             fds = list(SpawnFds(**child))
             # The cache's (not closed here). A worker with scratch builds its own ruleset over its
             # private tmpfs, and its scratch path is unique: caching it would only fill the cache.
-            ruleset = None if self.scratch else rulesets.shared_ruleset(self.plan.landlock)
+            ruleset = None if self.scratch else rulesets.shared_ruleset(self.plan.landlock,
+                                                                           self.plan.worker_writable)
             if ruleset is not None:
                 fds.append(ruleset)
             try:
@@ -139,6 +141,9 @@ class Spawned:
                         release_when_reaped(status, self.uid)
                     self.uid = None
                 raise
+        except UnsafeGrant as e:  # a granted path leads through a link a worker could have made
+            self.release()
+            raise PolicyError(str(e), path=policy.path) from None
         except OSError as e:
             self.release()
             raise _host_short_of(e) from None

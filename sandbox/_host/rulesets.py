@@ -8,7 +8,7 @@ applies the ruleset and closes it (restricting oneself with a ruleset does not c
 import os
 import threading
 
-from ..child import landlock
+from ..child import grant_paths, landlock
 from ..protocol.plan import Landlock
 
 MAX_CACHED = 64
@@ -21,7 +21,7 @@ _abi: int | None = None
 ABI_MAX: int | None = None
 
 
-def shared_ruleset(ll: Landlock) -> int | None:
+def shared_ruleset(ll: Landlock, worker_writable: tuple[str, ...] = ()) -> int | None:
     """The cached ruleset fd for these rules (still the cache's: don't close it), or None when
     the worker must build its own: paths under /proc/self mean the worker's own /proc entry,
     which only it can resolve; and when this ABI lacks a layer the plan needs (no Landlock, no
@@ -50,7 +50,9 @@ def shared_ruleset(ll: Landlock) -> int | None:
             _cache.clear()
         try:
             fd = landlock.build_ruleset(list(ll.read), list(ll.write), abi=abi, tcp=ll.tcp,
-                                        connect_ports=ll.connect)
+                                        connect_ports=ll.connect, worker_writable=worker_writable)
+        except grant_paths.UnsafeGrant:
+            raise  # a link a worker could have made: the start is refused, saying which
         except OSError:
             return None  # the worker builds its own and reports what fails
         _cache[key] = fd

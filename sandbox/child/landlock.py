@@ -17,6 +17,7 @@ import ctypes
 import os
 import stat
 
+from . import grant_paths
 from .syscalls import check, libc
 
 SYS_create_ruleset, SYS_add_rule, SYS_restrict_self = 444, 445, 446
@@ -88,13 +89,14 @@ def handled_fs(abi: int) -> int:
 
 
 def build_ruleset(read_paths, write_paths, *, abi: int, tcp: str, connect_ports=(),
-                  scope_signals: bool = True) -> int:
+                  scope_signals: bool = True, worker_writable=()) -> int:
     """A ruleset fd holding the path and port rules. Built once per distinct plan by the host and
     reused by every worker (restricting oneself with it does not change it).
 
     `tcp`: "none" (bind and connect denied), "ports" (connect to `connect_ports` only, bind
     denied) or "any" (TCP not handled: today's `network.allow` without `connect`). Abstract unix
-    sockets are always scoped where the kernel can (ABI 6); `require` refuses where it must."""
+    sockets are always scoped where the kernel can (ABI 6); `require` refuses where it must.
+    `worker_writable`: folders some worker may write besides these (no link there is followed)."""
     if tcp not in ("none", "ports", "any"):
         raise ValueError(f"tcp must be none, ports or any, not {tcp!r}")
     if tcp == "ports":
@@ -112,7 +114,7 @@ def build_ruleset(read_paths, write_paths, *, abi: int, tcp: str, connect_ports=
     try:
         for paths, rights in ((read_paths, READ_RIGHTS), (write_paths, fs)):
             for path in paths:
-                _add_path(ruleset, path, rights & fs)
+                _add_path(ruleset, path, rights & fs, (*write_paths, *worker_writable))
         if tcp == "ports":
             for port in connect_ports:
                 _add_port(ruleset, port, NET_CONNECT_TCP)
@@ -134,10 +136,10 @@ def restrict(read_paths, write_paths, **kw) -> None:
         os.close(ruleset)
 
 
-def _add_path(ruleset: int, path: str, rights: int) -> None:
-    try:
-        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-    except FileNotFoundError:
+def _add_path(ruleset: int, path: str, rights: int, writable) -> None:
+    # never through a link a worker could have made (grant_paths.py): the rule is for an inode
+    fd = grant_paths.open_grant(path, writable)
+    if fd is None:
         return  # nothing there: nothing to grant
     try:
         if not stat.S_ISDIR(os.fstat(fd).st_mode):

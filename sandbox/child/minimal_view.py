@@ -27,7 +27,7 @@ import errno
 import os
 import stat
 
-from . import mounts, syscalls as _sys
+from . import grant_paths, mounts, syscalls as _sys
 
 SYS_pivot_root = 155
 MNT_DETACH = 2
@@ -39,25 +39,31 @@ def _proc_fd(fd: int) -> bytes:
     return f"/proc/self/fd/{fd}".encode()
 
 
-def _open_source(path: str, *, socket_only: bool) -> int | None:
-    """An O_PATH descriptor of what a grant names (symlinks followed, as Landlock follows them);
-    a socket named by path must be the socket itself, never a link to something else."""
-    flags = os.O_PATH | os.O_CLOEXEC | (os.O_NOFOLLOW if socket_only else 0)
+def _open_source(path: str, *, socket_only: bool, writable: tuple[str, ...]) -> int | None:
+    """An O_PATH descriptor of what a grant names, following only links no worker could have
+    made (grant_paths.py); a socket named by path must be the socket itself, never a link."""
+    if not socket_only:
+        return grant_paths.open_grant(path, writable)
+    folder, name = os.path.split(path)
+    parent = grant_paths.open_grant(folder, writable)
+    if parent is None:
+        return None
     try:
-        fd = os.open(path, flags)
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
     except (FileNotFoundError, NotADirectoryError, PermissionError):
         return None  # nothing there (or not ours to see): nothing to grant, as Landlock skips it
-    if socket_only and not stat.S_ISSOCK(os.fstat(fd).st_mode):
+    finally:
+        os.close(parent)
+    if not stat.S_ISSOCK(os.fstat(fd).st_mode):
         os.close(fd)
         return None
     return fd
 
 
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
-
-
-SYS_openat2, RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS, RESOLVE_IN_ROOT = 437, 0x02, 0x04, 0x10
+_OpenHow = grant_paths.OpenHow
+SYS_openat2, RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS, RESOLVE_IN_ROOT = (
+    grant_paths.SYS_openat2, grant_paths.RESOLVE_NO_MAGICLINKS, grant_paths.RESOLVE_NO_SYMLINKS,
+    grant_paths.RESOLVE_IN_ROOT)
 AT_EMPTY_PATH = 0x1000
 
 
@@ -237,7 +243,8 @@ class _Grant:
                 pass
 
 
-def _grants(read: list[str], writable: list[str], sockets: list[str], scratch: str | None) -> list[_Grant]:
+def _grants(read: list[str], writable: list[str], sockets: list[str], scratch: str | None,
+            worker_writable: tuple[str, ...]) -> list[_Grant]:
     kinds: dict[str, str] = {}  # path -> "ro" / "rw" / "socket"; a write grant wins over a read one
     for kind, paths in (("ro", read), ("rw", writable), ("socket", sockets)):
         for path in paths:
@@ -247,7 +254,7 @@ def _grants(read: list[str], writable: list[str], sockets: list[str], scratch: s
     out: list[_Grant] = []
     try:
         for path in sorted(kinds, key=lambda p: p.split("/")):  # a folder before what lies in it
-            fd = _open_source(path, socket_only=kinds[path] == "socket")
+            fd = _open_source(path, socket_only=kinds[path] == "socket", writable=worker_writable)
             if fd is not None:
                 out.append(_Grant(path, kinds[path], fd))
     except BaseException:
@@ -258,13 +265,14 @@ def _grants(read: list[str], writable: list[str], sockets: list[str], scratch: s
 
 
 def build(read: list[str], writable: list[str], sockets: list[str], scratch: str | None, *,
-          scratch_bytes: int, scratch_inodes: int, owner: tuple[int, int]) -> None:
+          scratch_bytes: int, scratch_inodes: int, owner: tuple[int, int],
+          worker_writable: tuple[str, ...] = ()) -> None:
     """Replace this mount namespace's root with the minimal view (the module docstring)."""
     if mounts.prepared is None:
         mounts.enter_private_namespace()
     if mounts.prepared != "ok":
         raise OSError(mounts.prepared)
-    grants = _grants(read, writable, sockets, scratch)  # opened before the tmpfs covers anything
+    grants = _grants(read, writable, sockets, scratch, (*writable, *worker_writable))  # before the tmpfs covers all
     base = _base()
     tree = _Tree(base)
     try:
@@ -324,7 +332,7 @@ def _pivot(base: str) -> None:
 def warm_up(paths: list[str]) -> None:
     """Walk the host-side half of `build` on read-only calls (a spare does it while idle, so a
     unix-family worker pays no first-touch page faults for this code)."""
-    grants = _grants(paths, [], [], None)
+    grants = _grants(paths, [], [], None, ())
     try:
         root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:

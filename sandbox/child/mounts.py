@@ -25,10 +25,10 @@ user namespace it can change none of these mounts).
 import ctypes
 import os
 
-from . import syscalls as _sys
+from . import grant_paths, syscalls as _sys
 
 SYS_mount_setattr = 442
-AT_FDCWD, AT_RECURSIVE = -100, 0x8000
+AT_FDCWD, AT_RECURSIVE, AT_EMPTY_PATH = -100, 0x8000, 0x1000
 MOUNT_ATTR_RDONLY = 0x00000001
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
 DEFAULT_SCRATCH_BYTES = 64 << 20
@@ -62,20 +62,19 @@ def _writable_mount_ids() -> frozenset:
     return frozenset(ids)
 
 
-def _mount_id(path: str) -> int | None:
-    """The id of the mount `path` lies on (None: nothing there)."""
-    try:
-        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    try:
-        with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
-            for line in f:
-                if line.startswith(b"mnt_id:"):
-                    return int(line.split()[1])
-    finally:
-        os.close(fd)
+def _fd_mount_id(fd: int) -> int | None:
+    """The id of the mount an open descriptor lies on."""
+    with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
+        for line in f:
+            if line.startswith(b"mnt_id:"):
+                return int(line.split()[1])
     return None
+
+
+def _setattr_fd(fd: int, *, clr: int) -> None:
+    attr = _MountAttr(0, clr, 0, 0)
+    _sys.check(_sys.libc.syscall(SYS_mount_setattr, fd, b"", AT_EMPTY_PATH, ctypes.byref(attr),
+                                 ctypes.sizeof(attr)), f"mount_setattr {grant_paths.real_path(fd)}")
 
 
 def enter_private_namespace() -> None:
@@ -95,24 +94,39 @@ def enter_private_namespace() -> None:
 
 
 def read_only_view(writable: list[str], scratch: str | None, *, scratch_bytes: int, scratch_inodes: int,
-                   owner: tuple[int, int]) -> None:
+                   owner: tuple[int, int], worker_writable: tuple[str, ...] = ()) -> None:
     """Finish the view described in the module docstring, in the private read-only mount
     namespace entered after the fork (entered here if that did not happen)."""
     if prepared is None:
         enter_private_namespace()
     if prepared != "ok":
         raise OSError(prepared)
-    keep_rw = []
-    for path in dict.fromkeys(writable):
-        if path == scratch or path == "/proc" or path.startswith("/proc/"):
-            continue  # /proc is the worker's own, below
-        mount = _mount_id(path)
-        if mount is not None and mount in _was_writable:  # absent: nothing to grant (Landlock skips it too)
-            keep_rw.append(path)
-    for path in keep_rw:
-        _sys.mount(path.encode(), path.encode(), None, _sys.MS_BIND | _sys.MS_REC)
-        # only the top mount: a read-only mount beneath a writable path stays read-only
-        _setattr(path, clr=MOUNT_ATTR_RDONLY, recursive=False)
+    keep_rw: list[int] = []
+    try:
+        for path in dict.fromkeys(writable):
+            if path == scratch or path == "/proc" or path.startswith("/proc/"):
+                continue  # /proc is the worker's own, below
+            # by descriptor, never through a link a worker could have made (grant_paths.py)
+            fd = grant_paths.open_grant(path, (*writable, *worker_writable))
+            if fd is None:
+                continue  # nothing there: nothing to grant (Landlock skips it too)
+            if _fd_mount_id(fd) in _was_writable:
+                keep_rw.append(fd)
+            else:
+                os.close(fd)
+        for fd in keep_rw:
+            where = f"/proc/self/fd/{fd}".encode()
+            _sys.mount(where, where, None, _sys.MS_BIND | _sys.MS_REC)
+            # The new mount lies over what fd names: reached by its real path, through no link.
+            # Only the top mount: a read-only mount beneath a writable path stays read-only.
+            top = grant_paths.open_no_links(grant_paths.real_path(fd))
+            try:
+                _setattr_fd(top, clr=MOUNT_ATTR_RDONLY)
+            finally:
+                os.close(top)
+    finally:
+        for fd in keep_rw:
+            os.close(fd)
     try:
         _sys.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     except OSError as e:

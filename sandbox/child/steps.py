@@ -137,9 +137,11 @@ def read_only_view(plan, state):
              "scratch_inodes": getattr(plan, "scratch_inodes", mounts.DEFAULT_SCRATCH_INODES)}
     if plan.landlock.unix:  # it may make unix sockets: a root of its grants only (minimal_view.py)
         minimal_view.build(list(plan.landlock.read), list(plan.landlock.write),
-                           list(getattr(plan, "unix_sockets", ())), scratch, owner=owner, **quota)
+                           list(getattr(plan, "unix_sockets", ())), scratch, owner=owner,
+                           worker_writable=plan.worker_writable, **quota)
     else:
-        mounts.read_only_view(plan.landlock.write, scratch, owner=owner, **quota)
+        mounts.read_only_view(plan.landlock.write, scratch, owner=owner, worker_writable=plan.worker_writable,
+                              **quota)
     if scratch:
         state["own_ruleset"] = "scratch is the worker's own tmpfs"
         os.chdir(plan.cwd or scratch)  # the old cwd is the host folder now hidden beneath
@@ -201,7 +203,8 @@ def restrict_filesystem(plan, state):
         return
     if abi < 1:
         raise OSError("Landlock is not available in this kernel (the policy's filesystem rules need it)")
-    landlock.restrict(list(ll.read), list(ll.write), abi=abi, tcp=ll.tcp, connect_ports=ll.connect)
+    landlock.restrict(list(ll.read), list(ll.write), abi=abi, tcp=ll.tcp, connect_ports=ll.connect,
+                      worker_writable=plan.worker_writable)
 
 
 def drop_privileges(plan, state):

@@ -143,7 +143,7 @@ def _is_landlock(v: Any) -> bool:
 class Plan(_Record):
     __slots__ = ("plugin", "module_name", "title", "uid", "gid", "rlimits", "env", "preload", "landlock",
                  "bpf", "notify", "max_frame", "own_userns", "may_fork", "cwd", "scratch", "scratch_bytes",
-                 "scratch_inodes", "unix_sockets")
+                 "scratch_inodes", "unix_sockets", "worker_writable")
     plugin: str
     module_name: str
     title: str
@@ -163,6 +163,7 @@ class Plan(_Record):
     scratch_bytes: int
     scratch_inodes: int
     unix_sockets: tuple[str, ...]
+    worker_writable: tuple[str, ...]
     FIELDS = {
         "plugin": (_is_str, "the absolute path of worker.py"),
         "module_name": (_is_str, "the plugin's module name"),
@@ -183,6 +184,7 @@ class Plan(_Record):
         "scratch_bytes": (_is_int, "an int (the scratch tmpfs's size=)"),
         "scratch_inodes": (_is_int, "an int (the scratch tmpfs's nr_inodes=)"),
         "unix_sockets": (_is_strs, "a tuple of socket paths (bound alone into the minimal view)"),
+        "worker_writable": (_is_strs, "a tuple of paths (folders some worker may write: links there are not followed)"),
     }
     # fields a plan may leave out (their value then): nothing a missing field defaults to may grant more
     DEFAULTS: dict[str, Any] = {"unix_sockets": ()}
@@ -193,7 +195,7 @@ class Plan(_Record):
             raise PlanError("a plan must be a map")
         d = dict(d)
         d["landlock"] = Landlock.from_wire(d.get("landlock"))
-        for key in ("preload", "unix_sockets"):
+        for key in ("preload", "unix_sockets", "worker_writable"):
             if type(d.get(key)) is list:
                 d[key] = tuple(d[key])
         return cls(**d)

@@ -161,7 +161,7 @@ def _warm_up_serve() -> None:
         landlock=plan_wire.Landlock(read=("/usr/lib",), write=(), network=False, connect=(), unix=False,
                                     abi_max=None),
         bpf=b"\0" * 64, notify=True, max_frame=1 << 20, own_userns=False, may_fork=False, cwd="/",
-        scratch=None, scratch_bytes=0, scratch_inodes=0)
+        scratch=None, scratch_bytes=0, scratch_inodes=0, unix_sockets=(), worker_writable=())
     plan_wire.decode(plan_wire.encode(sample))
     serve.read_plugin_file(os.path.abspath(__file__))
     _sys.libc.setfsuid(-1), _sys.libc.setfsgid(-1)  # -1 changes nothing: only the lookups are paid
