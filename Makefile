@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # libseccomp2: every policy is compiled with it; gcc + libcap-dev: python-prctl builds from source;
 # redis-server: the broker of the Celery integration's test; the rest: tests and benchmarks.
 APT_PACKAGES := libseccomp2 gcc libcap-dev bubblewrap strace util-linux redis-server
-EXTRAS := test,http,examples,lint,metrics,celery,recipes
+EXTRAS := test,http,examples,lint,metrics,celery,recipes,real-code
 UNPRIV_USER ?= nobody
 
 .PHONY: all setup demo test test-root test-unpriv lint bench bench-quick doctor clean

@@ -14,6 +14,7 @@ import msgpack
 
 from ..child.grant_paths import UnsafeGrant
 from ..errors import ConfinementError, HostResourceError, PolicyError, SandboxError, ZygoteDied
+from ..policy import THREAD_CAPS
 from ..protocol import plan as plan_wire
 from ..protocol.zygote import MAX_PLAN, STATUS, SpawnFds, SpawnRequest, plan_frame, template_key
 from . import cleanup, plan as plans, rulesets, uids
@@ -62,6 +63,17 @@ def close_fd(fd):
         os.close(fd)
     except (OSError, TypeError):
         pass
+
+
+def _template_preload(plan) -> tuple[str, ...]:
+    """The warm template to fork from, by its preload set; none when the plan's environment asks
+    a preload for more than one thread (OPENBLAS_NUM_THREADS=4 with threads granted). A template
+    imports with every such cap at 1, since it must be single-threaded when it forks: its
+    workers would get one thread whatever the policy says. Such a worker imports after fork,
+    in its own environment, as the policy says (and its threads get the filter: TSYNC)."""
+    if any(plan.env.get(name, "1").strip() != "1" for name in THREAD_CAPS):
+        return ()
+    return template_key(plan.preload)
 
 
 class Spawned:
@@ -116,8 +128,7 @@ class Spawned:
             # fits: checked above); a worker the zygote never forks never reads it.
             if os.write(to_w, frame) != len(frame):
                 raise SandboxError("the plan could not be written to the worker's input at once")
-            request = SpawnRequest(uid=self.uid, may_fork=self.plan.may_fork,
-                                   preload=template_key(self.plan.preload))
+            request = SpawnRequest(uid=self.uid, may_fork=self.plan.may_fork, preload=_template_preload(self.plan))
             fds = list(SpawnFds(**child))
             # The cache's (not closed here). A worker with scratch builds its own ruleset over its
             # private tmpfs, and its scratch path is unique: caching it would only fill the cache.
