@@ -239,6 +239,8 @@ class WorkerHandle:
                 r = self._take_handoff()
                 reply = self._apply(r) or reply
             elif t is lc.Ready:
+                if self._sp is not None:
+                    self._sp.hold_mount_namespace()
                 self.exports = channel.exports_of(self._core.ready_info)
                 self._emit("ready")
                 self._on_ready()

@@ -17,7 +17,7 @@ from ..errors import ConfinementError, HostResourceError, PolicyError, SandboxEr
 from ..policy import THREAD_CAPS
 from ..protocol import plan as plan_wire
 from ..protocol.zygote import MAX_PLAN, STATUS, SpawnFds, SpawnRequest, plan_frame, template_key
-from . import cleanup, plan as plans, rulesets, uids
+from . import cleanup, mount_namespaces, plan as plans, rulesets, uids
 from . import zygote_client as zygote
 
 F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
@@ -89,6 +89,7 @@ class Spawned:
         self.scratch = None
         self.fds: dict[str, int] = {}
         self.pid = self.pidfd = None
+        self.mnt_ns: int | None = None  # a reference to the worker's mount namespace (mount_namespaces.py)
         self.handoff = None
         self.zygote_proc = None
         self._handoff = Handoff(None, None)
@@ -211,6 +212,12 @@ class Spawned:
         self._handoff = Handoff(listener, failure)
         return self._handoff
 
+    def hold_mount_namespace(self) -> None:
+        """(ready) Keep the worker's mount namespace alive past its exit: its teardown then
+        happens on the host's closer thread, not in the worker's exit that terminate() waits for."""
+        if self.mnt_ns is None and self.pidfd is not None:
+            self.mnt_ns = mount_namespaces.hold(self.pidfd)
+
     def release(self):
         for fd in self.fds.values():
             close_fd(fd)
@@ -221,6 +228,9 @@ class Spawned:
         if self.pidfd is not None:
             close_fd(self.pidfd)
             self.pidfd = None
+        if self.mnt_ns is not None:
+            mount_namespaces.release_later(self.mnt_ns)  # the kernel's unmounting, off this path
+            self.mnt_ns = None
         uids.release(self.uid)
         self.uid = None
         if self.scratch:
