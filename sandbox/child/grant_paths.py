@@ -5,8 +5,8 @@ drops its privileges (its bind mounts, its own ruleset): both are privileged rea
 that workers may have shaped. A policy names paths; a worker gets what those names lead to
 when it starts. So a symlink on the way is followed only where no worker could have put it:
 
-- in a folder not world-writable, nor writable by a group a worker may hold (a policy's gid is
-  no group account; an unprivileged host's workers hold its groups),
+- in a folder not world-writable, nor (root hosts) writable by a group that is no group account
+  (a policy's gid: its workers' folders are group-writable, umask 007),
 - owned by root, by the host's own user, or by an account of this machine (a worker's uid is
   never an account's: _host/uids.py), the link itself likewise,
 - not at or beneath a folder a worker may write (`writable`: the policy's write grants).
@@ -83,12 +83,13 @@ def _account_gids() -> frozenset[int]:
     return _ids("/etc/group", {0, os.getegid()})
 
 
-def _worker_held_gids() -> frozenset[int]:
-    """Groups a worker may hold besides its policy's: an unprivileged host's workers keep the
-    host's own (a root host's get their policy's gid alone)."""
-    if os.geteuid() == 0:
-        return frozenset()
-    return frozenset({os.getegid(), *os.getgroups()})
+def _worker_gids_unknown() -> bool:
+    """Whether a group-writable folder's group alone can make it a worker's: on a root host a
+    worker holds only its policy's gid, which is no group account, so a folder writable by a
+    group that is no account may be a worker's. An unprivileged host's workers keep the host's
+    own groups, but write only where Landlock lets them, which is beneath a write grant (the
+    `writable` check); there the group bits say nothing (umask 002 makes every folder g+w)."""
+    return os.geteuid() == 0
 
 
 def _beneath(path: str, roots: Iterable[str]) -> str | None:
@@ -103,8 +104,8 @@ def _why_untrusted(dir_fd: int, folder: str, link: os.stat_result, writable: Ite
     d = os.fstat(dir_fd)
     if d.st_mode & stat.S_IWOTH:
         return "any user may write in that folder"
-    if d.st_mode & stat.S_IWGRP and (d.st_gid not in _account_gids() or d.st_gid in _worker_held_gids()):
-        return f"group {d.st_gid} may write in that folder, and workers may be in it"
+    if d.st_mode & stat.S_IWGRP and _worker_gids_unknown() and d.st_gid not in _account_gids():
+        return f"group {d.st_gid} may write in that folder, and it is no group account (a policy's gid)"
     accounts = _account_uids()
     if d.st_uid not in accounts:
         return f"the folder belongs to uid {d.st_uid}, which is no account of this machine"

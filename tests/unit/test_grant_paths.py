@@ -55,20 +55,33 @@ def test_a_link_in_a_folder_any_user_may_write_is_refused(tree):
     assert _where(open_grant(str(shared / "ln"))) == str(target)
 
 
-def test_a_link_in_a_folder_a_group_of_workers_may_write_is_refused(tree):
+@pytest.mark.skipif(not IS_ROOT, reason="root hosts: an unprivileged host's workers write only beneath write grants")
+def test_a_link_in_a_folder_a_policy_gid_may_write_is_refused(tree):
     base, target, _ = tree
     shared = base / "shared"
     shared.mkdir()
     os.chmod(shared, 0o2775)
-    if IS_ROOT:
-        os.chown(shared, 0, 3_999_999)  # a policy's gid: no group account (workers hold it)
-    # (unprivileged: the folder's group is the host's own, which its workers keep)
+    os.chown(shared, 0, 3_999_999)  # a policy's gid: no group account (its workers hold it)
     os.symlink(str(target), shared / "ln")
-    with pytest.raises(UnsafeGrant, match="workers may be in it"):
+    with pytest.raises(UnsafeGrant, match="no group account"):
         open_grant(str(shared / "ln"))
-    if IS_ROOT:  # group-writable by an account group no worker holds: followed
-        os.chown(shared, 0, 0)
-        assert _where(open_grant(str(shared / "ln"))) == str(target)
+    os.chown(shared, 0, 0)  # group-writable by an account group no worker holds: followed
+    assert _where(open_grant(str(shared / "ln"))) == str(target)
+
+
+def test_a_link_in_a_folder_of_the_hosts_own_group_is_followed_when_no_grant_covers_it(tree):
+    """umask 002 makes a user's folders group-writable (a venv's lib64 link lies in one): on an
+    unprivileged host its workers write only beneath write grants, so that alone says nothing."""
+    if IS_ROOT:
+        pytest.skip("unprivileged hosts: a root host's workers hold no account group")
+    base, target, _ = tree
+    mine = base / "mine"
+    mine.mkdir()
+    os.chmod(mine, 0o775)
+    os.symlink(str(target), mine / "ln")
+    assert _where(open_grant(str(mine / "ln"))) == str(target)
+    with pytest.raises(UnsafeGrant, match="write grant"):
+        open_grant(str(mine / "ln"), writable=[str(mine)])
 
 
 def test_a_link_beneath_a_write_grant_is_refused(tree):
