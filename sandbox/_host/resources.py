@@ -66,12 +66,13 @@ def close_fd(fd):
 
 
 def _template_preload(plan) -> tuple[str, ...]:
-    """The warm template to fork from, by its preload set; none when the plan's environment asks
-    a preload for more than one thread (OPENBLAS_NUM_THREADS=4 with threads granted). A template
-    imports with every such cap at 1, since it must be single-threaded when it forks: its
-    workers would get one thread whatever the policy says. Such a worker imports after fork,
-    in its own environment, as the policy says (and its threads get the filter: TSYNC)."""
-    if any(plan.env.get(name, "1").strip() != "1" for name in THREAD_CAPS):
+    """The warm template to fork from, by its preload set; none unless the plan's environment
+    caps every numeric library at one thread (as it does when the policy grants no threads).
+    A template imports with every cap at 1, since it must be single-threaded when it forks: a
+    policy that grants threads and sets no cap (or OPENBLAS_NUM_THREADS=4) would get one thread
+    from it whatever it says. Such a worker imports after fork, in its own environment, as the
+    policy says (and the threads its preload starts get the filter: TSYNC)."""
+    if any(plan.env.get(name, "").strip() != "1" for name in THREAD_CAPS):
         return ()
     return template_key(plan.preload)
 

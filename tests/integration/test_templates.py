@@ -17,6 +17,7 @@ import procfs
 from helpers import IS_ROOT
 from procfs import children_of
 from sandbox._host import zygote_client
+from sandbox.policy import THREAD_CAPS
 
 pytestmark = pytest.mark.unpriv
 
@@ -31,7 +32,10 @@ PROBE = """
     def modules(names):
         return [n in sys.modules for n in names]
 """
-THREADS = '[limits]\nprocesses = 2\n[seccomp]\ngroups = ["@threads"]\n'
+# threads granted, every numeric library capped at one thread (a template serves only such a
+# policy: it imports with the caps at 1; without them the policy's BLAS would start its pool)
+THREADS = ('[limits]\nprocesses = 2\n[seccomp]\ngroups = ["@threads"]\n[environment]\nset = { '
+           + ", ".join(f'{name} = "1"' for name in THREAD_CAPS) + ' }\n')
 # what must be the same in a template's worker as in a cold one (Uid too, unprivileged)
 CONFINEMENT = ("Seccomp", "NoNewPrivs", "CapEff", "CapPrm", "CapBnd", "CapInh", "Threads")
 
@@ -203,3 +207,16 @@ def test_templates_end_with_their_host(make_plugin, tmp_path):
     assert seen["template"] != 1
     for pid in (seen["template"], seen["worker"]):
         assert procfs.wait_until(lambda pid=pid: procfs.ended(pid), 10), f"pid {pid} outlived its host"
+
+
+def test_a_policy_granting_threads_without_caps_is_served_without_a_template(make_plugin):
+    """A template imports with every BLAS cap at 1: a policy that grants threads and caps
+    nothing would get one BLAS thread from it. Its workers import after their fork instead."""
+    preload = ["fractions", "decimal"]
+    path, policy = make_plugin(PROBE, _policy(preload, '[limits]\nprocesses = 2\n[seccomp]\ngroups = ["@threads"]\n'))
+    for _ in range(3):
+        with sandbox.Worker(path, policy=policy) as w:
+            assert w.call("modules", preload) == [True, True]
+    assert _how(preload) is None  # never asked for a template
+    capped, capped_policy = make_plugin(PROBE, _policy(preload))  # threads not granted: templated
+    _start_until(capped, capped_policy, preload, lambda how: how == "warm").close()
