@@ -18,47 +18,50 @@ def add(a, b):
 """
 
 
-def _ns_fds() -> dict[int, str]:
-    out = {}
+def _ns_targets() -> set[str]:
+    """What this process's descriptors of mount namespaces name ("mnt:[inode]")."""
+    out = set()
     for fd in procfs.open_fds():
         try:
             target = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:
             continue
         if target.startswith("mnt:["):
-            out[fd] = target
+            out.add(target)
     return out
 
 
-def _held_and_released(w_ns: int | None, before: dict[int, str]) -> None:
-    if w_ns is None:
+def _held(held: int | None) -> str:
+    if held is None:
         assert not mount_namespaces._supported, "nothing held on a kernel that has the ioctl"
         pytest.skip("this kernel (or this host's rights) gives no reference to a worker's mount namespace")
-    assert procfs.wait_until(lambda: _ns_fds() == before, 10), (_ns_fds(), before)
+    target = os.readlink(f"/proc/self/fd/{held}")
+    assert target.startswith("mnt:[") and target != os.readlink("/proc/self/ns/mnt")  # the worker's own
+    return target
+
+
+def _released(target: str) -> None:
+    # (compared by the namespace's inode: other workers' references may come and go meanwhile)
+    assert procfs.wait_until(lambda: target not in _ns_targets(), 10), (target, _ns_targets())
 
 
 def test_the_mount_namespace_is_held_while_the_worker_runs_and_let_go_after(make_plugin):
     path, policy = make_plugin(PLUGIN)
-    before = _ns_fds()
     w = sandbox.Worker(path, policy=policy)
     assert w.call("add", 1, 2) == 3
-    held = w._sp.mnt_ns
-    if held is not None:
-        assert os.readlink(f"/proc/self/fd/{held}").startswith("mnt:[")
-        assert os.readlink(f"/proc/self/fd/{held}") != os.readlink("/proc/self/ns/mnt")  # the worker's own
+    target = _held(w._sp.mnt_ns)
     w.terminate()
-    _held_and_released(held, before)
+    _released(target)
 
 
 def test_async_workers_hold_and_let_go_the_same_way(make_plugin):
     path, policy = make_plugin(PLUGIN)
-    before = _ns_fds()
 
     async def main():
         w = await sandbox.AsyncWorker.start(path, policy=policy)
         assert await w.call("add", 1, 2) == 3
-        held = w._sp.mnt_ns
+        target = _held(w._sp.mnt_ns)
         await w.close()
-        return held
+        return target
 
-    _held_and_released(asyncio.run(main()), before)
+    _released(asyncio.run(main()))
