@@ -151,6 +151,13 @@ class AsyncWorker(WorkerHandle):
     async def _call(self, name, args, kwargs, timeout):
         async with self._lock:
             core = self._core or self._require_core()
+            if core.state is lc._CLOSING and not core.closing and self._dead is not None:
+                # dying on its own (its pipe closed, a kill under way): its exit status says why
+                # in a moment (the death timer bounds the wait), and the caller is told that
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._dead), DEATH_WAIT + EXITED_GRACE)
+                except asyncio.TimeoutError:
+                    pass
             frame = core.begin_call(name, args, kwargs)  # WorkerClosed unless READY
             loop = self._loop
             started = loop.time()

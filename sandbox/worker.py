@@ -32,7 +32,7 @@ from ._host.handle import DEATH_WAIT, EXITED_GRACE, WorkerHandle, log, weak_meth
 
 _monotonic = time.monotonic
 _write = os.write
-_READY, _ENDED, _STARTING = lc._READY, lc._ENDED, lc._STARTING
+_READY, _ENDED, _STARTING, _CLOSING = lc._READY, lc._ENDED, lc._STARTING, lc._CLOSING
 _Reply = lc.Reply
 _events_log = _events.log
 DISPATCH_AT = lc.BUFFER_BUDGET // 4  # bytes of a call's messages held before they are handed over
@@ -187,6 +187,8 @@ class Worker(WorkerHandle):
     # ---- calls ------------------------------------------------------------------------------
     def _call(self, name, args, kwargs, timeout):
         core = self._core
+        if core.state is _CLOSING and not core.closing:
+            self._wait_for_verdict()
         # (a callback calling its own worker says so: a caller waiting for its callbacks stops waiting)
         with self._calls if self._runner is None else self._runner.guard(self._calls):
             with self._io:
@@ -209,6 +211,19 @@ class Worker(WorkerHandle):
         if reply is not None and reply.error is None and not (_events._subscribers or _events_log.isEnabledFor(20)):
             return reply.value  # the usual outcome, without the event nobody listens to
         return self._outcome(name, started, reply)
+
+    def _wait_for_verdict(self):
+        """The worker is dying on its own (its pipe closed, a kill under way): wait for its exit
+        status (bounded: DEATH_WAIT, shortened once the pidfd says it exited), so that a call made
+        meanwhile says why it ended, not that it was closed."""
+        with self._io:
+            core = self._core
+            if core.state is not _ENDED:
+                if self._kill_at is None:
+                    self._kill_at = _monotonic() + DEATH_WAIT
+                self._pump(None, None, _WANT_END, None)
+            msgs = self._take_inbox()
+        self._dispatch(msgs)
 
     def _exchange(self, frame, started: float, timeout):
         """A call's I/O. The common case in a straight line: the frame goes out at once, one poll
